@@ -1,0 +1,113 @@
+"""The `lora-manip` command. Each command parses its arguments and calls one function; heavy imports happen inside
+the commands so `--help` is instant. Known errors (UserError) print one line and exit 2; no tracebacks."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune LLaVA-OneVision for robot-manipulation VQA: train (full / LoRA / QLoRA), merge, "
+                       "evaluate.")
+data_app = typer.Typer(no_args_is_help=True, help="Data sets: generate synthetic data.")
+app.add_typer(data_app, name="data")
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def command(fn):
+    """Map UserError to a one-line message and exit code (2: bad input; a failed self-check may choose 1)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _setup_logging()
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(getattr(e, "exit_code", 2)) from None
+    return wrapper
+
+
+SetOpt = typer.Option(None, "--set", help="Override a recipe key: --set lora.r=8 (repeatable).")
+
+
+@app.command("tiny-model")
+@command
+def tiny_model(out: Path = typer.Argument(..., help="Folder to write the checkpoint to."),
+               seed: int = typer.Option(0, help="Initialisation seed."),
+               force: bool = typer.Option(False, help="Replace an existing folder.")):
+    """Write a tiny random LLaVA-OneVision (SigLIP + Qwen2 + projector) with tokenizer, chat template and processor."""
+    from .model.tiny import write_tiny_model
+
+    typer.echo(f"wrote {write_tiny_model(out, seed=seed, force=force)}")
+
+
+@data_app.command("synth")
+@command
+def data_synth(out: Path = typer.Argument(..., help="Folder for images/, train.json, val.json."),
+               n: int = typer.Option(400, "--n", help="Number of records (train + val)."),
+               seed: int = typer.Option(0, "--seed"),
+               val_fraction: float = typer.Option(0.1, help="Share of records in val.json.")):
+    """Render a synthetic manipulation VQA data set (boxes, contact points, trajectories, choice, yes/no)."""
+    from .data.synth import write_synth_dataset
+
+    if n < 2:
+        raise UserError("--n must be at least 2")
+    summary = write_synth_dataset(out, n=n, seed=seed, val_fraction=val_fraction)
+    typer.echo(f"wrote {summary['train']} train + {summary['val']} val records to {out}; tasks: {summary['tasks']}")
+
+
+@app.command()
+@command
+def train(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+          set_: Optional[List[str]] = SetOpt,
+          overwrite: bool = typer.Option(False, help="Train into an output folder that already holds a run."),
+          resume: bool = typer.Option(False, help="Continue from the newest checkpoint in the output folder.")):
+    """Train as the recipe says: full fine-tuning, LoRA or QLoRA."""
+    from .recipe import load_recipe
+    from .train.workflow import run_training
+
+    r = load_recipe(recipe, set_ or [])
+    out = run_training(r, overwrite=overwrite, resume=resume)
+    typer.echo(f"saved to {out}")
+
+
+@app.command()
+@command
+def merge(adapter_dir: Path = typer.Argument(..., help="Adapter folder written by `lora-manip train`."),
+          base: Optional[str] = typer.Option(None, help="Base model (default: the one the adapter names)."),
+          out: Optional[Path] = typer.Option(None, help="Output folder (default: ADAPTER_DIR-merged)."),
+          dtype: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (default: the base's dtype)."),
+          force: bool = typer.Option(False, help="Replace an existing output folder."),
+          verify: bool = typer.Option(True, help="Reload the output and compare logits with base + adapter.")):
+    """Fold an adapter (and fully trained projector / vision tower) into a full LLaVA-OneVision checkpoint."""
+    from .merge import merge_adapter
+
+    if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
+        raise UserError(f"--dtype {dtype}: choose bf16, fp16 or fp32")
+    path, diff = merge_adapter(str(adapter_dir), base=base, out=str(out) if out else None, dtype=dtype,
+                               force=force, verify=verify)
+    check = f"; max |logit diff| vs base+adapter: {diff:.3g}" if diff is not None else ""
+    typer.echo(f"merged checkpoint written to {path}{check}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,127 @@
+"""Choose what trains: freeze parts, attach LoRA (PEFT) to the parts that ask for it, keep fully trained parts
+trainable and saved with the adapter. One code path for full, LoRA and QLoRA."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .parts import EXTRA_TRAINABLES, MODULES_TO_SAVE, PARTS, canonical, lora_target_regex, part_of
+
+log = logging.getLogger(__name__)
+
+EXTRA_FILE = "extra_trainables.safetensors"
+
+
+def part_modes(recipe) -> dict[str, str]:
+    return {name: getattr(recipe.parts, name).train for name in PARTS}
+
+
+def prepare_trainable(model, recipe):
+    """Return the model to train: the same model with requires_grad set (method full), or a PeftModel."""
+    modes = part_modes(recipe)
+    if recipe.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Upcasts the non-quantised weights (norms, vision tower, projector) to fp32 for stable training.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora_parts = [p for p, m in modes.items() if m == "lora"]
+    if lora_parts:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(
+            r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+            target_modules=lora_target_regex(lora_parts, recipe.lora.target_modules),
+            use_rslora=recipe.lora.use_rslora, use_dora=recipe.lora.use_dora,
+            modules_to_save=[MODULES_TO_SAVE[p] for p, m in modes.items() if m == "full"] or None,
+            task_type=None)
+        model = get_peft_model(model, cfg)
+        adapted = Counter(part_of(n) for n, _ in model.named_parameters() if "lora_" in n)
+        missing = [p for p in lora_parts if not adapted[p]]
+        if missing:
+            raise UserError(f"lora.target_modules {recipe.lora.target_modules} matches no layer in "
+                            f"{', '.join(missing)}; Qwen2 has q/k/v/o_proj, gate/up/down_proj, SigLIP has "
+                            "q/k/v/out_proj, fc1, fc2")
+    for name, p in model.named_parameters():
+        part = part_of(name)
+        if modes[part] == "full" and "original_module" not in name:
+            p.requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError("no parameter is trainable with this recipe's parts settings")
+    return model
+
+
+def trainable_summary(model) -> dict[str, int]:
+    """Trainable parameter count per part (LoRA weights count under the part they adapt)."""
+    out: Counter = Counter()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            out[part_of(name)] += p.numel() if p.numel() else getattr(p, "ds_numel", 0)
+    return dict(out)
+
+
+def save_extras(model, out_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
+    """Write the trained tensors PEFT cannot save (image_newline) next to the adapter. Under ZeRO-3 the
+    parameters are partitioned; the Trainer passes the gathered `state_dict` then."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    if not isinstance(model, PeftModel):
+        return  # a full save already holds every tensor
+    want = {n for names in EXTRA_TRAINABLES.values() for n in names}
+    trained = {canonical(n) for n, p in model.named_parameters() if p.requires_grad}
+    source = state_dict if state_dict is not None else dict(model.named_parameters())
+    tensors = {canonical(n): t.detach().to("cpu").contiguous() for n, t in source.items()
+               if canonical(n) in want and canonical(n) in trained}
+    if tensors:
+        save_file(tensors, str(Path(out_dir) / EXTRA_FILE))
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(path: str | os.PathLike) -> str:
+    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{path}/adapter_config.json names no base model; pass --base")
+    return base
+
+
+def load_with_adapter(adapter_dir: str | os.PathLike, base: str | None = None, dtype: str = "float32"):
+    """Base model + adapter (+ extra trainables) for inference: (PeftModel, base path)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from .load import load_model
+
+    if not is_adapter_dir(adapter_dir):
+        raise UserError(f"{adapter_dir} is not an adapter folder (no adapter_config.json); train one with "
+                        "`lora-manip train` (method lora or qlora)")
+    base = base or adapter_base(adapter_dir)
+    model = load_model(base, dtype=dtype)
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"adapter {adapter_dir} does not fit base {base}: {str(e).splitlines()[0]}") from None
+    extra = Path(adapter_dir) / EXTRA_FILE
+    if extra.is_file():
+        params = {canonical(n): p for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for name, t in load_file(str(extra)).items():
+                if name not in params or params[name].shape != t.shape:
+                    raise UserError(f"{extra}: tensor {name} {tuple(t.shape)} does not fit base {base}")
+                params[name].copy_(t.to(params[name].dtype))
+    model.eval()
+    return model, base

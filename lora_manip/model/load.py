@@ -1,0 +1,91 @@
+"""Load LLaVA-OneVision for training or inference: device-aware dtype, attention implementation, 4-bit/8-bit
+quantisation (vision tower, projector and lm_head are never quantised)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Full prefixes: transformers 5.x matches llm_int8_skip_modules by prefix/suffix, so bare "vision_tower" would
+# match nothing and the projector would be quantised (then PEFT cannot train it). A custom list replaces the
+# default lm_head skip, hence lm_head here too.
+NEVER_QUANTISED = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_path(path: str) -> None:
+    """A path must exist locally or at least have the shape of a hub id (org/name)."""
+    if not Path(path).expanduser().exists() and not _HUB_ID.match(path):
+        raise UserError(f"model path {path} does not exist and is not a hub id like "
+                        "llava-hf/llava-onevision-qwen2-7b-ov-hf; for the offline demo run "
+                        f"`lora-manip tiny-model {path}`")
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """The recipe's dtype on a GPU; float32 on CPU, where bf16 matmuls are unusably slow (measured: a 0.5B-shaped
+    LoRA step did not finish in 15 minutes in bf16, ~50 s in fp32)."""
+    if has_cuda():
+        return _DTYPES[name]
+    if name != "float32":
+        log.info("no CUDA GPU: computing in float32 instead of %s", name)
+    return torch.float32
+
+
+def resolve_attention(requested: str) -> str:
+    flash_ok = has_cuda() and importlib.util.find_spec("flash_attn") is not None
+    if requested == "flash_attention_2" and not flash_ok:
+        raise UserError("model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package "
+                        "(pip install 'lora-manip[gpu]'); set it to auto or sdpa")
+    chosen = requested if requested != "auto" else ("flash_attention_2" if flash_ok else "sdpa")
+    log.info("attention implementation: %s%s", chosen, " (auto)" if requested == "auto" else "")
+    return chosen
+
+
+def quantization_config(q, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("method: qlora needs bitsandbytes (pip install bitsandbytes)")
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NEVER_QUANTISED)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=dtype if not has_cuda() else _DTYPES[q.compute_dtype],
+        llm_int8_skip_modules=NEVER_QUANTISED)
+
+
+def load_model(path: str, dtype: str = "float32", attn: str = "auto", quantization=None, device_map=None):
+    """LlavaOnevisionForConditionalGeneration from a local folder or hub id. `quantization`: a recipe QuantCfg
+    (QLoRA) or None."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    check_model_path(path)
+    torch_dtype = compute_dtype(dtype)
+    kwargs = dict(dtype=torch_dtype, attn_implementation=resolve_attention(attn))
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization_config(quantization, torch_dtype)
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        kwargs["device_map"] = {"": f"cuda:{local_rank}"} if has_cuda() else {"": "cpu"}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        return LlavaOnevisionForConditionalGeneration.from_pretrained(path, **kwargs)
+    except OSError as e:
+        hint = "" if Path(path).exists() else " (no such local folder, and the hub could not provide it)"
+        raise UserError(f"cannot load model {path}{hint}: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,266 @@
+"""The recipe: one typed schema for a training run, loaded from YAML with `--set a.b=c` overrides.
+
+Everything is validated here, before any model is loaded: unknown keys, wrong types and impossible combinations
+are reported together, each naming its key path (`lora.r: must be > 0`). Defaults live only in this file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+PartMode = Literal["frozen", "full", "lora"]
+
+
+class _Strict(BaseModel):
+    # Misspelt keys must fail, not be silently ignored (the torchtune/LLaMA-Factory lesson).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(_Strict):
+    path: str = Field(description="Hub id (llava-hf/llava-onevision-qwen2-7b-ov-hf) or local folder in HF layout.")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype the weights are loaded in. On CPU everything runs in float32 (bf16 is "
+        "unusably slow there); the switch is logged.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="auto: flash_attention_2 when flash-attn and a CUDA GPU are present, else sdpa.")
+    create_tiny_if_missing: bool = Field(
+        False, description="Demo only: write a tiny random LLaVA-OneVision at `path` when it does not exist.")
+
+
+class LoraCfg(_Strict):
+    r: int = Field(16, gt=0, description="Rank; higher increases capacity and memory.")
+    alpha: float = Field(32, gt=0, description="Scale is alpha / r (alpha / sqrt(r) with rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Linear layer names inside the parts trained with `lora`; matched only under those parts.")
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+class QuantCfg(_Strict):
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class PartCfg(_Strict):
+    train: PartMode | None = Field(
+        None, description="frozen | full | lora. None follows `method`: language model lora (full under "
+        "method: full), projector full, vision tower frozen.")
+    lr: float = Field(2e-5, gt=0, description="Learning rate of this part's trainable parameters.")
+
+
+class PartsCfg(_Strict):
+    language_model: PartCfg = Field(default_factory=lambda: PartCfg(lr=2e-4))
+    projector: PartCfg = Field(default_factory=lambda: PartCfg(lr=2e-5))
+    vision_tower: PartCfg = Field(default_factory=lambda: PartCfg(lr=4e-6))
+
+
+class DatasetCfg(_Strict):
+    annotation_path: str = Field(description="LLaVA conversation JSON (.json array or .jsonl).")
+    data_path: str = Field(description="Folder the records' image paths are relative to.")
+    name: str | None = None
+    sample: float | None = Field(
+        None, gt=0, description="Fraction (<= 1, like upstream's name%NN) or count (> 1) of records, seeded.")
+
+
+class SynthCfg(_Strict):
+    n: int = Field(400, gt=1)
+    seed: int = 0
+
+
+class DataCfg(_Strict):
+    train: list[DatasetCfg] = Field(min_length=1)
+    val: list[DatasetCfg] = Field(default_factory=list)
+    system_prompt: str | None = Field(
+        "You are a helpful assistant.", description="Added as the system turn when a record has none.")
+    model_max_length: int = Field(32768, gt=0, description="Counts image tokens. Longer samples are dropped "
+                                  "(never cut inside an image) and counted in the log.")
+    create_synthetic_if_missing: SynthCfg | None = Field(
+        None, description="Demo only: generate the synthetic data set into the first train dataset's "
+        "data_path when its annotation file does not exist.")
+    num_workers: int = Field(0, ge=0)
+
+
+class TrainCfg(_Strict):
+    output_dir: str
+    per_device_batch_size: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="> 0 overrides epochs.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = "adamw_torch"
+    gradient_checkpointing: bool = False
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    tf32: bool = False
+    seed: int = 42
+    logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(500, gt=0)
+    save_total_limit: int | None = Field(2, gt=0)
+    report_to: list[Literal["none", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["none"])
+
+
+class DistributedCfg(_Strict):
+    nproc_per_node: int = Field(1, gt=0, description="Processes (GPUs) per node; > 1 relaunches under torchrun.")
+    nnodes: int = Field(1, gt=0)
+    node_rank: int = Field(0, ge=0)
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON config, relative to the recipe file.")
+
+
+class Recipe(_Strict):
+    model: ModelCfg
+    method: Literal["full", "lora", "qlora"]
+    lora: LoraCfg = Field(default_factory=LoraCfg)
+    quantization: QuantCfg = Field(default_factory=QuantCfg)
+    parts: PartsCfg = Field(default_factory=PartsCfg)
+    data: DataCfg
+    train: TrainCfg
+    distributed: DistributedCfg = Field(default_factory=DistributedCfg)
+
+    @model_validator(mode="after")
+    def _resolve_and_cross_check(self) -> "Recipe":
+        # Resolve `train: null` from the method, so the recipe written to the run folder says what really ran.
+        p = self.parts
+        if p.language_model.train is None:
+            p.language_model.train = "full" if self.method == "full" else "lora"
+        if p.projector.train is None:
+            p.projector.train = "full"
+        if p.vision_tower.train is None:
+            p.vision_tower.train = "frozen"
+        errors = []
+        modes = {name: getattr(p, name).train for name in ("language_model", "projector", "vision_tower")}
+        if self.method == "full":
+            errors += [f"parts.{n}.train: 'lora' needs method: lora or qlora (method is full)"
+                       for n, m in modes.items() if m == "lora"]
+        elif modes["language_model"] == "full":
+            errors.append(f"parts.language_model.train: 'full' needs method: full (method is {self.method}); "
+                          "use 'lora' or 'frozen'")
+        if modes["projector"] == "lora":
+            errors.append("parts.projector.train: must be 'full' or 'frozen' (a 2-layer MLP gains nothing from LoRA)")
+        if all(m == "frozen" for m in modes.values()):
+            errors.append("parts: every part is frozen, nothing would train")
+        if self.method != "full" and "lora" not in modes.values():
+            errors.append(f"method: {self.method} but no part has train: lora (no adapter would be trained)")
+        if self.method == "qlora" and self.distributed.deepspeed:
+            errors.append("distributed.deepspeed: QLoRA's 4-bit weights cannot be partitioned by DeepSpeed; "
+                          "remove it or use method: lora")
+        if self.train.precision == "fp16" and self.model.dtype == "bfloat16":
+            errors.append("train.precision: fp16 with model.dtype bfloat16 mixes formats; use bf16 or float16")
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+    @property
+    def effective_batch_size(self) -> int:
+        t, d = self.train, self.distributed
+        return t.per_device_batch_size * t.gradient_accumulation_steps * d.nproc_per_node * d.nnodes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif msg.startswith("Value error, "):
+            # Cross-checks raise one ValueError listing every failure, each already prefixed by its key path.
+            lines += msg[len("Value error, "):].splitlines()
+            continue
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "\n".join(f"  - {line}" for line in lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (['a', 'b'], c), the value parsed as YAML so numbers, booleans, lists and null work."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set lora.r=8")
+    key, raw = item.split("=", 1)
+    path = [k for k in key.strip().split(".") if k]
+    if not path:
+        raise UserError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {item!r}: value is not valid YAML ({e.problem})") from None
+    return path, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for i, k in enumerate(path[:-1]):
+            if isinstance(node, list) and k.isdigit() and int(k) < len(node):
+                node = node[int(k)]
+                continue
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item!r}: {'.'.join(path[:i])} is not a mapping")
+            node = node.setdefault(k, {})
+        last = path[-1]
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise UserError(f"--set {item!r}: {'.'.join(path[:-1])} is not a mapping")
+    return raw
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    """Relative paths are relative to the directory the command runs in, like any CLI's. The DeepSpeed config is
+    also looked up beside the recipe, because the shipped ones live there."""
+    ds = raw.get("distributed", {}).get("deepspeed") if isinstance(raw.get("distributed"), dict) else None
+    if isinstance(ds, str) and not os.path.isabs(ds) and not os.path.exists(ds) and (base / ds).exists():
+        raw["distributed"]["deepspeed"] = str(base / ds)
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} not found; shipped recipes are in recipes/ (e.g. recipes/tiny_cpu.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"recipe {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe {path}: expected a mapping of sections (model, method, data, train, ...)")
+    raw = apply_overrides(raw, overrides or [])
+    _resolve_paths(raw, path.parent)
+    return recipe_from_dict(raw, source=str(path))
+
+
+def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(f"{source} is invalid:\n{_format_errors(e)}") from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (every default spelt out), written into the run folder."""
+    return yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False)

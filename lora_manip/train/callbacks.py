@@ -1,0 +1,48 @@
+"""Training logs that outlive the terminal: train_log.jsonl (one line per log event) and a loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class JsonlLogCallback(TrainerCallback):
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:  # append-only log: a crash loses at most one line
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def plot_loss(log_path: Path, png_path: Path) -> Path | None:
+    """A plain PIL line plot of training loss over steps (no matplotlib dependency)."""
+    from PIL import Image, ImageDraw
+
+    if not Path(log_path).exists():
+        return None
+    pts = [(r["step"], r["loss"]) for r in map(json.loads, Path(log_path).read_text().splitlines()) if "loss" in r]
+    if len(pts) < 2:
+        return None
+    w, h, m = 640, 360, 48
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = (w - 2 * m) / max(x1 - x0, 1)
+    sy = (h - 2 * m) / max(y1 - y0, 1e-9)
+    line = [(m + (x - x0) * sx, h - m - (y - y0) * sy) for x, y in pts]
+    d.rectangle([m, m, w - m, h - m], outline="black")
+    d.line(line, fill=(31, 119, 180), width=2)
+    d.text((m, 10), f"training loss: {ys[0]:.3f} -> {ys[-1]:.3f} over {x1} steps", fill="black")
+    d.text((4, m - 4), f"{y1:.2f}", fill="black")
+    d.text((4, h - m - 8), f"{y0:.2f}", fill="black")
+    d.text((w - m - 20, h - m + 6), f"step {x1}", fill="black")
+    tmp = Path(png_path).with_suffix(".tmp.png")
+    img.save(tmp)
+    tmp.replace(png_path)
+    return Path(png_path)

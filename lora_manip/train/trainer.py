@@ -1,0 +1,72 @@
+"""The transformers Trainer, with the three things it lacks for this job.
+
+Why Trainer and not TRL's SFTTrainer: SFTTrainer wants a `datasets.Dataset`, and for vision-language models its
+collator supervises image tokens unless the chat template carries `{% generation %}` markers, which real
+LLaVA-OneVision templates do not. The kit does its own tokenisation and label masking (data/encode.py) and its own
+collator, so SFTTrainer would add a dependency surface and nothing else. Trainer brings DeepSpeed, checkpointing,
+resume, schedulers, logging integrations and the optimizer registry.
+
+What is added: (1) per-part learning rates (train/optim.py), (2) a loss that never materialises full-vocabulary
+logits for unlabelled positions (train/loss.py), (3) saving what PEFT cannot (image_newline), plus log fields
+(learning rate per part, tokens/s).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import Trainer
+
+from ..model.adapters import save_extras
+from .loss import loss_at_positions, positions_to_keep
+from .optim import param_groups
+
+
+class ManipTrainer(Trainer):
+    def __init__(self, *args, recipe, **kwargs):
+        self.recipe = recipe
+        super().__init__(*args, **kwargs)
+        # compute_loss divides by the token count of the whole accumulated batch (num_items_in_batch).
+        self.loss_is_scaled_for_ga = True
+        self._tokens = 0
+        self._tokens_since = time.time()
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model or self.model)
+            opt_kwargs.pop("lr", None)  # each group carries its own
+            self.optimizer = opt_cls(param_groups(model or self.model, self.recipe), **opt_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        self._tokens += int(inputs["attention_mask"].sum())
+        keep = positions_to_keep(labels)
+        outputs = model(**inputs, logits_to_keep=keep)
+        loss = loss_at_positions(outputs.logits, labels, keep, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch was summed over processes; DDP/ZeRO average gradients over them.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if self.optimizer is not None and "loss" in logs:
+            for g in self.optimizer.param_groups:
+                name = g.get("group_name", "")
+                if name and not name.endswith("/no_decay"):
+                    logs[f"lr/{name}"] = g["lr"]
+            now = time.time()
+            logs["tokens_per_s"] = round(self._tokens / max(now - self._tokens_since, 1e-9), 1)
+            self._tokens, self._tokens_since = 0, now
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            save_extras(self.model, output_dir or self.args.output_dir, state_dict)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, dict(inputs))
+        return loss.detach(), None, None

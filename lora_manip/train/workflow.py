@@ -1,0 +1,148 @@
+"""`lora-manip train`: recipe -> processor -> data -> model -> trainable parts -> Trainer -> saved run.
+
+Read top to bottom; each step is a small function. The run folder receives the resolved recipe (recipe.yaml),
+train_log.jsonl, checkpoints, and at the end the adapter (LoRA/QLoRA) or full model, with the processor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from ..errors import UserError
+from ..fsutil import atomic_write_text
+from ..recipe import Recipe, dump_recipe
+
+log = logging.getLogger(__name__)
+
+
+def prepare_demo_inputs(recipe: Recipe) -> None:
+    """Create the tiny model / synthetic data a demo recipe names, when missing (never overwrites)."""
+    if recipe.model.create_tiny_if_missing and not Path(recipe.model.path).exists():
+        from ..model.tiny import write_tiny_model
+
+        log.info("creating tiny LLaVA-OneVision at %s", recipe.model.path)
+        write_tiny_model(recipe.model.path)
+    synth = recipe.data.create_synthetic_if_missing
+    first = recipe.data.train[0]
+    if synth is not None and not Path(first.annotation_path).exists():
+        from ..data.synth import write_synth_dataset
+
+        log.info("creating synthetic data set (%d records) at %s", synth.n, first.data_path)
+        write_synth_dataset(first.data_path, n=synth.n, seed=synth.seed)
+
+
+def check_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> None:
+    out = Path(recipe.train.output_dir)
+    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+        raise UserError(f"train.output_dir {out} already holds a run; pass --resume to continue it, --overwrite to "
+                        "train into it anyway, or choose another folder (--set train.output_dir=...)")
+
+
+def training_arguments(recipe: Recipe):
+    from transformers import TrainingArguments
+
+    from ..model.load import has_cuda
+
+    t, gpu = recipe.train, has_cuda()
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=recipe.parts.language_model.lr,  # the scheduler scales each part's group from its own rate
+        warmup_steps=t.warmup_ratio,
+        lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # Mixed precision needs a GPU here; on CPU the model is loaded in fp32 (model/load.py says why).
+        bf16=gpu and t.precision == "bf16",
+        fp16=gpu and t.precision == "fp16",
+        tf32=gpu and t.tf32 or None,
+        use_cpu=not gpu,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=[r for r in t.report_to if r != "none"] or "none",
+        deepspeed=recipe.distributed.deepspeed,
+        remove_unused_columns=False,
+        dataloader_num_workers=recipe.data.num_workers,
+        eval_strategy="no",
+    )
+
+
+def load_data(recipe: Recipe, processor):
+    from ..data.dataset import build_dataset
+
+    d = recipe.data
+    train = build_dataset(d.train, processor, d.system_prompt, d.model_max_length, recipe.train.seed)
+    val = build_dataset(d.val, processor, d.system_prompt, d.model_max_length, recipe.train.seed) if d.val else None
+    return train, val
+
+
+def build_model(recipe: Recipe):
+    from ..model.adapters import prepare_trainable
+    from ..model.load import load_model
+
+    model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation,
+                       recipe.quantization if recipe.method == "qlora" else None)
+    model.config.use_cache = False  # no KV cache while training (it only costs memory)
+    return prepare_trainable(model, recipe)
+
+
+def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
+    from ..model.adapters import trainable_summary
+    from ..model.processor import load_processor
+    from .callbacks import JsonlLogCallback
+    from .trainer import ManipTrainer
+
+    out = Path(recipe.train.output_dir)
+    check_output_dir(recipe, overwrite, resume)
+    prepare_demo_inputs(recipe)
+    processor = load_processor(recipe.model.path)
+    train_ds, val_ds = load_data(recipe, processor)
+    args = training_arguments(recipe)  # before the model: under ZeRO-3 it makes from_pretrained partition
+    model = build_model(recipe)
+    if args.should_save:
+        atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
+    log.info("trainable parameters per part: %s", json.dumps(trainable_summary(model)))
+    log.info("train samples: %d (%s), effective batch size %d", len(train_ds),
+             ", ".join(f"dropped {n}: {r}" for r, n in train_ds.dropped.items()) or "none dropped",
+             recipe.effective_batch_size)
+
+    from ..data.dataset import Collator
+
+    trainer = ManipTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                           data_collator=Collator(processor), processing_class=processor, recipe=recipe,
+                           callbacks=[JsonlLogCallback(out / "train_log.jsonl")])
+    trainer.train(resume_from_checkpoint=latest_checkpoint(out) if resume else None)
+    if val_ds is not None:
+        trainer.evaluate()
+    trainer.save_model(str(out))
+    if args.should_save:
+        from .callbacks import plot_loss
+
+        plot_loss(out / "train_log.jsonl", out / "loss.png")
+    return out
+
+
+def latest_checkpoint(out: Path) -> str | None:
+    ckpts = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    if not ckpts:
+        raise UserError(f"--resume: {out} holds no checkpoint-* folder to resume from")
+    return str(ckpts[-1])
+
+
+def is_distributed_child() -> bool:
+    return "LOCAL_RANK" in os.environ or "RANK" in os.environ

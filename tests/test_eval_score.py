@@ -1,0 +1,246 @@
+"""Scoring records, strict vs upstream-compatible, loading/writing files, and the drawing helpers."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from lora_manip.errors import UserError
+from lora_manip.eval.draw import GT_COLOR, PRED_COLOR, contact_sheet, draw_overlay
+from lora_manip.eval.score import format_table, load_predictions, score_records, write_outputs
+
+approx = pytest.approx
+
+BOX_GT = '{"current_bbox": [[0.1, 0.1], [0.3, 0.5]]}'
+TRAJ_GT = '{"future_traj": [[0, 0], [0.1, 0], [0.2, 0]]}'
+
+
+def _records():
+    return [
+        # boxes: IoU 1, 1/3 (shifted by half a width), 0 (unparsable)
+        {"id": "b1", "dataset": "A", "task": "current_bbox", "gt": BOX_GT, "pred": BOX_GT},
+        {"id": "b2", "dataset": "A", "task": "final_bbox", "gt": BOX_GT, "pred": "Sure: [[0.4, 0.5], [0.2, 0.1]]"},
+        {"id": "b3", "dataset": "B", "task": "current_bbox", "gt": BOX_GT, "pred": "I don't know"},
+        # points: 0.015 (px 1.5 on 200x100), unparsable, 0.1
+        {"id": "p1", "dataset": "A", "task": "contact_point", "w": 200, "h": 100,
+         "gt": '{"contact_point": [[0.5, 0.5], [0.6, 0.5]]}', "pred": "[[0.6, 0.5], [0.5, 0.53]]"},
+        {"id": "p2", "dataset": "A", "task": "contact_point", "gt": '{"contact_point": [[0.5, 0.5]]}', "pred": ""},
+        {"id": "p3", "dataset": "B", "task": "contact_point", "gt": '{"contact_point": [[0.5, 0.5]]}',
+         "pred": '{"contact_point": [[0.5, 0.6]]}'},
+        # trajectories: DTW 0.1 (px 10 on 100x100), unparsable
+        {"id": "t1", "dataset": "A", "task": "future_traj", "w": 100, "h": 100, "gt": TRAJ_GT,
+         "pred": "[[0, 0], [0.2, 0]]"},
+        {"id": "t2", "dataset": "B", "task": "future_traj", "gt": TRAJ_GT, "pred": ""},
+        # choice: right, empty, ambiguous
+        {"id": "c1", "dataset": "A", "task": "choice", "gt": "B", "pred": "The answer is B"},
+        {"id": "c2", "dataset": "A", "task": "choice", "gt": "A", "pred": ""},
+        {"id": "c3", "dataset": "B", "task": "choice", "gt": "C", "pred": "A or C"},
+        # yes/no (task inferred from the ground truth)
+        {"id": "y1", "dataset": "A", "gt": "Yes", "pred": "yes."},
+        {"id": "y2", "dataset": "B", "gt": "No", "pred": "Yes"},
+        # planning
+        {"id": "l1", "dataset": "A", "task": "planning", "gt": "pick up the cube", "pred": "Pick up the cube"},
+        {"id": "l2", "dataset": "A", "task": "planning", "gt": "pick up the cube", "pred": "  "},
+    ]
+
+
+def test_score_records_strict_summary():
+    rows, s = score_records(_records())
+    assert s["mode"] == "strict" and s["count"] == 15 and len(rows) == 15
+    a = s["all"]
+    assert a["box"]["count"] == 3
+    assert a["box"]["mean_iou"] == approx((1 + 1 / 3 + 0) / 3)
+    assert a["box"]["acc@0.1"] == approx(2 / 3)
+    assert a["box"]["acc@0.5"] == approx(1 / 3)
+    assert a["box"]["parse_failure_rate"] == approx(1 / 3)
+
+    assert a["point"]["mean_distance"] == approx((0.015 + 0.1) / 2)  # the unparsable one is excluded ...
+    assert a["point"]["mean_distance_px"] == approx(1.5)  # only p1 has w/h
+    assert a["point"]["acc@0.05"] == approx(1 / 3)  # ... but it is a miss here
+    assert a["point"]["parse_failure_rate"] == approx(1 / 3)
+
+    assert a["trajectory"]["dtw"] == approx(0.1)
+    assert a["trajectory"]["dtw_px"] == approx(10.0)
+    assert a["trajectory"]["frechet"] == approx(0.1)
+    assert a["trajectory"]["endpoint_error"] == approx(0.0)
+    assert a["trajectory"]["parse_failure_rate"] == approx(0.5)
+    assert a["trajectory"]["n_scored"] == 1
+
+    assert a["choice"]["accuracy"] == approx(1 / 3)
+    assert a["choice"]["parse_failures"] == 2
+    assert a["yesno"]["accuracy"] == approx(0.5)
+    assert a["planning"]["bleu"] == approx(0.5)
+    assert a["planning"]["parse_failure_rate"] == approx(0.5)
+
+    assert set(s["by_dataset"]) == {"A", "B"}
+    assert s["by_dataset"]["A"]["box"]["mean_iou"] == approx((1 + 1 / 3) / 2)
+    assert s["by_dataset"]["B"]["box"]["mean_iou"] == 0.0
+    assert s["by_dataset"]["B"]["choice"]["accuracy"] == 0.0
+    assert s["by_task"]["current_bbox"]["count"] == 2
+    assert s["by_task"]["final_bbox"]["mean_iou"] == approx(1 / 3)
+    assert s["by_task"]["yesno"]["kind"] == "yesno"
+
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["b2"]["pred"] == [0.2, 0.1, 0.4, 0.5] and by_id["b2"]["iou"] == approx(1 / 3)
+    assert by_id["b3"]["parse_error"] and by_id["b3"]["iou"] == 0.0
+    assert by_id["p1"]["distance_px"] == approx(1.5) and by_id["p1"]["hit"] is True
+    assert by_id["p2"]["distance"] is None and by_id["p2"]["hit"] is False
+    assert by_id["c2"]["parse_error"] == "empty" and by_id["c2"]["correct"] is False
+    assert by_id["y1"]["kind"] == "yesno" and by_id["y1"]["pred"] is True
+    json.dumps(rows, allow_nan=False)
+    json.dumps(s, allow_nan=False)
+
+
+def test_upstream_compatible_differs():
+    rows, s = score_records(_records(), upstream_compatible=True)
+    assert s["mode"] == "upstream_compatible"
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["c2"]["correct"] is True  # "" in "A": upstream counts an empty answer as right
+    assert by_id["c3"]["correct"] is False  # "A or C" is not a substring of "C"
+    assert by_id["c1"]["correct"] is False  # nor is "The answer is B" one of "B"
+    assert s["all"]["choice"]["accuracy"] == approx(1 / 3)
+    assert s["all"]["choice"]["parse_failures"] == 0  # upstream never fails to "parse" a choice
+    assert s["all"]["trajectory"]["dtw"] == approx(0.1)  # unparsable trajectory dropped
+    assert s["all"]["trajectory"]["count"] == 2
+
+
+def test_empty_choice_strict_zero_upstream_one():
+    rec = [{"id": 1, "task": "choice", "gt": "A", "pred": ""}]
+    assert score_records(rec)[1]["all"]["choice"]["accuracy"] == 0.0
+    assert score_records(rec, upstream_compatible=True)[1]["all"]["choice"]["accuracy"] == 1.0
+
+
+def test_negative_coordinate_strict_vs_upstream():
+    rec = [{"id": "n", "task": "current_bbox", "gt": '{"current_bbox": [[0, 0], [0.2, 0.4]]}',
+            "pred": '{"current_bbox": [[-0.2, 0.0], [0.2, 0.4]]}'}]
+    strict, _ = score_records(rec)
+    up, _ = score_records(rec, upstream_compatible=True)
+    assert strict[0]["pred"] == [-0.2, 0.0, 0.2, 0.4] and strict[0]["iou"] == approx(0.5)
+    assert up[0]["pred"] == [0.2, 0.0, 0.2, 0.4] and up[0]["iou"] == 0.0
+
+
+def test_point_threshold():
+    rec = [{"id": 1, "task": "contact_point", "gt": "[[0.5, 0.5]]", "pred": "[[0.5, 0.6]]"}]
+    assert score_records(rec, point_threshold=0.05)[1]["all"]["point"]["acc@0.05"] == 0.0
+    assert score_records(rec, point_threshold=0.2)[1]["all"]["point"]["acc@0.2"] == 1.0
+
+
+def test_unparsable_ground_truth_raises_naming_the_record():
+    rec = [{"id": "bad7", "task": "current_bbox", "gt": "no box here", "pred": "[0, 0, 1, 1]"}]
+    with pytest.raises(ValueError, match=r"bad7.*ground truth"):
+        score_records(rec)
+    with pytest.raises(ValueError, match="missing field 'gt'"):
+        score_records([{"id": 1, "pred": "A"}])
+    with pytest.raises(ValueError, match="w must be a positive"):
+        score_records([{"id": 1, "gt": "A", "pred": "A", "w": 0, "h": 10}])
+
+
+def test_format_table():
+    _, s = score_records(_records())
+    table = format_table(s)
+    lines = table.splitlines()
+    assert lines[0].split() == ["dataset", "kind", "n", "parse-fail", "metrics"]
+    assert "mean_iou=0.444" in table and "acc@0.1=0.667" in table
+    assert "dtw=0.100  dtw_px=10.000" in table and "accuracy=0.333" in table and "bleu=0.500" in table
+    body = [l for l in lines[2:]]
+    assert len(body) == len(s["all"]) + sum(len(k) for k in s["by_dataset"].values())
+    col = lines[0].index("metrics")
+    assert all(l[col - 2 : col] == "  " and l[col] != " " for l in body)  # the metrics column is aligned
+    assert "33.3%" in table
+
+
+def test_write_outputs(tmp_path):
+    rows, s = score_records(_records())
+    write_outputs(tmp_path / "out", rows, s)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == s
+    lines = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(l)["id"] for l in lines] == [r["id"] for r in rows]
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+# --------------------------------------------------------------------------------------------------------- loading
+def test_load_json_and_jsonl(tmp_path):
+    recs = [{"id": 1, "pred": "A", "gt": "A"}, {"id": 2, "pred": "B", "gt": "A", "task": "choice"}]
+    (tmp_path / "p.json").write_text(json.dumps(recs))
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
+    assert load_predictions(tmp_path / "p.json") == recs
+    assert load_predictions(tmp_path / "p.jsonl") == recs
+
+
+def test_load_bad_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "preds.jsonl"
+    p.write_text('{"id": 1, "pred": "A", "gt": "A"}\n\n{"id": 2, "pred": "A", "gt": }\n')
+    with pytest.raises(UserError, match=r"preds\.jsonl: line 3: invalid JSON"):
+        load_predictions(p)
+
+
+def test_load_bad_json_names_file_and_line(tmp_path):
+    p = tmp_path / "preds.json"
+    p.write_text('[\n {"id": 1, "pred": "A", "gt": "A"},\n {"id": 2 "pred": "A"}\n]')
+    with pytest.raises(UserError, match=r"preds\.json: line 3"):
+        load_predictions(p)
+
+
+def test_load_missing_field_names_file_record_and_field(tmp_path):
+    p = tmp_path / "preds.jsonl"
+    p.write_text('{"id": "x1", "pred": "A", "gt": "A"}\n{"id": "x2", "pred": "A"}\n')
+    with pytest.raises(UserError, match=r"preds\.jsonl: line 2: record 1 \(id='x2'\) has no 'gt' field"):
+        load_predictions(p)
+    q = tmp_path / "preds.json"
+    q.write_text(json.dumps([{"id": 5, "gt": "A"}]))
+    with pytest.raises(UserError, match=r"preds\.json.*record 0 \(id=5\) has no 'pred' field"):
+        load_predictions(q)
+    with pytest.raises(UserError, match="not found"):
+        load_predictions(tmp_path / "missing.jsonl")
+    (tmp_path / "obj.json").write_text("{}")
+    with pytest.raises(UserError, match="array"):
+        load_predictions(tmp_path / "obj.json")
+
+
+# ----------------------------------------------------------------------------------------------------------- draw
+def test_draw_overlay_box_and_copy():
+    img = Image.new("RGB", (200, 100), (255, 255, 255))
+    before = img.tobytes()
+    out = draw_overlay(img, "box", (0.5, 0.5, 0.9, 0.9), (0.1, 0.6, 0.3, 0.8))
+    assert out.size == (200, 100) and out.mode == "RGB" and out is not img
+    assert img.tobytes() == before  # input untouched
+    assert out.getpixel((100, 70)) == GT_COLOR  # left edge of the GT box at x = 0.5 * 200
+    assert out.getpixel((20, 70)) == PRED_COLOR  # left edge of the predicted box at x = 0.1 * 200
+
+
+@pytest.mark.parametrize(
+    "kind,gt,pred",
+    [("point", [(0.5, 0.5)], [[0.2, 0.8], [0.3, 0.3]]),
+     ("trajectory", [(0.1, 0.1), (0.5, 0.5), (0.9, 0.2)], None),
+     ("choice", "B", None), ("yesno", True, False), ("planning", "pick up the cube " * 10, "pick")],
+)
+def test_draw_overlay_kinds(kind, gt, pred):
+    img = Image.new("L", (64, 48), 128)
+    out = draw_overlay(img, kind, gt, pred)
+    assert out.size == (64, 48) and out.mode == "RGB"
+    assert img.mode == "L"
+
+
+def test_draw_overlay_point_colour():
+    out = draw_overlay(Image.new("RGB", (100, 100)), "point", [(0.7, 0.7)], [(0.3, 0.8)])
+    assert out.getpixel((70, 70)) == GT_COLOR and out.getpixel((30, 80)) == PRED_COLOR
+
+
+def test_contact_sheet_sizes():
+    ims = [Image.new("RGB", (100 + 10 * i, 50), (i * 40, 0, 0)) for i in range(5)]
+    assert contact_sheet(ims, columns=4, thumb=64).size == (256, 128)
+    assert contact_sheet(ims[:2], columns=4, thumb=64).size == (128, 64)
+    assert contact_sheet(ims, columns=1, thumb=32).size == (32, 160)
+    with pytest.raises(ValueError):
+        contact_sheet([])
+
+
+def test_eval_modules_do_not_import_torch():
+    code = (
+        "import sys; import lora_manip.eval.parse, lora_manip.eval.metrics, lora_manip.eval.score, "
+        "lora_manip.eval.draw; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
