@@ -105,6 +105,72 @@ def merge(adapter_dir: Path = typer.Argument(..., help="Adapter folder written b
     typer.echo(f"merged checkpoint written to {path}{check}")
 
 
+@app.command("eval")
+@command
+def eval_(model: str = typer.Argument(..., help="Merged/full checkpoint, adapter folder, or base model (path or hub id)."),
+          data: Path = typer.Option(..., "--data", help="Annotation file (LLaVA JSON/JSONL) to evaluate on."),
+          data_root: Optional[Path] = typer.Option(None, help="Folder image paths are relative to (default: the "
+                                                   "annotation file's folder)."),
+          out: Optional[Path] = typer.Option(None, help="Write metrics.json, predictions.jsonl and overlays here."),
+          limit: Optional[int] = typer.Option(None, help="Evaluate only the first N records."),
+          batch_size: int = typer.Option(8, help="Generation batch size."),
+          max_new_tokens: int = typer.Option(256, help="Longest answer generated (a 10-point trajectory is ~150 tokens)."),
+          base: Optional[str] = typer.Option(None, help="Base model for an adapter (default: the one it names)."),
+          upstream_compatible: bool = typer.Option(False, help="Score with the upstream scorer's rules (flaws "
+                                                   "included) to compare with published tables.")):
+    """Generate answers with MODEL on --data and score them (boxes, points, trajectories, choice, yes/no, BLEU)."""
+    from .eval.generate import run_eval
+    from .eval.score import format_table
+
+    _, summary = run_eval(model, str(data), str(data_root) if data_root else None, str(out) if out else None,
+                          limit, batch_size, max_new_tokens, upstream_compatible=upstream_compatible, base=base)
+    typer.echo(format_table(summary))
+    if out:
+        typer.echo(f"wrote {out}/metrics.json, {out}/predictions.jsonl and overlays")
+
+
+@app.command()
+@command
+def score(predictions: Path = typer.Argument(..., help="JSON/JSONL records with id, pred, gt (task, w, h optional)."),
+          out: Optional[Path] = typer.Option(None, help="Write metrics.json and predictions.jsonl here."),
+          upstream_compatible: bool = typer.Option(False, help="Use the upstream scorer's rules."),
+          point_threshold: float = typer.Option(0.05, help="Contact-point hit radius (normalised units).")):
+    """Score predictions made elsewhere (vLLM, upstream scripts) with the same metrics as `eval`."""
+    from .eval.score import format_table, load_predictions, score_records, write_outputs
+
+    try:
+        rows, summary = score_records(load_predictions(predictions), upstream_compatible, point_threshold)
+    except ValueError as e:
+        raise UserError(f"{predictions}: {e}") from None
+    typer.echo(format_table(summary))
+    if out:
+        write_outputs(out, rows, summary)
+
+
+@app.command()
+@command
+def predict(model: str = typer.Argument(..., help="Merged/full checkpoint, adapter folder or base model."),
+            image: Path = typer.Argument(..., help="Image file."),
+            question: str = typer.Argument(..., help="The question (an <image> placeholder is added in front)."),
+            draw: Optional[Path] = typer.Option(None, help="Save the image with a grounding answer drawn on it."),
+            max_new_tokens: int = typer.Option(256)):
+    """Answer one question about one image."""
+    from .eval.predict import predict_one
+
+    typer.echo(predict_one(model, str(image), question, str(draw) if draw else None, max_new_tokens))
+
+
+@app.command()
+@command
+def demo(recipe: Path = typer.Option(Path("recipes/tiny_cpu.yaml"), help="The demo recipe."),
+         set_: Optional[List[str]] = SetOpt,
+         limit: int = typer.Option(80, help="Validation records to evaluate.")):
+    """The offline end-to-end demo: tiny model + synthetic data -> LoRA train -> merge -> eval before/after."""
+    from .demo import run_demo
+
+    typer.echo(run_demo(recipe, set_ or [], limit))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -64,7 +64,7 @@ def generate(model, processor, prompts: list[str], images: list[list], max_new_t
 
 
 def predict_samples(model, processor, samples: list[Sample], system_prompt: str | None, batch_size: int = 8,
-                    max_new_tokens: int = 128, progress: bool = True) -> list[str]:
+                    max_new_tokens: int = 256, progress: bool = True) -> list[str]:
     from tqdm.auto import tqdm
 
     preds: dict[int, str] = {}
@@ -99,8 +99,34 @@ def eval_records(samples: list[Sample], preds: list[str], dataset: str) -> list[
     return out
 
 
+def write_overlays(out_dir: str, rows: list[dict], samples: list[Sample], k: int = 16) -> Path | None:
+    """PNG overlays (ground truth green, prediction red) for the first `k` grounding records, plus a contact sheet."""
+    from PIL import Image
+
+    from ..fsutil import atomic_dir
+    from .draw import contact_sheet, draw_overlay
+
+    picked = [(r, s) for r, s in zip(rows, samples) if r["kind"] in ("box", "point", "trajectory") and s.images][:k]
+    if not picked:
+        return None
+    folder = Path(out_dir) / "overlays"
+    with atomic_dir(folder, force=True) as tmp:
+        images = []
+        for r, s in picked:
+            with Image.open(s.images[0]) as im:
+                img = draw_overlay(im.convert("RGB"), r["kind"], r["gt"], r["pred"])
+            img.save(tmp / f"{_safe(r['id'])}.png")
+            images.append(img)
+        contact_sheet(images).save(tmp / "contact_sheet.png")
+    return folder
+
+
+def _safe(name) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))[:100]
+
+
 def run_eval(model_path: str, data: str, data_root: str | None = None, out_dir: str | None = None,
-             limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 128,
+             limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 256,
              system_prompt: str | None = "You are a helpful assistant.", upstream_compatible: bool = False,
              base: str | None = None):
     """Generate answers for an annotation file and score them. Returns (rows, summary)."""
@@ -112,8 +138,15 @@ def run_eval(model_path: str, data: str, data_root: str | None = None, out_dir: 
     samples = samples[:limit] if limit else samples
     model, processor = load_for_inference(model_path, base)
     preds = predict_samples(model, processor, samples, system_prompt, batch_size, max_new_tokens)
-    rows, summary = score_records(eval_records(samples, preds, Path(data).stem),
-                                  upstream_compatible=upstream_compatible)
+    records = eval_records(samples, preds, Path(data).stem)
+    try:
+        rows, summary = score_records(records, upstream_compatible=upstream_compatible)
+    except ValueError as e:
+        raise UserError(f"{data}: {e}") from None
+    for row, rec in zip(rows, records):
+        row["prompt"] = rec["prompt"]
+    summary["model"] = str(model_path)
     if out_dir:
         write_outputs(out_dir, rows, summary)
+        write_overlays(out_dir, rows, samples)
     return rows, summary

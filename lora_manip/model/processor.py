@@ -43,9 +43,12 @@ class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
 
 
 def load_processor(path: str | os.PathLike) -> ImageOnlyOnevisionProcessor:
+    from .load import check_model_path
+
+    check_model_path(str(path))
     try:
         processor = ImageOnlyOnevisionProcessor.from_pretrained(str(path))
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot load a processor from {path}: {str(e).splitlines()[0]}") from None
     if processor.chat_template is None:
         raise UserError(f"{path} has no chat template (chat_template.jinja / chat_template.json); the kit "

@@ -1,0 +1,56 @@
+"""Shared fixtures: one tiny LLaVA-OneVision and one small synthetic data set per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from lora_manip.model.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_model_dir):
+    from lora_manip.model.processor import load_processor
+
+    return load_processor(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    from lora_manip.data.synth import write_synth_dataset
+
+    out = tmp_path_factory.mktemp("data") / "synth"
+    write_synth_dataset(out, n=48, seed=1)
+    return out
+
+
+def tiny_recipe_dict(model_dir, data_dir, out_dir, **over) -> dict:
+    """The demo recipe pointed at the session's tiny model and data, shortened for tests."""
+    raw = {
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        "method": "lora",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "parts": {"language_model": {"lr": 5e-3}, "projector": {"lr": 5e-3}},
+        "data": {"train": [{"annotation_path": str(data_dir / "train.json"), "data_path": str(data_dir)}],
+                 "model_max_length": 4096},
+        "train": {"output_dir": str(out_dir), "per_device_batch_size": 4, "max_steps": 3, "logging_steps": 1,
+                  "save_steps": 100, "seed": 0, "warmup_ratio": 0.0},
+    }
+    for key, value in over.items():
+        node = raw
+        *path, last = key.split("__")
+        for k in path:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return raw

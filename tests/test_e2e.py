@@ -1,0 +1,116 @@
+"""The whole job through the CLI: tiny model -> synthetic data -> LoRA train -> merge -> reload -> compare."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lora_manip.cli import app
+
+from .conftest import tiny_recipe_dict
+
+runner = CliRunner()
+
+
+def cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    code, out = cli("tiny-model", root / "base")
+    assert code == 0, out
+    code, out = cli("data", "synth", root / "data", "--n", 24, "--seed", 3)
+    assert code == 0, out
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(root / "base", root / "data", root / "run")))
+    code, out = cli("train", recipe, "--set", "train.max_steps=4", "--set", "lora.r=4")
+    assert code == 0, out
+    return root
+
+
+def test_train_writes_a_peft_adapter_folder(trained):
+    run = trained / "run"
+    cfg = json.loads((run / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(trained / "base")
+    assert cfg["r"] == 4  # the --set override reached the run
+    assert cfg["modules_to_save"] == ["multi_modal_projector"]
+    weights = load_file(run / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in weights) and not any("vision_tower" in k for k in weights)
+    assert any("multi_modal_projector" in k for k in weights)
+    assert all(t.numel() > 0 for t in weights.values())
+    assert "model.image_newline" in load_file(run / "extra_trainables.safetensors")
+    assert (run / "processor_config.json").is_file() and (run / "chat_template.jinja").is_file()
+    resolved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert resolved["lora"]["r"] == 4 and resolved["parts"]["vision_tower"]["train"] == "frozen"
+    losses = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_training_changed_the_trained_parts(trained):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from lora_manip.model.adapters import load_with_adapter
+
+    base = dict(LlavaOnevisionForConditionalGeneration.from_pretrained(trained / "base").named_parameters())
+    model, _ = load_with_adapter(trained / "run")
+    state = {k: v for k, v in model.named_parameters()}
+    newline = [v for k, v in state.items() if k.endswith("model.image_newline")][0]
+    assert not torch.equal(newline, base["model.image_newline"])
+    proj = [v for k, v in state.items() if "modules_to_save" in k and k.endswith("linear_1.weight")][0]
+    assert not torch.equal(proj, base["model.multi_modal_projector.linear_1.weight"])
+    lora_b = [v for k, v in state.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
+
+
+def test_merge_reloads_with_transformers_and_matches(trained):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from lora_manip.merge import logits_of, probe_inputs
+    from lora_manip.model.adapters import load_with_adapter
+    from lora_manip.model.processor import load_processor
+
+    code, out = cli("merge", trained / "run")
+    assert code == 0, out
+    merged_dir = trained / "run-merged"
+    assert "max |logit diff|" in out
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "chat_template.jinja", "processor_config.json", "README.md"} <= {p.name for p in merged_dir.iterdir()}
+    processor = load_processor(merged_dir)
+    merged = LlavaOnevisionForConditionalGeneration.from_pretrained(merged_dir)
+    reference, _ = load_with_adapter(trained / "run")
+    inputs = probe_inputs(processor)
+    torch.testing.assert_close(logits_of(merged, inputs), logits_of(reference, inputs), atol=1e-4, rtol=1e-4)
+    base = LlavaOnevisionForConditionalGeneration.from_pretrained(trained / "base")
+    assert (logits_of(base, inputs) - logits_of(merged, inputs)).abs().max() > 1e-3
+    assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
+    # never replaced without --force, never written into the adapter folder
+    code, out = cli("merge", trained / "run")
+    assert code == 2 and "already exists" in out
+    code, out = cli("merge", trained / "run", "--out", trained / "run")
+    assert code == 2
+
+
+def test_bad_inputs_are_one_line_errors(trained, tmp_path):
+    code, out = cli("train", tmp_path / "nope.yaml")
+    assert code == 2 and "not found" in out and "Traceback" not in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {path: x\n")
+    code, out = cli("train", bad)
+    assert code == 2 and "not valid YAML" in out
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "no-model", trained / "data", tmp_path / "o")))
+    code, out = cli("train", recipe)
+    assert code == 2 and "does not exist" in out
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(trained / "base", trained / "data", trained / "run")))
+    code, out = cli("train", recipe)
+    assert code == 2 and "already holds a run" in out
+    code, out = cli("merge", trained / "base")
+    assert code == 2 and "not an adapter folder" in out
+    code, out = cli("data", "synth", trained / "data", "--n", 4)
+    assert code == 2 and "already holds a dataset" in out

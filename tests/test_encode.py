@@ -1,0 +1,87 @@
+"""Token ids and labels: expansion identical to the processor's, supervision exactly the answers."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from lora_manip.data.dataset import Collator, ManipDataset
+from lora_manip.data.encode import IGNORE, encode, render, with_system
+from lora_manip.data.records import load_samples
+
+SYSTEM = "You are a helpful assistant."
+
+
+@pytest.fixture()
+def records(tmp_path):
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (320, 180), (255, 0, 0)).save(tmp_path / "img/a.png")
+    Image.new("RGB", (640, 480), (0, 255, 0)).save(tmp_path / "img/b.png")
+    recs = [
+        {"id": "single", "images": ["img/a.png"], "conversations": [
+            {"from": "human", "value": "<image>\nWhere is the cube?"},
+            {"from": "gpt", "value": '{"current_bbox": [[0.1, 0.2], [0.3, 0.4]]}'}]},
+        {"id": "multi", "images": ["img/a.png", "img/b.png"], "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nWhich frame is later?"},
+            {"from": "gpt", "value": "The second."},
+            {"from": "human", "value": "Is the gripper open?"},
+            {"from": "gpt", "value": "Yes"}]},
+        {"id": "text", "image": [], "conversations": [
+            {"from": "system", "value": "Plan robot tasks."},
+            {"from": "user", "value": "How to put the cup away?"},
+            {"from": "assistant", "value": "1. grasp the cup 2. place it"}]},
+    ]
+    (tmp_path / "a.json").write_text(json.dumps(recs))
+    samples, problems = load_samples(tmp_path / "a.json", tmp_path)
+    assert problems == []
+    return samples
+
+
+def _supervised_text(processor, enc):
+    return processor.tokenizer.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE])
+
+
+def test_labels_are_exactly_the_answers(processor, records):
+    expected = ['{"current_bbox": [[0.1, 0.2], [0.3, 0.4]]}<|im_end|>',
+                "The second.<|im_end|>Yes<|im_end|>",
+                "1. grasp the cup 2. place it<|im_end|>"]
+    for s, want in zip(records, expected):
+        sizes = [Image.open(p).size for p in s.images]
+        enc = encode(s, processor, SYSTEM, sizes)
+        assert _supervised_text(processor, enc) == want
+        # every supervised token is contiguous with its answer: no image or prompt token is supervised
+        image_id = processor.image_token_id
+        assert all(lab == IGNORE for t, lab in zip(enc["input_ids"], enc["labels"]) if t == image_id)
+
+
+def test_ids_equal_the_processors_own_expansion(processor, records):
+    for s in records:
+        images = [Image.open(p).convert("RGB") for p in s.images]
+        enc = encode(s, processor, SYSTEM, [im.size for im in images])
+        full = render(processor, with_system(s.messages, SYSTEM))
+        ref = processor(text=[full], images=[images] if images else None, return_tensors="pt")
+        assert ref["input_ids"][0].tolist() == enc["input_ids"], s.id
+
+
+def test_record_system_turn_wins(processor, records):
+    enc = encode(records[2], processor, SYSTEM, [])
+    text = processor.tokenizer.decode(enc["input_ids"])
+    assert "Plan robot tasks." in text and SYSTEM not in text
+
+
+def test_collator_pads_per_batch_and_model_accepts_batch(processor, records, tiny_model_dir):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    ds = ManipDataset(records, processor, SYSTEM, max_length=10_000)
+    batch = Collator(processor)([ds[0], ds[1], ds[2]])
+    assert batch["input_ids"].shape[1] == max(ds.lengths)
+    assert batch["batch_num_images"].tolist() == [1, 2]
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model_dir)
+    assert model(**batch).loss.isfinite()
+
+
+def test_too_long_samples_are_dropped_and_counted(processor, records):
+    ds = ManipDataset(records, processor, SYSTEM, max_length=100)
+    assert len(ds) + sum(ds.dropped.values()) == 3
+    assert sum(ds.dropped.values()) >= 1 and all(n <= 100 for n in ds.lengths)

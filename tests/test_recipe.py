@@ -1,0 +1,92 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_manip.errors import UserError
+from lora_manip.recipe import apply_overrides, dump_recipe, load_recipe, recipe_from_dict
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+
+BASE = {
+    "model": {"path": "llava-hf/llava-onevision-qwen2-7b-ov-hf"},
+    "method": "lora",
+    "data": {"train": [{"annotation_path": "a.json", "data_path": "imgs"}]},
+    "train": {"output_dir": "runs/x"},
+}
+
+
+def test_shipped_recipes_validate():
+    assert RECIPES, "no recipes shipped"
+    for path in RECIPES:
+        load_recipe(path)
+
+
+def test_defaults_resolve_from_method():
+    r = recipe_from_dict(BASE)
+    assert (r.parts.language_model.train, r.parts.projector.train, r.parts.vision_tower.train) == \
+        ("lora", "full", "frozen")
+    full = recipe_from_dict({**BASE, "method": "full"})
+    assert full.parts.language_model.train == "full"
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"lora": {"r": 0}}, "lora.r: Input should be greater than 0"),
+    ({"lora": {"rank": 8}}, "lora.rank: unknown key"),
+    ({"train": {"output_dir": "x", "per_device_batch_size": "two"}}, "train.per_device_batch_size:"),
+    ({"method": "qlora4"}, "method: Input should be 'full', 'lora' or 'qlora'"),
+    ({"method": "full", "parts": {"vision_tower": {"train": "lora"}}},
+     "parts.vision_tower.train: 'lora' needs method: lora or qlora"),
+    ({"parts": {"language_model": {"train": "full"}}}, "parts.language_model.train: 'full' needs method: full"),
+    ({"parts": {"language_model": {"train": "frozen"}, "projector": {"train": "frozen"}}},
+     "every part is frozen"),
+    ({"parts": {"language_model": {"train": "frozen"}}}, "no part has train: lora"),
+    ({"method": "qlora", "distributed": {"deepspeed": "z.json"}}, "distributed.deepspeed: QLoRA"),
+])
+def test_errors_name_the_key_path(patch, message):
+    raw = {**BASE, **patch}
+    with pytest.raises(UserError) as e:
+        recipe_from_dict(raw)
+    assert message in str(e.value)
+
+
+def test_all_errors_reported_at_once():
+    raw = {**BASE, "lora": {"r": -1, "alpha": 0}, "bogus": 1}
+    with pytest.raises(UserError) as e:
+        recipe_from_dict(raw)
+    msg = str(e.value)
+    assert "lora.r" in msg and "lora.alpha" in msg and "bogus: unknown key" in msg
+
+
+def test_overrides_parse_yaml_values():
+    raw = apply_overrides(yaml.safe_load(yaml.safe_dump(BASE)),
+                          ["lora.r=8", "train.gradient_checkpointing=true", "lora.target_modules=[q_proj, v_proj]",
+                           "data.train.0.sample=0.5", "model.path=/models/x"])
+    r = recipe_from_dict(raw)
+    assert r.lora.r == 8 and r.train.gradient_checkpointing is True
+    assert r.lora.target_modules == ["q_proj", "v_proj"]
+    assert r.data.train[0].sample == 0.5 and r.model.path == "/models/x"
+
+
+def test_bad_override_is_a_user_error():
+    with pytest.raises(UserError, match="KEY.PATH=VALUE"):
+        apply_overrides({}, ["lora.r"])
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_recipe(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    with pytest.raises(UserError, match="expected a mapping"):
+        load_recipe(scalar)
+
+
+def test_dump_round_trips():
+    r = recipe_from_dict(BASE)
+    again = recipe_from_dict(yaml.safe_load(dump_recipe(r)))
+    assert again == r
