@@ -76,12 +76,26 @@ def data_synth(out: Path = typer.Argument(..., help="Folder for images/, train.j
 def train(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
           set_: Optional[List[str]] = SetOpt,
           overwrite: bool = typer.Option(False, help="Train into an output folder that already holds a run."),
-          resume: bool = typer.Option(False, help="Continue from the newest checkpoint in the output folder.")):
-    """Train as the recipe says: full fine-tuning, LoRA or QLoRA."""
+          resume: bool = typer.Option(False, help="Continue from the newest checkpoint in the output folder."),
+          dry_run: bool = typer.Option(False, help="Validate, build the model on the meta device, print the plan.")):
+    """Train as the recipe says: full fine-tuning, LoRA or QLoRA; relaunches under torchrun for N > 1 processes."""
     from .recipe import load_recipe
-    from .train.workflow import run_training
 
     r = load_recipe(recipe, set_ or [])
+    if dry_run:
+        from .train.plan import describe_plan
+
+        typer.echo(describe_plan(r))
+        return
+    from .train.launch import in_distributed_run, preflight, relaunch
+    from .train.workflow import check_output_dir, prepare_demo_inputs, run_training
+
+    if r.distributed.nproc_per_node * r.distributed.nnodes > 1 and not in_distributed_run():
+        preflight(r)
+        check_output_dir(r, overwrite, resume)
+        prepare_demo_inputs(r)  # once, here, not racing in every rank
+        argv = [f"--set={s}" for s in set_ or []] + ["--overwrite"] * overwrite + ["--resume"] * resume
+        raise typer.Exit(relaunch(str(recipe), argv, r))
     out = run_training(r, overwrite=overwrite, resume=resume)
     typer.echo(f"saved to {out}")
 

@@ -160,6 +160,7 @@ class Recipe(_Strict):
         if self.method == "qlora" and self.distributed.deepspeed:
             errors.append("distributed.deepspeed: QLoRA's 4-bit weights cannot be partitioned by DeepSpeed; "
                           "remove it or use method: lora")
+        errors += _check_deepspeed_config(self.distributed.deepspeed)
         if self.train.precision == "fp16" and self.model.dtype == "bfloat16":
             errors.append("train.precision: fp16 with model.dtype bfloat16 mixes formats; use bf16 or float16")
         if errors:
@@ -170,6 +171,23 @@ class Recipe(_Strict):
     def effective_batch_size(self) -> int:
         t, d = self.train, self.distributed
         return t.per_device_batch_size * t.gradient_accumulation_steps * d.nproc_per_node * d.nnodes
+
+
+def _check_deepspeed_config(path: str | None) -> list[str]:
+    if path is None:
+        return []
+    p = Path(path)
+    if not p.is_file():
+        return [f"distributed.deepspeed: {path} not found (relative paths: from the working directory or the "
+                "recipe's folder)"]
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        return [f"distributed.deepspeed: {path} line {e.lineno}: not valid JSON ({e.msg})"]
+    # An optimizer/scheduler block makes DeepSpeed build its own, silently replacing the per-part learning rates.
+    return [f"distributed.deepspeed: {path} has a `{k}` block; remove it (the kit's optimizer carries one learning "
+            "rate per model part, and the recipe's train section sets the schedule)"
+            for k in ("optimizer", "scheduler") if k in cfg]
 
 
 # ---------------------------------------------------------------------------------------------------------------

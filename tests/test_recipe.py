@@ -41,7 +41,8 @@ def test_defaults_resolve_from_method():
     ({"parts": {"language_model": {"train": "frozen"}, "projector": {"train": "frozen"}}},
      "every part is frozen"),
     ({"parts": {"language_model": {"train": "frozen"}}}, "no part has train: lora"),
-    ({"method": "qlora", "distributed": {"deepspeed": "z.json"}}, "distributed.deepspeed: QLoRA"),
+    ({"method": "qlora", "distributed": {"deepspeed": "recipes/zero3.json"}}, "distributed.deepspeed: QLoRA"),
+    ({"distributed": {"deepspeed": "nope.json"}}, "distributed.deepspeed: nope.json not found"),
 ])
 def test_errors_name_the_key_path(patch, message):
     raw = {**BASE, **patch}
@@ -90,3 +91,19 @@ def test_dump_round_trips():
     r = recipe_from_dict(BASE)
     again = recipe_from_dict(yaml.safe_load(dump_recipe(r)))
     assert again == r
+
+
+def test_deepspeed_optimizer_block_is_refused(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}')
+    with pytest.raises(UserError, match="has a `optimizer` block"):
+        recipe_from_dict({**BASE, "method": "full", "distributed": {"deepspeed": str(ds)}})
+
+
+def test_shipped_zero3_config_gathers_weights_and_has_no_optimizer():
+    import json
+
+    cfg = json.loads((Path(__file__).parents[1] / "recipes" / "zero3.json").read_text())
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert "optimizer" not in cfg and "scheduler" not in cfg

@@ -104,9 +104,11 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) 
     from ..model.adapters import trainable_summary
     from ..model.processor import load_processor
     from .callbacks import JsonlLogCallback
+    from .launch import preflight
     from .trainer import ManipTrainer
 
     out = Path(recipe.train.output_dir)
+    preflight(recipe)
     check_output_dir(recipe, overwrite, resume)
     prepare_demo_inputs(recipe)
     processor = load_processor(recipe.model.path)
