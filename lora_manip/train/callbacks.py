@@ -12,6 +12,17 @@ class JsonlLogCallback(TrainerCallback):
     def __init__(self, path: Path):
         self.path = Path(path)
 
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        # The groups of the optimizer that really trains (under DeepSpeed: the one its engine wraps), so the
+        # per-part learning rates can be checked after the fact.
+        if state.is_world_process_zero and optimizer is not None:
+            groups = [{"group_name": g.get("group_name"), "lr": g.get("initial_lr", g["lr"]),
+                       "weight_decay": g["weight_decay"]}
+                      for g in optimizer.param_groups]
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": state.global_step, "optimizer_groups": groups}) + "\n")
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,12 +45,17 @@ def preflight(recipe: Recipe) -> None:
 
 
 def configure_cpu_deepspeed() -> None:
-    """DeepSpeed on CPU (tests, debugging): select its CPU accelerator, and skip building its shared-memory
-    all-reduce op, a ~45 s C++ compile on first use that only speeds up CPU collectives."""
+    """DeepSpeed on CPU (tests, debugging): select its CPU accelerator, skip building its shared-memory all-reduce
+    op (a ~45 s C++ compile on first use that only speeds up CPU collectives), initialise its comm over gloo."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed.comm.torch as ds_torch
+    import deepspeed
 
-    ds_torch.build_shm_op = lambda: None
+    # importlib, not `import deepspeed.comm.torch`: that attribute path resolves to the torch package itself.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    if in_distributed_run():
+        # accelerate's CPU path sets up torch.distributed but not DeepSpeed's own comm layer, so ZeRO-3's
+        # partitioned init would see a world of 1; initialise it here, over gloo.
+        deepspeed.init_distributed(dist_backend="gloo")
 
 
 def relaunch_command(recipe_path: str, argv: list[str], recipe: Recipe) -> list[str]:

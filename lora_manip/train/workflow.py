@@ -100,7 +100,9 @@ def build_model(recipe: Recipe):
     return prepare_trainable(model, recipe)
 
 
-def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
+def build_trainer(recipe: Recipe, overwrite: bool = False, resume: bool = False):
+    """Everything up to the first step: checks, inputs, processor, data, model, Trainer."""
+    from ..data.dataset import Collator
     from ..model.adapters import trainable_summary
     from ..model.processor import load_processor
     from .callbacks import JsonlLogCallback
@@ -114,6 +116,8 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) 
     processor = load_processor(recipe.model.path)
     train_ds, val_ds = load_data(recipe, processor)
     args = training_arguments(recipe)  # before the model: under ZeRO-3 it makes from_pretrained partition
+    # Reading world_size sets up the process group (and DeepSpeed's), which ZeRO-3's partitioned init needs.
+    log.info("processes: %d", args.world_size)
     model = build_model(recipe)
     if args.should_save:
         atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
@@ -121,19 +125,21 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) 
     log.info("train samples: %d (%s), effective batch size %d", len(train_ds),
              ", ".join(f"dropped {n}: {r}" for r, n in train_ds.dropped.items()) or "none dropped",
              recipe.effective_batch_size)
+    return ManipTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                        data_collator=Collator(processor), processing_class=processor, recipe=recipe,
+                        callbacks=[JsonlLogCallback(out / "train_log.jsonl")])
 
-    from ..data.dataset import Collator
 
-    trainer = ManipTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                           data_collator=Collator(processor), processing_class=processor, recipe=recipe,
-                           callbacks=[JsonlLogCallback(out / "train_log.jsonl")])
+def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
+    from .callbacks import plot_loss
+
+    out = Path(recipe.train.output_dir)
+    trainer = build_trainer(recipe, overwrite, resume)
     trainer.train(resume_from_checkpoint=latest_checkpoint(out) if resume else None)
-    if val_ds is not None:
+    if trainer.eval_dataset is not None:
         trainer.evaluate()
     trainer.save_model(str(out))
-    if args.should_save:
-        from .callbacks import plot_loss
-
+    if trainer.args.should_save:
         plot_loss(out / "train_log.jsonl", out / "loss.png")
     return out
 

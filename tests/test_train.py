@@ -1,0 +1,172 @@
+"""Training: per-part optimizer groups, QLoRA on CPU (bitsandbytes), ZeRO-3 over 2 CPU processes, dry-run plans."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lora_manip.errors import UserError
+from lora_manip.model.parts import canonical, part_of
+from lora_manip.recipe import recipe_from_dict
+
+from .conftest import tiny_recipe_dict
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_trainer_optimizer_has_one_group_per_part_lr(tiny_model_dir, synth_dir, tmp_path):
+    from lora_manip.train.workflow import build_trainer
+
+    recipe = recipe_from_dict(tiny_recipe_dict(
+        tiny_model_dir, synth_dir, tmp_path / "run", parts={"language_model": {"lr": 1e-3},
+                                                             "projector": {"lr": 3e-4},
+                                                             "vision_tower": {"train": "full", "lr": 4e-6}},
+        train__max_steps=1, train__weight_decay=0.05))
+    trainer = build_trainer(recipe)
+    trainer.train()
+    names = {id(p): canonical(n) for n, p in trainer.model.named_parameters()}
+    want = {"language_model": 1e-3, "projector": 3e-4, "vision_tower": 4e-6}
+    covered = set()
+    for g in trainer.optimizer.param_groups:
+        part = g["group_name"].split("/")[0]
+        assert g["initial_lr"] == want[part]
+        assert g["weight_decay"] == (0.0 if g["group_name"].endswith("no_decay") else 0.05)
+        assert all(part_of(names[id(p)]) == part for p in g["params"])
+        covered |= {id(p) for p in g["params"]}
+    assert covered == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+
+
+def test_qlora_trains_on_cpu_with_4bit_language_model(tiny_model_dir, synth_dir, tmp_path):
+    import bitsandbytes as bnb
+
+    from lora_manip.merge import merge_adapter
+    from lora_manip.train.workflow import build_trainer
+
+    recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, synth_dir, tmp_path / "run", method="qlora",
+                                               train__max_steps=2, train__optimizer="paged_adamw_8bit",
+                                               train__gradient_checkpointing=True))
+    trainer = build_trainer(recipe)
+    four_bit = {canonical(n).removesuffix(".base_layer") for n, m in trainer.model.named_modules()
+                if isinstance(m, bnb.nn.Linear4bit)}
+    assert four_bit and all(n.startswith("model.language_model.") for n in four_bit)
+    assert not any(n.startswith(("model.vision_tower", "model.multi_modal_projector", "lm_head")) for n in four_bit)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "run"))
+    cfg = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tiny_model_dir)
+    merged, diff = merge_adapter(str(tmp_path / "run"), out=str(tmp_path / "merged"))
+    assert diff is not None and diff < 1e-3
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+
+
+def test_attention_and_quantisation_refused_before_loading(tiny_model_dir, synth_dir, tmp_path):
+    from lora_manip.train.workflow import build_trainer
+
+    if torch.cuda.is_available():
+        pytest.skip("flash-attention may be available on this machine")
+    recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, synth_dir, tmp_path / "run",
+                                               model__attn_implementation="flash_attention_2"))
+    with pytest.raises(UserError, match="flash_attention_2 needs a CUDA GPU"):
+        build_trainer(recipe)
+    assert not (tmp_path / "run").exists()
+
+
+def _dry_run_7b(tmp_path, recipe_name, *sets):
+    from transformers import LlavaOnevisionConfig
+
+    cfg = LlavaOnevisionConfig(  # real LLaVA-OneVision-7B shapes, no weights
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                           num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14),
+        text_config=dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, vocab_size=152128,
+                         tie_word_embeddings=False))
+    cfg.save_pretrained(tmp_path / "ov7b")
+    from typer.testing import CliRunner
+
+    from lora_manip.cli import app
+
+    args = ["train", str(ROOT / "recipes" / recipe_name), "--dry-run", "--set", f"model.path={tmp_path / 'ov7b'}"]
+    for s in sets:
+        args += ["--set", s]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_dry_run_full_8gpu_plan(tmp_path):
+    out = _dry_run_7b(tmp_path, "full_8gpu.yaml")
+    assert "8,0" in out or "8,1" in out or "8,2" in out  # ~8.0-8.2 B parameters
+    assert "vision_tower               lr 4e-06" in out and "language_model             lr 2e-05" in out
+    assert "= 32" in out and "DeepSpeed" in out and "quantised: nothing" in out
+
+
+def test_dry_run_qlora_plan(tmp_path):
+    out = _dry_run_7b(tmp_path, "qlora_1gpu.yaml")
+    assert "4-bit nf4 + double quantisation: 6.53B" in out
+    assert "never: model.vision_tower, model.multi_modal_projector, lm_head" in out
+    lora_line = [line for line in out.splitlines() if line.strip().startswith("language_model") and "(lora)" in line]
+    assert lora_line and "161,480,704" in lora_line[0]  # rank 64 on all 7 linear layers x 28 layers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ZeRO-3 with 2 CPU processes over gloo (the 8-GPU recipe's code path)
+
+
+def _train_two_processes(tmp_path, data_dir, model_dir, port, **over):
+    recipe = tmp_path / "recipe.yaml"
+    raw = tiny_recipe_dict(model_dir, data_dir, tmp_path / "run", **over)
+    raw["distributed"] = {"nproc_per_node": 2, "deepspeed": str(ROOT / "recipes" / "zero3.json"),
+                          "master_port": port}
+    raw["train"].update(per_device_batch_size=2, max_steps=2, save_steps=2)
+    recipe.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-m", "lora_manip.cli", "train", str(recipe)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp_path / "run"
+
+
+def _logged_groups(run):
+    first = json.loads((run / "train_log.jsonl").read_text().splitlines()[0])
+    return {g["group_name"]: g["lr"] for g in first["optimizer_groups"]}
+
+
+@pytest.mark.slow
+def test_zero3_lora_two_processes_saves_complete_adapter(tiny_model_dir, synth_dir, tmp_path):
+    from lora_manip.merge import merge_adapter
+
+    run = _train_two_processes(tmp_path, synth_dir, tiny_model_dir, 29631)
+    weights = load_file(run / "adapter_model.safetensors")
+    assert weights and all(t.numel() > 0 for t in weights.values())
+    assert any("multi_modal_projector" in k for k in weights)
+    assert load_file(run / "extra_trainables.safetensors")["model.image_newline"].numel() > 0
+    ckpt = load_file(run / "checkpoint-2" / "adapter_model.safetensors")
+    assert ckpt.keys() == weights.keys() and all(torch.equal(ckpt[k], weights[k]) for k in weights)
+    assert _logged_groups(run) == {"language_model": 5e-3, "projector": 5e-3, "projector/no_decay": 5e-3}
+    _, diff = merge_adapter(str(run), out=str(tmp_path / "merged"))
+    assert diff < 1e-3
+
+
+@pytest.mark.slow
+def test_zero3_full_two_processes_saves_complete_model(tiny_model_dir, synth_dir, tmp_path):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    run = _train_two_processes(tmp_path, synth_dir, tiny_model_dir, 29641, method="full",
+                               parts={"language_model": {"lr": 1e-4}, "projector": {"lr": 1e-3},
+                                      "vision_tower": {"train": "frozen"}})
+    trained = dict(LlavaOnevisionForConditionalGeneration.from_pretrained(run).named_parameters())
+    base = dict(LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model_dir).named_parameters())
+    assert trained.keys() == base.keys()
+    for name, p in trained.items():
+        assert p.shape == base[name].shape and p.numel() > 0, name
+        changed = not torch.equal(p, base[name])
+        assert changed == (part_of(name) != "vision_tower"), name
+    ckpt = LlavaOnevisionForConditionalGeneration.from_pretrained(run / "checkpoint-2")
+    assert all(torch.equal(p, trained[n]) for n, p in ckpt.named_parameters())
+    assert _logged_groups(run)["language_model"] == 1e-4 and _logged_groups(run)["projector"] == 1e-3
