@@ -30,6 +30,23 @@ class JsonlLogCallback(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+COMPLETE_MARKER = "checkpoint_complete"
+
+
+class CheckpointCompleteCallback(TrainerCallback):
+    """The Trainer writes checkpoint-N in place; a run killed mid-save leaves a folder that looks like a checkpoint.
+    on_save fires after every file is written, so a marker written then tells complete checkpoints apart, and
+    --resume only considers those (the Trainer deletes older checkpoints only after a save completes)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from ..fsutil import atomic_write_text
+
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                atomic_write_text(folder / COMPLETE_MARKER, f"step {state.global_step}\n")
+
+
 def plot_loss(log_path: Path, png_path: Path) -> Path | None:
     """A plain PIL line plot of training loss over steps (no matplotlib dependency)."""
     from PIL import Image, ImageDraw

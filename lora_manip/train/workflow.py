@@ -105,7 +105,7 @@ def build_trainer(recipe: Recipe, overwrite: bool = False, resume: bool = False)
     from ..data.dataset import Collator
     from ..model.adapters import trainable_summary
     from ..model.processor import load_processor
-    from .callbacks import JsonlLogCallback
+    from .callbacks import CheckpointCompleteCallback, JsonlLogCallback
     from .launch import preflight
     from .trainer import ManipTrainer
 
@@ -118,6 +118,9 @@ def build_trainer(recipe: Recipe, overwrite: bool = False, resume: bool = False)
     args = training_arguments(recipe)  # before the model: under ZeRO-3 it makes from_pretrained partition
     # Reading world_size sets up the process group (and DeepSpeed's), which ZeRO-3's partitioned init needs.
     log.info("processes: %d", args.world_size)
+    from transformers import set_seed
+
+    set_seed(recipe.train.seed)  # LoRA and any new weights initialise from the recipe's seed, not from chance
     model = build_model(recipe)
     if args.should_save:
         atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
@@ -127,7 +130,7 @@ def build_trainer(recipe: Recipe, overwrite: bool = False, resume: bool = False)
              recipe.effective_batch_size)
     return ManipTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                         data_collator=Collator(processor), processing_class=processor, recipe=recipe,
-                        callbacks=[JsonlLogCallback(out / "train_log.jsonl")])
+                        callbacks=[JsonlLogCallback(out / "train_log.jsonl"), CheckpointCompleteCallback()])
 
 
 def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
@@ -144,13 +147,14 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) 
     return out
 
 
-def latest_checkpoint(out: Path) -> str | None:
+def latest_checkpoint(out: Path) -> str:
+    """The newest checkpoint whose save completed; incomplete ones (a run killed while saving) are skipped."""
+    from .callbacks import COMPLETE_MARKER
+
     ckpts = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
-    if not ckpts:
-        raise UserError(f"--resume: {out} holds no checkpoint-* folder to resume from")
-    return str(ckpts[-1])
-
-
-def is_distributed_child() -> bool:
-    return "LOCAL_RANK" in os.environ or "RANK" in os.environ
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for p in ckpts:
+        if (p / COMPLETE_MARKER).is_file():
+            return str(p)
+        log.warning("skipping %s: its save did not complete", p)
+    raise UserError(f"--resume: {out} holds no complete checkpoint-* folder to resume from")
