@@ -213,3 +213,22 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_model_dir, syn
     assert all(abs(loss[s] - straight_loss[s]) < 1e-3 for s in loss)
     base = load_file(tmp_path / "resumed" / "checkpoint-2" / "adapter_model.safetensors")
     assert any(not torch.equal(base[k], b[k]) for k in a)  # steps 3-4 really ran after the resume
+
+
+def test_mezo_lowers_the_loss_without_backward(tiny_model_dir, synth_dir, tmp_path, monkeypatch):
+    from lora_manip.train.workflow import build_trainer
+
+    recipe = recipe_from_dict(tiny_recipe_dict(
+        tiny_model_dir, synth_dir, tmp_path / "run", train__optimizer="mezo", train__max_steps=15,
+        train__lr_scheduler="constant", train__per_device_batch_size=8, parts={"language_model": {"lr": 2e-3},
+                                                                              "projector": {"lr": 2e-3}}))
+    trainer = build_trainer(recipe)
+    monkeypatch.setattr(torch.Tensor, "backward", lambda *a, **k: pytest.fail("MeZO must not call backward"))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad():
+        before = trainer.compute_loss(trainer.model, dict(batch)).item()
+    trainer.train()
+    with torch.no_grad():
+        after = trainer.compute_loss(trainer.model, dict(batch)).item()
+    print("mezo loss", before, after)
+    assert after < before - 0.05, (before, after)

@@ -39,6 +39,42 @@ class ManipTrainer(Trainer):
             self.optimizer = opt_cls(param_groups(model or self.model, self.recipe), **opt_kwargs)
         return self.optimizer
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.recipe.train.optimizer != "mezo":
+            return super().training_step(model, inputs, num_items_in_batch)
+        return self._mezo_step(model, self._prepare_inputs(inputs))
+
+    @torch.no_grad()
+    def _mezo_step(self, model, inputs):
+        """MeZO (Malladi et al. 2023), as upstream's trainer offers: estimate the gradient along one random
+        direction z from two forward passes at theta +- eps*z, then theta -= lr * g * z. z is regenerated from a
+        seed instead of stored, so memory is that of inference. The per-part learning rates and weight decay of
+        the optimizer groups apply; the (SGD) optimizer the Trainer steps afterwards sees no gradients."""
+        eps = self.recipe.train.mezo_eps
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # from the seeded RNG: reproducible and resumable
+        groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.optimizer.param_groups]
+
+        def walk(fn):
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            for g, params in groups:
+                for p in params:
+                    fn(g, p, torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
+
+        walk(lambda g, p, z: p.add_(z, alpha=eps))
+        loss_plus = self.compute_loss(model, dict(inputs))
+        walk(lambda g, p, z: p.add_(z, alpha=-2 * eps))
+        loss_minus = self.compute_loss(model, dict(inputs))
+        walk(lambda g, p, z: p.add_(z, alpha=eps))
+        projected = float(loss_plus - loss_minus) / (2 * eps)
+
+        def update(g, p, z):
+            if g["weight_decay"]:
+                p.mul_(1 - g["lr"] * g["weight_decay"])
+            p.add_(z, alpha=-g["lr"] * projected)
+
+        walk(update)
+        return ((loss_plus + loss_minus) / 2).detach() / self.args.gradient_accumulation_steps
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         self._tokens += int(inputs["attention_mask"].sum())

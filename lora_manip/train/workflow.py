@@ -59,7 +59,7 @@ def training_arguments(recipe: Recipe):
         lr_scheduler_type=t.lr_scheduler,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
+        optim="sgd" if t.optimizer == "mezo" else t.optimizer,  # MeZO updates weights itself (trainer.py)
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         # Mixed precision needs a GPU here; on CPU the model is loaded in fp32 (model/load.py says why).
