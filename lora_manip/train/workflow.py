@@ -73,12 +73,29 @@ def training_arguments(recipe: Recipe):
         logging_first_step=True,
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        report_to=[r for r in t.report_to if r != "none"] or "none",
+        report_to=reporters(t.report_to) or "none",
         deepspeed=recipe.distributed.deepspeed,
         remove_unused_columns=False,
         dataloader_num_workers=recipe.data.num_workers,
         eval_strategy="no",
     )
+
+
+def reporters(asked: list[str]) -> list[str]:
+    """The asked-for loggers that are installed (a missing one is a warning, not a crash hours into a run).
+    wandb defaults to offline mode: runs never depend on the network; `wandb sync` uploads later."""
+    import importlib.util
+
+    modules = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+    out = []
+    for r in (r for r in asked if r != "none"):
+        if any(importlib.util.find_spec(m) for m in modules[r]):
+            out.append(r)
+        else:
+            log.warning("train.report_to: %s is not installed (pip install %s); not reporting to it", r, r)
+    if "wandb" in out:
+        os.environ.setdefault("WANDB_MODE", "offline")
+    return out
 
 
 def load_data(recipe: Recipe, processor):
