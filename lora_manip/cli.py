@@ -17,7 +17,7 @@ from .errors import UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune LLaVA-OneVision for robot-manipulation VQA: train (full / LoRA / QLoRA), merge, "
                        "evaluate.")
-data_app = typer.Typer(no_args_is_help=True, help="Data sets: generate synthetic data.")
+data_app = typer.Typer(no_args_is_help=True, help="Data sets: check, normalise coordinates, generate synthetic data.")
 app.add_typer(data_app, name="data")
 
 
@@ -69,6 +69,65 @@ def data_synth(out: Path = typer.Argument(..., help="Folder for images/, train.j
         raise UserError("--n must be at least 2")
     summary = write_synth_dataset(out, n=n, seed=seed, val_fraction=val_fraction)
     typer.echo(f"wrote {summary['train']} train + {summary['val']} val records to {out}; tasks: {summary['tasks']}")
+
+
+@data_app.command("check")
+@command
+def data_check(target: Path = typer.Argument(..., help="A recipe (.yaml: all its train and val datasets, whole "
+                                              "files) or one annotation file (.json / .jsonl)."),
+               model: Optional[str] = typer.Option(None, help="Processor for token lengths (default: the recipe's "
+                                                   "model.path; without one, lengths are not computed)."),
+               data_root: Optional[Path] = typer.Option(None, help="For a file: folder its image paths are "
+                                                        "relative to (default: the file's folder)."),
+               max_length: Optional[int] = typer.Option(None, help="Default: the recipe's model_max_length "
+                                                        "(32768 for a file)."),
+               batch_size: Optional[int] = typer.Option(None, help="Batch size for the padding efficiency "
+                                                        "(default: the recipe's per_device_batch_size, else 8)."),
+               min_traj_points: Optional[int] = typer.Option(None, help="Fewest points a trajectory may have "
+                                                             "(default: the recipe's, else 2)."),
+               set_: Optional[List[str]] = SetOpt,
+               json_out: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+               show: int = typer.Option(5, help="Problems listed per reason (--json lists all).")):
+    """Read every record; report each problem (file, line/index, id, field, reason) and statistics. Exit 1 when
+    problems were found."""
+    import json
+
+    from .data.check import format_report, run_check
+
+    report = run_check(str(target), model=model, data_root=str(data_root) if data_root else None,
+                       max_length=max_length, batch_size=batch_size, min_traj_points=min_traj_points,
+                       overrides=set_ or [])
+    typer.echo(json.dumps(report, indent=2) if json_out else format_report(report, show))
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@data_app.command("normalize")
+@command
+def data_normalize(src: Path = typer.Argument(..., help="Annotation file (.json / .jsonl) with pixel coordinates."),
+                   out: Path = typer.Argument(..., help="New file to write (.json array or .jsonl, by suffix)."),
+                   from_: str = typer.Option("pixels", "--from", help="pixels (of the original image) | resized "
+                                             "(pixels of the Qwen2-VL smart-resized image) | thousand (0..1000)."),
+                   data_root: Optional[Path] = typer.Option(None, help="Folder image paths are relative to "
+                                                            "(default: the input's folder)."),
+                   decimals: int = typer.Option(3, help="Decimals kept in normalised coordinates."),
+                   factor: int = typer.Option(28, help="--from resized: side multiple (patch 14 x merge 2)."),
+                   min_pixels: int = typer.Option(56 * 56, help="--from resized: smallest resized area."),
+                   max_pixels: int = typer.Option(28 * 28 * 16384, help="--from resized: largest resized area."),
+                   force: bool = typer.Option(False, help="Replace OUT if it exists (never the input).")):
+    """Convert grounding coordinates to [0, 1], using each record's image size. The input is never modified."""
+    from .data.normalize import normalize_file
+    from .data.records import Problem
+
+    s = normalize_file(src, out, from_, data_root, decimals, factor, min_pixels, max_pixels, force)
+    if s["problems"]:
+        for p in s["problems"][:20]:
+            typer.echo(f"  - {Problem(**p)}", err=True)
+        more = f" (first 20 shown)" if len(s["problems"]) > 20 else ""
+        typer.echo(f"{len(s['problems'])} record(s) cannot be converted{more}; nothing written", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"wrote {out}: {s['records']} records, {s['converted']} converted, {s['already_normalised']} already "
+               f"in [0, 1] (unchanged), {s['no_coordinates']} without coordinates (copied)")
 
 
 @app.command()
@@ -183,6 +242,33 @@ def demo(recipe: Path = typer.Option(Path("recipes/tiny_cpu.yaml"), help="The de
     from .demo import run_demo
 
     typer.echo(run_demo(recipe, set_ or [], limit))
+
+
+@app.command()
+@command
+def convert(src: Path = typer.Argument(..., help="Checkpoint folder to convert (never written to)."),
+            out: Path = typer.Argument(..., help="Output folder (written to a temporary folder, then renamed)."),
+            from_: str = typer.Option(..., "--from", help="Layout of SRC: llava-next (original LlavaQwenForCausalLM) "
+                                      "| hf (transformers LLaVA-OneVision)."),
+            to: str = typer.Option(..., "--to", help="Layout to write: hf | llava-next."),
+            processor: Optional[Path] = typer.Option(None, help="--to hf: use the processor in this folder (default: "
+                                                     "SRC's own processor files, else built from SRC's tokenizer "
+                                                     "with SigLIP preprocessing)."),
+            vision_config: Optional[Path] = typer.Option(None, help="--from llava-next: SiglipVisionConfig JSON of the "
+                                                         "tower (default: SRC config's vision_config block, else "
+                                                         "SigLIP-so400m-patch14-384)."),
+            vision_tower: str = typer.Option("google/siglip-so400m-patch14-384", help="--to llava-next: the "
+                                             "mm_vision_tower name to write."),
+            max_shard_size: str = typer.Option("5GB", help="Largest output shard (e.g. 5GB, 500MB)."),
+            force: bool = typer.Option(False, help="Replace an existing output folder.")):
+    """Convert between the original LLaVA-NeXT llava_qwen layout and the transformers LLaVA-OneVision layout."""
+    from .convert import convert_checkpoint
+
+    path = convert_checkpoint(str(src), str(out), from_, to, force=force,
+                              vision_config=str(vision_config) if vision_config else None,
+                              processor=str(processor) if processor else None, vision_tower=vision_tower,
+                              max_shard_size=max_shard_size)
+    typer.echo(f"converted {src} ({from_}) to {path} ({to})")
 
 
 def main() -> None:  # pragma: no cover

@@ -68,11 +68,30 @@ class PartsCfg(_Strict):
 
 
 class DatasetCfg(_Strict):
-    annotation_path: str = Field(description="LLaVA conversation JSON (.json array or .jsonl).")
-    data_path: str = Field(description="Folder the records' image paths are relative to.")
-    name: str | None = None
+    annotation_path: str = Field(description="LLaVA conversation JSON (.json array or .jsonl). May be left out "
+                                 "when `name` is in data.registry.")
+    data_path: str = Field(description="Folder the records' image paths are relative to. May be left out when "
+                           "`name` is in data.registry.")
+    name: str | None = Field(None, description="A dataset of data.registry (its paths are filled in from there), "
+                             "or a label. `name%NN` samples NN% of it, like upstream.")
     sample: float | None = Field(
         None, gt=0, description="Fraction (<= 1, like upstream's name%NN) or count (> 1) of records, seeded.")
+    val_fraction: float | None = Field(
+        None, gt=0, lt=1, description="Seeded share of this dataset's records held out for validation (disjoint "
+        "from train; split before `sample` is applied).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_percent(cls, raw: Any) -> Any:
+        # data.registry.resolve_data_section does this with key paths for recipes; this covers direct construction
+        if isinstance(raw, dict) and isinstance(raw.get("name"), str) and "%" in raw["name"]:
+            from .data.registry import split_percent
+
+            name, fraction = split_percent(raw["name"])
+            if raw.get("sample") is not None:
+                raise ValueError(f"name {raw['name']!r} and sample both set; use one")
+            raw = {**raw, "name": name, "sample": fraction}
+        return raw
 
 
 class SynthCfg(_Strict):
@@ -81,16 +100,41 @@ class SynthCfg(_Strict):
 
 
 class DataCfg(_Strict):
+    registry: str | None = Field(
+        None, description="Dataset registry YAML (name -> annotation_path, data_path), set once per machine; "
+        "default: the LORA_MANIP_REGISTRY environment variable. See lora_manip/data/registry.py.")
     train: list[DatasetCfg] = Field(min_length=1)
-    val: list[DatasetCfg] = Field(default_factory=list)
+    val: list[DatasetCfg] = Field(default_factory=list, description="Validation datasets, in addition to the "
+                                  "records train entries hold out with val_fraction.")
     system_prompt: str | None = Field(
         "You are a helpful assistant.", description="Added as the system turn when a record has none.")
     model_max_length: int = Field(32768, gt=0, description="Counts image tokens. Longer samples are dropped "
                                   "(never cut inside an image) and counted in the log.")
+    on_too_long: Literal["drop"] = Field(
+        "drop", description="What happens to a sample longer than model_max_length: dropped and counted (it is "
+        "never cut, which would split an image's tokens or remove the answer).")
+    skip_bad_records: bool = Field(
+        False, description="false: training refuses to start on broken records (all listed). true: they are "
+        "skipped and counted per reason in the log.")
+    min_traj_points: int = Field(2, ge=1, description="A trajectory answer with fewer points is a bad record.")
+    seed: int | None = Field(None, description="Seed of dataset sampling and validation splits; default train.seed.")
     create_synthetic_if_missing: SynthCfg | None = Field(
         None, description="Demo only: generate the synthetic data set into the first train dataset's "
         "data_path when its annotation file does not exist.")
     num_workers: int = Field(0, ge=0)
+    group_by_length: bool = Field(
+        True, description="Batch samples of similar length, images and text-only apart (less padding); false: "
+        "random order.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_datasets(cls, raw: Any) -> Any:
+        # Registry names and name%NN resolved before field validation, so the recipe saved with a run lists paths.
+        if isinstance(raw, dict):
+            from .data.registry import resolve_data_section
+
+            raw = resolve_data_section(raw)
+        return raw
 
 
 class TrainCfg(_Strict):
@@ -103,7 +147,9 @@ class TrainCfg(_Strict):
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
-    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = "adamw_torch"
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "mezo"] = Field(
+        "adamw_torch", description="mezo: zeroth-order (two forward passes, no backward, no optimizer state).")
+    mezo_eps: float = Field(1e-3, gt=0, description="MeZO perturbation scale.")
     gradient_checkpointing: bool = False
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     tf32: bool = False

@@ -102,7 +102,6 @@ def adapter_base(path: str | os.PathLike) -> str:
 def load_with_adapter(adapter_dir: str | os.PathLike, base: str | None = None, dtype: str = "float32"):
     """Base model + adapter (+ extra trainables) for inference: (PeftModel, base path)."""
     from peft import PeftModel
-    from safetensors.torch import load_file
 
     from .load import load_model
 
@@ -115,13 +114,21 @@ def load_with_adapter(adapter_dir: str | os.PathLike, base: str | None = None, d
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (RuntimeError, ValueError) as e:
         raise UserError(f"adapter {adapter_dir} does not fit base {base}: {str(e).splitlines()[0]}") from None
-    extra = Path(adapter_dir) / EXTRA_FILE
-    if extra.is_file():
-        params = {canonical(n): p for n, p in model.named_parameters()}
-        with torch.no_grad():
-            for name, t in load_file(str(extra)).items():
-                if name not in params or params[name].shape != t.shape:
-                    raise UserError(f"{extra}: tensor {name} {tuple(t.shape)} does not fit base {base}")
-                params[name].copy_(t.to(params[name].dtype))
+    load_extras(model, adapter_dir)
     model.eval()
     return model, base
+
+
+def load_extras(model, adapter_dir: str | os.PathLike) -> None:
+    """Copy the tensors of extra_trainables.safetensors (if any) into the model."""
+    from safetensors.torch import load_file
+
+    extra = Path(adapter_dir) / EXTRA_FILE
+    if not extra.is_file():
+        return
+    params = {canonical(n): p for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for name, t in load_file(str(extra)).items():
+            if name not in params or params[name].shape != t.shape:
+                raise UserError(f"{extra}: tensor {name} {tuple(t.shape)} does not fit the model")
+            params[name].copy_(t.to(params[name].dtype))

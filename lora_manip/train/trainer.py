@@ -18,7 +18,7 @@ import time
 import torch
 from transformers import Trainer
 
-from ..model.adapters import save_extras
+from ..model.adapters import load_extras, save_extras
 from .loss import loss_at_positions, positions_to_keep
 from .optim import param_groups
 
@@ -31,6 +31,15 @@ class ManipTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self._tokens = 0
         self._tokens_since = time.time()
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Length-grouped batches, images and text-only apart: little padding on anyres sequences (data/sampler.py).
+        if not self.recipe.data.group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        from ..data.sampler import grouped_sampler
+
+        return grouped_sampler(train_dataset if train_dataset is not None else self.train_dataset,
+                               self.args.per_device_train_batch_size, self.args.data_seed or self.args.seed)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -101,6 +110,10 @@ class ManipTrainer(Trainer):
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             save_extras(self.model, output_dir or self.args.output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_extras(model or self.model, resume_from_checkpoint)  # PEFT's resume restores the adapter only
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad(), self.compute_loss_context_manager():

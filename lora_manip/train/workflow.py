@@ -99,12 +99,9 @@ def reporters(asked: list[str]) -> list[str]:
 
 
 def load_data(recipe: Recipe, processor):
-    from ..data.dataset import build_dataset
+    from ..data.dataset import build_datasets
 
-    d = recipe.data
-    train = build_dataset(d.train, processor, d.system_prompt, d.model_max_length, recipe.train.seed)
-    val = build_dataset(d.val, processor, d.system_prompt, d.model_max_length, recipe.train.seed) if d.val else None
-    return train, val
+    return build_datasets(recipe.data, processor, recipe.train.seed)
 
 
 def build_model(recipe: Recipe):

@@ -1,0 +1,128 @@
+"""The dataset registry: a YAML file naming datasets and their files, written once per machine, so recipes name
+datasets (`rh20t_vla_current_box_train`, `droid_traj_choice_qa_train%30`) instead of paths. Upstream keeps this
+table in Python code; here it is data:
+
+    root: /mnt/data/RoboInter          # optional: relative paths below are resolved against it
+    datasets:                          #   (default: the folder of this file)
+      rh20t_vla_current_box_train:
+        annotation_path: Generation/meta/train/rh20t/llava_format/current_box_qa.json
+        data_path: Generation/image/train/rh20t
+
+A recipe points at it with `data.registry: path/to/datasets.yaml` (relative to the working directory, like every
+recipe path), or the LORA_MANIP_REGISTRY environment variable. A recipe entry that names a dataset and leaves out
+annotation_path / data_path gets them from the registry; an entry may also give them inline (then the registry is
+not consulted for that field). `name%NN` samples NN percent of the dataset, like upstream.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+ENV_VAR = "LORA_MANIP_REGISTRY"
+_PERCENT = re.compile(r"^(?P<name>.*?)%(?P<pct>\d+(?:\.\d+)?)$")
+
+
+def split_percent(name: str) -> tuple[str, float | None]:
+    """'rh20t_vla_current_box_train%30' -> ('rh20t_vla_current_box_train', 0.3); a name without % -> (name, None).
+    Raises ValueError for a malformed or out-of-range percentage."""
+    if "%" not in name:
+        return name, None
+    m = _PERCENT.match(name)
+    if not m or not m["name"]:
+        raise ValueError(f"{name!r}: expected NAME%NN with NN a percentage, like upstream's dataset%30")
+    pct = float(m["pct"])
+    if not 0 < pct <= 100:
+        raise ValueError(f"{name!r}: the percentage must be in (0, 100]")
+    return m["name"], pct / 100
+
+
+def load_registry(path: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """{name: {"annotation_path", "data_path"}} with paths made absolute. Raises ValueError naming the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"registry file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"registry file {path} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("datasets"), dict):
+        raise ValueError(f"registry file {path}: expected a mapping with `datasets:` (name -> annotation_path, "
+                         "data_path) and optionally `root:`")
+    unknown = set(raw) - {"root", "datasets"}
+    if unknown:
+        raise ValueError(f"registry file {path}: unknown top-level key(s) {sorted(unknown)} (expected root, datasets)")
+    root = Path(raw["root"]) if raw.get("root") else path.parent
+    if not root.is_absolute():
+        root = path.parent / root
+    out = {}
+    for name, entry in raw["datasets"].items():
+        if not isinstance(entry, dict) or not {"annotation_path", "data_path"} <= set(entry) \
+                or set(entry) - {"annotation_path", "data_path"}:
+            raise ValueError(f"registry file {path}: datasets.{name} must have exactly annotation_path and data_path")
+        out[str(name)] = {k: str(root / str(entry[k])) for k in ("annotation_path", "data_path")}
+    return out
+
+
+def resolve_data_section(data: dict) -> dict:
+    """A copy of a recipe's raw `data` mapping with `name%NN` split into name + sample and registry names filled
+    in. Raises ValueError whose lines each start with the key path (`data.train.0.name: ...`)."""
+    data = dict(data)
+    errors: list[str] = []
+    registry_path = data.get("registry") or os.environ.get(ENV_VAR)
+    registry: dict | None = None
+    registry_error: str | None = None
+    for split in ("train", "val"):
+        items = data.get(split)
+        if not isinstance(items, list):
+            continue
+        resolved = []
+        for i, entry in enumerate(items):
+            key = f"data.{split}.{i}"
+            if not isinstance(entry, dict):
+                resolved.append(entry)
+                continue
+            entry = dict(entry)
+            name = entry.get("name")
+            if isinstance(name, str) and "%" in name:
+                try:
+                    base, fraction = split_percent(name)
+                except ValueError as e:
+                    errors.append(f"{key}.name: {e}")
+                    resolved.append(entry)
+                    continue
+                if entry.get("sample") is not None:
+                    errors.append(f"{key}.name: {name!r} samples {fraction:g} and `sample` is also set; use one")
+                entry.update(name=base, sample=fraction)
+                name = base
+            needs = [k for k in ("annotation_path", "data_path") if entry.get(k) is None]
+            if needs and isinstance(name, str):
+                if registry is None and registry_error is None:
+                    if not registry_path:
+                        registry_error = (f"dataset {name!r} is not in any registry: set data.registry (or "
+                                          f"{ENV_VAR}) to a datasets YAML, or give annotation_path and data_path")
+                    else:
+                        try:
+                            registry = load_registry(registry_path)
+                        except ValueError as e:
+                            errors.append(f"data.registry: {e}")
+                            registry_error = ""
+                if registry is None:
+                    if registry_error:
+                        errors.append(f"{key}.name: {registry_error}")
+                elif name not in registry:
+                    close = difflib.get_close_matches(name, registry, n=3)
+                    hint = f"; did you mean {', '.join(close)}?" if close else ""
+                    errors.append(f"{key}.name: unknown dataset {name!r} in registry {registry_path}{hint}")
+                else:
+                    for k in needs:
+                        entry[k] = registry[name][k]
+            resolved.append(entry)
+        data[split] = resolved
+    if errors:
+        raise ValueError("\n".join(dict.fromkeys(errors)))
+    return data

@@ -1,0 +1,138 @@
+"""The dataset registry, `name%NN`, seeded sampling and validation splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lora_manip.data.dataset import build_datasets, choose_subset, seeded_rng, split_validation
+from lora_manip.data.registry import load_registry, split_percent
+from lora_manip.errors import UserError
+from lora_manip.recipe import dump_recipe, recipe_from_dict
+
+EXAMPLE = Path(__file__).parents[1] / "recipes" / "registry" / "datasets.example.yaml"
+
+
+def base(data: dict) -> dict:
+    return {"model": {"path": "m"}, "method": "lora", "data": data, "train": {"output_dir": "o"}}
+
+
+@pytest.fixture()
+def registry(tmp_path):
+    path = tmp_path / "reg" / "datasets.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump({"root": "/mnt/robointer", "datasets": {
+        "rh20t_vla_current_box_train": {"annotation_path": "meta/current_box.json", "data_path": "images/rh20t"},
+        "droid_traj_choice_qa_train": {"annotation_path": "/abs/traj_choice_droid.json", "data_path": "vqa"}}}))
+    return path
+
+
+def test_names_resolve_through_the_registry(registry):
+    r = recipe_from_dict(base({"registry": str(registry), "train": [
+        {"name": "rh20t_vla_current_box_train%30"},
+        {"name": "droid_traj_choice_qa_train", "sample": 500, "val_fraction": 0.1},
+        {"name": "droid_traj_choice_qa_train", "data_path": "/elsewhere"},  # inline wins, the rest is filled in
+        {"annotation_path": "inline.jsonl", "data_path": "imgs"}]}))
+    a, b, c, d = r.data.train
+    assert (a.name, a.annotation_path, a.data_path, a.sample) == (
+        "rh20t_vla_current_box_train", "/mnt/robointer/meta/current_box.json", "/mnt/robointer/images/rh20t", 0.3)
+    assert (b.annotation_path, b.sample, b.val_fraction) == ("/abs/traj_choice_droid.json", 500, 0.1)
+    assert (c.annotation_path, c.data_path) == ("/abs/traj_choice_droid.json", "/elsewhere")
+    assert (d.annotation_path, d.name) == ("inline.jsonl", None)
+    again = recipe_from_dict(yaml.safe_load(dump_recipe(r)))  # the run folder's recipe reloads as it ran
+    assert again.data.train == r.data.train
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"train": [{"name": "rh20t_vla_curent_box_train"}]},
+     "data.train.0.name: unknown dataset 'rh20t_vla_curent_box_train' in registry {reg}; did you mean "
+     "rh20t_vla_current_box_train"),
+    ({"train": [{"annotation_path": "a.json", "data_path": "d"}], "val": [{"name": "nope"}]},
+     "data.val.0.name: unknown dataset 'nope'"),
+    ({"train": [{"name": "rh20t_vla_current_box_train%300"}]}, "data.train.0.name: 'rh20t_vla_current_box_train%300'"
+     ": the percentage must be in (0, 100]"),
+    ({"train": [{"name": "rh20t_vla_current_box_train%30", "sample": 0.5}]}, "data.train.0.name: "),
+    ({"train": [{"annotation_path": "a.json", "data_path": "d", "val_fraction": 1.5}]},
+     "data.train.0.val_fraction: Input should be less than 1"),
+    ({"train": [{"annotation_path": "a.json"}]}, "data.train.0.data_path: required key is missing"),
+    ({"train": [{"annotation_path": "a.json", "data_path": "d"}], "on_too_long": "truncate"},
+     "data.on_too_long: Input should be 'drop'"),
+])
+def test_errors_name_the_key_path(registry, data, message):
+    with pytest.raises(UserError) as e:
+        recipe_from_dict(base({"registry": str(registry), **data}))
+    assert message.format(reg=registry) in str(e.value)
+
+
+def test_a_name_needs_a_registry(monkeypatch, tmp_path, registry):
+    monkeypatch.delenv("LORA_MANIP_REGISTRY", raising=False)
+    with pytest.raises(UserError, match=r"data.train.0.name: dataset 'x' is not in any registry: set data.registry"):
+        recipe_from_dict(base({"train": [{"name": "x"}]}))
+    with pytest.raises(UserError, match=r"data.registry: registry file .*nope.yaml not found"):
+        recipe_from_dict(base({"registry": str(tmp_path / "nope.yaml"), "train": [{"name": "x"}]}))
+    monkeypatch.setenv("LORA_MANIP_REGISTRY", str(registry))  # the per-machine default
+    r = recipe_from_dict(base({"train": [{"name": "droid_traj_choice_qa_train"}]}))
+    assert r.data.train[0].annotation_path == "/abs/traj_choice_droid.json"
+
+
+def test_example_registry_lists_upstream_datasets():
+    reg = load_registry(EXAMPLE)
+    for name in ("rh20t_vla_current_box_train", "rh20t_vla_traj_qa_train", "droid_vla_gripper_det_qa_train",
+                 "rh20t_grounding_choice_qa_train", "droid_traj_choice_qa_train", "manipvqa_train"):
+        assert name in reg and Path(reg[name]["annotation_path"]).is_absolute()
+
+
+def test_split_percent():
+    assert split_percent("a_b%30") == ("a_b", 0.3) and split_percent("x") == ("x", None)
+    assert split_percent("x%2.5") == ("x", 0.025)
+    with pytest.raises(ValueError):
+        split_percent("%30")
+
+
+def test_sampling_is_seeded_and_reproducible():
+    pos = np.arange(1000)
+    a = choose_subset(pos, 0.3, seeded_rng(1, "f.json", "sample"))
+    assert len(a) == 300 and np.array_equal(a, np.sort(a)) and len(set(a.tolist())) == 300
+    assert np.array_equal(a, choose_subset(pos, 0.3, seeded_rng(1, "f.json", "sample")))
+    assert not np.array_equal(a, choose_subset(pos, 0.3, seeded_rng(2, "f.json", "sample")))
+    assert not np.array_equal(a, choose_subset(pos, 0.3, seeded_rng(1, "g.json", "sample")))
+    assert len(choose_subset(pos, 250, seeded_rng(1))) == 250 and len(choose_subset(pos, 5000, seeded_rng(1))) == 1000
+    val, train = split_validation(pos, 0.1, seeded_rng(0))
+    assert len(val) == 100 and len(train) == 900 and not set(val.tolist()) & set(train.tolist())
+
+
+def _write(folder: Path, n: int) -> Path:
+    recs = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"question {i}?"},
+                                               {"from": "gpt", "value": "yes" if i % 2 else "no"}]}
+            for i in range(n)]
+    path = folder / "a.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    return path
+
+
+def test_mixture_split_and_sample_are_reproducible_and_disjoint(tmp_path, processor):
+    path = _write(tmp_path, 60)
+    other = tmp_path / "b.jsonl"
+    other.write_text(path.read_text().replace('"id": "r', '"id": "b'))
+
+    def build(seed, sample=0.5):
+        r = recipe_from_dict(base({"train": [
+            {"annotation_path": str(path), "data_path": str(tmp_path), "val_fraction": 0.2, "sample": sample},
+            {"annotation_path": str(other), "data_path": str(tmp_path), "sample": 10}]}))
+        train, val = build_datasets(r.data, processor, seed)
+        return ([train.samples[i].id for i in range(len(train))], [val.samples[i].id for i in range(len(val))])
+
+    train, val = build(0)
+    assert len(val) == 12 and len(train) == 24 + 10
+    assert not set(train) & set(val) and all(v.startswith("r") for v in val)
+    assert build(0) == (train, val)  # reproducible
+    t1, v1 = build(1)
+    assert v1 != val and t1 != train  # another seed, another draw
+    t_all, v_all = build(0, sample=None)
+    assert v_all == val  # the validation split does not depend on `sample`
+    r_all = {x for x in t_all if x.startswith("r")}
+    assert len(r_all) == 48 and {x for x in train if x.startswith("r")} < r_all  # sampled from the train part
