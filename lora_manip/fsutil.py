@@ -46,6 +46,9 @@ def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         raise UserError(f"{out} already exists; choose another output folder or pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the finished folder gets a normal folder's mode
     try:
         yield tmp
     except BaseException:

@@ -1,0 +1,441 @@
+"""`lora-manip convert`: between the original LLaVA-NeXT `llava_qwen` layout (LlavaQwenForCausalLM: what the
+RoboInter and lmms-lab LLaVA-OneVision checkpoints use) and the transformers LLaVA-OneVision layout this kit trains.
+
+Tensors are renamed and streamed byte for byte (no dtype change, no resizing), so a round trip is bit-exact:
+
+    LLaVA-NeXT (llava_qwen)                                transformers (as save_pretrained writes it)
+    model.embed_tokens / model.layers.* / model.norm  <->  language_model.model.*
+    lm_head.*                                         <->  language_model.lm_head.*
+    model.vision_tower.vision_tower.vision_model.*    <->  vision_tower.*
+    model.mm_projector.0.* / model.mm_projector.2.*   <->  multi_modal_projector.linear_1.* / linear_2.*
+    model.image_newline                               <->  image_newline
+
+Any other key is an error that lists it. Two derived buffers older checkpoints carry (`rotary_emb.inv_freq`,
+`embeddings.position_ids`) are recomputed by transformers; they are dropped and the log says how many.
+
+Config:
+- Text: LLaVA-NeXT keeps the Qwen2 fields at the top level (hidden_size, num_hidden_layers, rope_theta, ...); they
+  become `text_config` and back. The tensors' shapes are checked against them.
+- Vision: LLaVA-NeXT's config names only the tower (`mm_vision_tower`, e.g. google/siglip-so400m-patch14-384).
+  LLaVA-NeXT's SigLipVisionTower deletes SigLIP's last encoder layer and its pooling head and takes
+  hidden_states[-1] of what is left, whatever `mm_vision_select_layer` says (-2 in the published configs: the
+  output of so400m's 26th of 27 layers). transformers' LLaVA-OneVision expresses the same as a 26-layer tower
+  without head and `vision_feature_layer=-1`, `vision_feature_select_strategy="full"` (SigLIP has no CLS token,
+  so LLaVA-NeXT's "patch" keeps every token). The vision config is taken from, in order: `--vision-config` (a
+  SiglipVisionConfig JSON, or a config with a `vision_config` block), a `vision_config` block in the source
+  config.json (this kit's llava-next export writes one, as upstream has no place for it), else SigLIP-so400m-
+  patch14-384 (hidden 1152, 16 heads, MLP 4304, 384 px, patch 14) with the layer count and head read from the
+  tensors. Every shape is checked against the tensors.
+- Image layout: image_aspect_ratio (anyres_max_9) <-> vision_aspect_ratio, image_grid_pinpoints as they are
+  (the "(1x1),...,(6x6)" string form is expanded), projector mlp2x_gelu <-> projector_hidden_act gelu.
+- Processor for `--to hf`: `--processor DIR`, else the source's own processor files if it has a
+  processor_config.json, else built: the source's tokenizer plus `<image>`/`<video>` special tokens (appended
+  when missing: 151646/151647 for Qwen2, as transformers' conversion did), the PIL LLaVA-OneVision image processor
+  at the tower's resolution with SigLIP normalisation (mean = std = 0.5, bicubic), the pinpoints, 729 image
+  tokens per 384-px tile, and the kit's Qwen ChatML template (LLaVA-OV's qwen_1_5 conversation).
+- `--to llava-next` writes the llava_qwen config (mm_* fields, Qwen2 fields at the top level), the tokenizer (with
+  vocab.json / merges.txt for slow-tokenizer loaders) and keeps the processor files, which upstream ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from .checkpoint_io import (DEFAULT_SHARD_BYTES, PROCESSOR_FILES, Checkpoint, OutTensor, TensorRef,
+                            canonical_tensors, copy_files, copy_tensor, hf_saved_name, listing, parse_size,
+                            write_checkpoint)
+from .errors import UserError
+from .fsutil import atomic_dir
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("hf", "llava-next")
+DEFAULT_VISION_TOWER = "google/siglip-so400m-patch14-384"
+SIGLIP_NORM = [0.5, 0.5, 0.5]
+_DERIVED = re.compile(r"(\.rotary_emb\.inv_freq|\.embeddings\.position_ids)$")
+
+# canonical (transformers in-memory) prefix <-> LLaVA-NeXT prefix
+_NEXT_PREFIXES = [
+    ("model.language_model.", "model."),
+    ("lm_head.", "lm_head."),
+    ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+    ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+    ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+    ("model.image_newline", "model.image_newline"),
+]
+# Keys under model.* that are not the LM in a LLaVA-NeXT checkpoint.
+_NEXT_NON_LM = ("model.vision_tower.", "model.mm_projector.", "model.image_newline", "model.vision_resampler.")
+_LM_KEY = re.compile(r"^model\.(embed_tokens|layers\.\d+|norm)\.")
+
+
+def to_llava_next_name(canonical: str) -> str | None:
+    for hf, nxt in _NEXT_PREFIXES:
+        if canonical.startswith(hf):
+            return nxt + canonical[len(hf):]
+    return None
+
+
+def from_llava_next_name(key: str) -> str | None:
+    if key.startswith("model.") and not key.startswith(_NEXT_NON_LM):
+        return "model.language_model." + key[len("model."):] if _LM_KEY.match(key) else None
+    for hf, nxt in _NEXT_PREFIXES[1:]:
+        if key.startswith(nxt):
+            return hf + key[len(nxt):]
+    return None
+
+
+def convert_checkpoint(src: str, out: str, src_format: str, dst_format: str, *, force: bool = False,
+                       vision_config: str | None = None, processor: str | None = None,
+                       vision_tower: str = DEFAULT_VISION_TOWER,
+                       max_shard_size: str | int = DEFAULT_SHARD_BYTES) -> Path:
+    """Convert the checkpoint folder `src` from `src_format` to `dst_format` (hf | llava-next) into `out`."""
+    src, out = Path(src), Path(out)
+    for name, fmt in (("--from", src_format), ("--to", dst_format)):
+        if fmt not in FORMATS:
+            raise UserError(f"{name} {fmt}: choose {' or '.join(FORMATS)}")
+    if src_format == dst_format:
+        raise UserError(f"--from and --to are both {src_format}: nothing to convert")
+    if not src.is_dir():
+        raise UserError(f"{src} is not a folder")
+    o, s = out.resolve(), src.resolve()
+    if o == s or s in o.parents or o in s.parents:
+        raise UserError(f"{out} would write into (or replace) the source folder {src}; choose another folder")
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    shard = parse_size(max_shard_size)
+    if dst_format == "llava-next":
+        return _hf_to_next(src, out, force, vision_tower, shard)
+    return _next_to_hf(src, out, force, vision_config, processor, shard)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformers -> LLaVA-NeXT
+
+
+def _hf_to_next(src: Path, out: Path, force: bool, vision_tower: str, shard: int) -> Path:
+    cfg = _read_json(src / "config.json")
+    if cfg.get("model_type") != "llava_onevision":
+        raise UserError(f"{src}/config.json: model_type {cfg.get('model_type')!r}; --from hf expects a transformers "
+                        "LLaVA-OneVision checkpoint (model_type llava_onevision)")
+    text, vision = cfg.get("text_config") or {}, cfg.get("vision_config") or {}
+    problems = []
+    if text.get("model_type", "qwen2") != "qwen2":
+        problems.append(f"text model {text.get('model_type')} (llava_qwen is Qwen2)")
+    if vision.get("model_type", "siglip_vision_model") != "siglip_vision_model":
+        problems.append(f"vision model {vision.get('model_type')} (LLaVA-NeXT's tower here is SigLIP)")
+    if cfg.get("projector_hidden_act", "gelu") != "gelu" or cfg.get("multimodal_projector_bias") is False:
+        problems.append("projector is not LLaVA-NeXT's mlp2x_gelu (gelu, with biases)")
+    if cfg.get("vision_feature_select_strategy", "full") != "full":
+        problems.append(f"vision_feature_select_strategy {cfg.get('vision_feature_select_strategy')} (SigLIP in "
+                        "LLaVA-NeXT keeps every patch token: full)")
+    if cfg.get("vision_feature_layer", -1) != -1:
+        problems.append(f"vision_feature_layer {cfg.get('vision_feature_layer')} (LLaVA-NeXT takes the last layer "
+                        "of the tower it keeps: -1)")
+    if problems:
+        raise UserError(f"{src} cannot be expressed in the LLaVA-NeXT llava_qwen layout: {'; '.join(problems)}")
+    tensors = canonical_tensors(Checkpoint(src))
+    unmapped = [r.name for n, r in tensors.items() if to_llava_next_name(n) is None]
+    if unmapped:
+        raise UserError(f"{src}: tensor(s) with no place in the LLaVA-NeXT layout: {listing(unmapped)}")
+    plan = [OutTensor(to_llava_next_name(n), r.dtype, r.shape, copy_tensor(r)) for n, r in tensors.items()]
+    new_cfg = _next_config(cfg, vision_tower, src)
+    with atomic_dir(out, force=force) as tmp:
+        write_checkpoint(tmp, plan, shard)
+        (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
+        copy_files(src, tmp, ["generation_config.json", *PROCESSOR_FILES])
+        _write_slow_tokenizer_files(tmp)
+    log.info("wrote %d tensors in the LLaVA-NeXT layout to %s", len(plan), out)
+    return out
+
+
+def _next_config(cfg: dict, vision_tower: str, src: Path) -> dict:
+    text, vision = dict(cfg.get("text_config") or {}), dict(cfg.get("vision_config") or {})
+    rope = text.pop("rope_parameters", None) or {}
+    for key in ("model_type", "architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path"):
+        text.pop(key, None)
+    out = {"architectures": ["LlavaQwenForCausalLM"], "model_type": "llava", **text}
+    if "rope_theta" in rope:
+        out["rope_theta"] = rope["rope_theta"]
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if scaling.get("rope_type", "default") != "default":
+        out["rope_scaling"] = {"type": scaling["rope_type"], **scaling}
+    out["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+    if dtype:
+        out["torch_dtype"] = dtype
+    tok_cfg = _read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
+    out.update({
+        "mm_vision_tower": vision_tower,
+        "mm_hidden_size": vision.get("hidden_size"),
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_patch_merge_type": "spatial_unpad",
+        "image_aspect_ratio": cfg.get("vision_aspect_ratio", "anyres_max_9"),
+        "image_grid_pinpoints": cfg.get("image_grid_pinpoints"),
+        "mm_newline_position": "one_token",
+        "mm_spatial_pool_mode": "bilinear",
+        "mm_spatial_pool_stride": 2,
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "use_mm_proj": True,
+        "image_token_index": cfg.get("image_token_index"),
+        "video_token_index": cfg.get("video_token_index"),
+        "tokenizer_model_max_length": tok_cfg.get("model_max_length", text.get("max_position_embeddings")),
+        "tokenizer_padding_side": "right",
+        # Not an upstream field (upstream builds SigLIP from mm_vision_tower): the tower's exact shapes, for the way
+        # back to transformers.
+        "vision_config": vision,
+    })
+    return out
+
+
+def _write_slow_tokenizer_files(folder: Path) -> None:
+    """vocab.json + merges.txt from a BPE tokenizer.json, for loaders that want the slow Qwen2 tokenizer."""
+    tj = folder / "tokenizer.json"
+    if not tj.is_file() or (folder / "vocab.json").is_file():
+        return
+    model = json.loads(tj.read_text()).get("model") or {}
+    if model.get("type") != "BPE":
+        return
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LLaVA-NeXT -> transformers
+
+
+def _next_to_hf(src: Path, out: Path, force: bool, vision_config: str | None, processor_dir: str | None,
+                shard: int) -> Path:
+    import torch
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
+
+    cfg = _read_json(src / "config.json")
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") not in ("llava", "llava_qwen") and "LlavaQwenForCausalLM" not in archs:
+        raise UserError(f"{src}/config.json: model_type {cfg.get('model_type')!r}, architectures {archs}; --from "
+                        "llava-next expects an original LLaVA-NeXT llava_qwen checkpoint (LlavaQwenForCausalLM)")
+    if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+        raise UserError(f"{src}/config.json: mm_projector_type {cfg.get('mm_projector_type')}; only mlp2x_gelu "
+                        "(LLaVA-OneVision's projector) converts")
+    tower = str(cfg.get("mm_vision_tower") or "")
+    if "siglip" not in tower.lower() and "vision_config" not in cfg and not vision_config:
+        raise UserError(f"{src}/config.json: mm_vision_tower {tower!r} is not SigLIP; only SigLIP towers convert "
+                        "(or pass --vision-config)")
+
+    # Tensors: rename, drop derived buffers, list what does not map.
+    tensors: dict[str, TensorRef] = {}
+    unknown, dropped = [], []
+    for ref in Checkpoint(src).tensors():
+        if _DERIVED.search(ref.name):
+            dropped.append(ref.name)
+            continue
+        name = from_llava_next_name(ref.name)
+        if name is None:
+            unknown.append(ref.name)
+        else:
+            tensors[name] = ref
+    if unknown:
+        raise UserError(f"{src}: {len(unknown)} tensor(s) are not part of the LLaVA-NeXT llava_qwen layout this "
+                        f"converts: {listing(unknown)}")
+    if dropped:
+        log.info("dropped %d derived buffer(s) transformers recomputes: %s", len(dropped), listing(dropped, 3))
+
+    vision = _vision_config(cfg, src, vision_config, tensors)
+    text_fields = set(Qwen2Config().to_dict()) | {"rope_theta", "rope_scaling"}
+    text_fields -= {"architectures", "model_type", "dtype", "transformers_version", "_name_or_path", "torch_dtype"}
+    text = {k: v for k, v in cfg.items() if k in text_fields}
+    theta, scaling = text.pop("rope_theta", None), text.pop("rope_scaling", None) or {}
+    if theta is not None or scaling:  # upstream's rope_theta / rope_scaling -> transformers 5's rope_parameters
+        rope = {k: v for k, v in scaling.items() if k != "type"}
+        rope["rope_type"] = scaling.get("rope_type") or scaling.get("type") or "default"
+        if theta is not None:
+            rope["rope_theta"] = theta
+        text["rope_parameters"] = rope
+    _check_text(src, text, tensors, cfg.get("mm_hidden_size"), vision)
+
+    proc = _processor_for(src, processor_dir, cfg, vision)
+    image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+    video_id = proc.tokenizer.convert_tokens_to_ids("<video>")
+    vocab = text.get("vocab_size")
+    if vocab is not None and max(image_id, video_id) >= vocab:
+        raise UserError(f"<image>/<video> token ids {image_id}/{video_id} are outside the embedding table "
+                        f"({vocab} rows); this conversion does not resize embeddings")
+    dtype = cfg.get("torch_dtype") or cfg.get("dtype")
+    config = LlavaOnevisionConfig(
+        text_config={"model_type": "qwen2", **text}, vision_config={"model_type": "siglip_vision_model", **vision},
+        image_token_index=image_id, video_token_index=video_id, projector_hidden_act="gelu",
+        vision_feature_select_strategy="full", vision_feature_layer=-1,
+        vision_aspect_ratio=cfg.get("image_aspect_ratio") or "anyres_max_9",
+        image_grid_pinpoints=_pinpoints(cfg.get("image_grid_pinpoints"), vision["image_size"]),
+        multimodal_projector_bias=True, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+    if dtype:
+        config.dtype = getattr(torch, dtype) if isinstance(dtype, str) and hasattr(torch, dtype) else dtype
+    config.architectures = ["LlavaOnevisionForConditionalGeneration"]
+
+    # Exactly the tensors the transformers model has (an empty model on the meta device lists them).
+    with torch.device("meta"):
+        expected = set(LlavaOnevisionForConditionalGeneration(config).state_dict())
+    missing = sorted(expected - set(tensors))
+    if config.tie_word_embeddings:
+        missing = [m for m in missing if m != "lm_head.weight"]
+    extra = sorted(set(tensors) - expected)
+    if missing or extra:
+        msg = []
+        if missing:
+            msg.append(f"missing {listing([to_llava_next_name(m) or m for m in missing])}")
+        if extra:
+            msg.append(f"not in the transformers model {listing([tensors[e].name for e in extra])}")
+        raise UserError(f"{src}: the tensors do not make a LLaVA-OneVision model with this config: {'; '.join(msg)}")
+
+    plan = [OutTensor(hf_saved_name(n), r.dtype, r.shape, copy_tensor(r)) for n, r in tensors.items()]
+    with atomic_dir(out, force=force) as tmp:
+        write_checkpoint(tmp, plan, shard)
+        config.save_pretrained(tmp)
+        copy_files(src, tmp, ["generation_config.json"])
+        proc.save_pretrained(tmp)
+    log.info("wrote %d tensors in the transformers LLaVA-OneVision layout to %s", len(plan), out)
+    return out
+
+
+def _vision_config(cfg: dict, src: Path, path: str | None, tensors: dict[str, TensorRef]) -> dict:
+    from transformers import LlavaOnevisionConfig
+
+    if path:
+        given = _read_json(Path(path))
+        vision, origin = dict(given.get("vision_config") or given), f"--vision-config {path}"
+    elif cfg.get("vision_config"):
+        vision, origin = dict(cfg["vision_config"]), f"{src}/config.json vision_config"
+    else:
+        # transformers' LLaVA-OneVision defaults are SigLIP-so400m-patch14-384 with 26 layers and no head.
+        vision = LlavaOnevisionConfig().vision_config.to_dict()
+        vision = {k: vision[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "image_size",
+                                         "patch_size", "num_channels", "hidden_act", "layer_norm_eps",
+                                         "attention_dropout")}
+        layers = {int(m.group(1)) for n in tensors
+                  if (m := re.match(r"model\.vision_tower\.encoder\.layers\.(\d+)\.", n))}
+        vision["num_hidden_layers"] = len(layers)
+        vision["vision_use_head"] = any(n.startswith("model.vision_tower.head.") for n in tensors)
+        origin = f"SigLIP-so400m defaults for {cfg.get('mm_vision_tower')} (layers and head from the tensors)"
+    for key in ("model_type", "transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
+        vision.pop(key, None)
+    vision.setdefault("vision_use_head", any(n.startswith("model.vision_tower.head.") for n in tensors))
+    log.info("vision config from %s", origin)
+    hidden, patch, size = vision.get("hidden_size"), vision.get("patch_size"), vision.get("image_size")
+    checks = [
+        ("model.vision_tower.embeddings.patch_embedding.weight",
+         (hidden, vision.get("num_channels", 3), patch, patch)),
+        ("model.vision_tower.embeddings.position_embedding.weight",
+         ((size // patch) ** 2 if size and patch else None, hidden)),
+        ("model.vision_tower.encoder.layers.0.mlp.fc1.weight", (vision.get("intermediate_size"), hidden)),
+    ]
+    for name, want in checks:
+        ref = tensors.get(name)
+        if ref is None:
+            raise UserError(f"{src}: no vision tower tensor {to_llava_next_name(name)}; a checkpoint without its "
+                            "SigLIP weights cannot be converted")
+        if tuple(ref.shape) != tuple(want):
+            raise UserError(f"{ref.file}: tensor {ref.name} is {list(ref.shape)}, but the vision config ({origin}) "
+                            f"implies {list(want)}; pass --vision-config with the tower's SiglipVisionConfig")
+    n_layers = len({n.split(".")[4] for n in tensors if n.startswith("model.vision_tower.encoder.layers.")})
+    if n_layers != vision.get("num_hidden_layers"):
+        raise UserError(f"{src}: the vision tower has {n_layers} encoder layers, the vision config ({origin}) says "
+                        f"{vision.get('num_hidden_layers')}")
+    if hidden % vision.get("num_attention_heads", 1):
+        raise UserError(f"vision config ({origin}): hidden_size {hidden} is not divisible by num_attention_heads")
+    return vision
+
+
+def _check_text(src: Path, text: dict, tensors: dict[str, TensorRef], mm_hidden, vision: dict) -> None:
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
+        if key not in text:
+            raise UserError(f"{src}/config.json has no {key} (the Qwen2 fields sit at the top level of a llava_qwen "
+                            "config)")
+    checks = [("model.language_model.embed_tokens.weight", (text["vocab_size"], text["hidden_size"])),
+              ("model.language_model.layers.0.mlp.gate_proj.weight", (text["intermediate_size"], text["hidden_size"])),
+              ("model.multi_modal_projector.linear_1.weight", (text["hidden_size"], vision["hidden_size"]))]
+    for name, want in checks:
+        ref = tensors.get(name)
+        if ref is not None and tuple(ref.shape) != tuple(want):
+            raise UserError(f"{ref.file}: tensor {ref.name} is {list(ref.shape)}, but {src}/config.json implies "
+                            f"{list(want)}")
+    if mm_hidden is not None and mm_hidden != vision["hidden_size"]:
+        raise UserError(f"{src}/config.json: mm_hidden_size {mm_hidden} but the vision tower is "
+                        f"{vision['hidden_size']} wide")
+    n_layers = len({n.split(".")[3] for n in tensors if n.startswith("model.language_model.layers.")})
+    if n_layers != text["num_hidden_layers"]:
+        raise UserError(f"{src}: {n_layers} language-model layers in the tensors, num_hidden_layers is "
+                        f"{text['num_hidden_layers']}")
+
+
+def _pinpoints(value, tile: int):
+    """LLaVA-NeXT writes pinpoints as a list of [h, w] or as "(1x1),...,(6x6)" (grid range, in tiles)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        grids = [tuple(map(int, m)) for m in re.findall(r"\((\d+)x(\d+)\)", value)]
+        if not grids:
+            raise UserError(f"image_grid_pinpoints {value!r}: expected a list or '(1x1),...,(6x6)'")
+        (a0, b0), (a1, b1) = grids[0], grids[-1]
+        return [[i * tile, j * tile] for i in range(min(a0, a1), max(a0, a1) + 1)
+                for j in range(min(b0, b1), max(b0, b1) + 1)]
+    return [list(p) for p in value]
+
+
+def _processor_for(src: Path, processor_dir: str | None, cfg: dict, vision: dict):
+    from .model.processor import load_processor
+
+    if processor_dir:
+        return load_processor(processor_dir)
+    if (src / "processor_config.json").is_file():
+        log.info("processor from %s (its own processor_config.json)", src)
+        return load_processor(src)
+    return build_processor(src, cfg, vision)
+
+
+def build_processor(src: Path, cfg: dict, vision: dict):
+    """A LLaVA-OneVision processor for a LLaVA-NeXT checkpoint: its tokenizer + <image>/<video>, SigLIP image
+    preprocessing at the tower's resolution, the anyres pinpoints, the kit's Qwen ChatML template."""
+    from transformers import AutoTokenizer
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from .model.processor import ImageOnlyOnevisionProcessor
+    from .model.tiny import CHAT_TEMPLATE
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"cannot load a tokenizer from {src} ({str(e).splitlines()[0]}); pass --processor with a "
+                        "LLaVA-OneVision processor folder") from None
+    missing = [t for t in ("<image>", "<video>") if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_additional_special_tokens=False)
+        log.info("added %s to the tokenizer (ids %s)", missing, [tokenizer.convert_tokens_to_ids(t) for t in missing])
+    size, patch = vision["image_size"], vision["patch_size"]
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": size, "width": size}, crop_size={"height": size, "width": size},
+        image_grid_pinpoints=_pinpoints(cfg.get("image_grid_pinpoints"), size), do_pad=True,
+        image_mean=SIGLIP_NORM, image_std=SIGLIP_NORM, resample=3)
+    log.info("processor built: tokenizer from %s, SigLIP preprocessing at %d px, %d tokens per tile", src, size,
+             (size // patch) ** 2)
+    return ImageOnlyOnevisionProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=(size // patch) ** 2,
+        vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
+        vision_aspect_ratio=cfg.get("image_aspect_ratio") or "anyres_max_9")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+

@@ -1,0 +1,180 @@
+"""`lora-manip convert`: an original LLaVA-NeXT (llava_qwen) checkpoint built from the tiny model converts to a
+transformers LLaVA-OneVision with identical logits; hf -> llava-next -> hf is bit-exact; unknown keys are listed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from lora_manip.checkpoint_io import Checkpoint, read_tensor
+from lora_manip.cli import app
+from lora_manip.convert import convert_checkpoint
+from lora_manip.errors import UserError
+from lora_manip.merge import logits_of, probe_inputs
+
+runner = CliRunner()
+
+
+def upstream_name(key: str) -> str | None:
+    """The tiny model's keys (as transformers saves them) in LLaVA-NeXT's llava_qwen names, written out here
+    independently of lora_manip.convert. LLaVA-NeXT replaces SigLIP's head by Identity: no head tensors."""
+    if key.startswith("vision_tower.head."):
+        return None
+    for hf, nxt in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                    ("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+                    ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
+                    ("multi_modal_projector.linear_2.", "model.mm_projector.2."),
+                    ("image_newline", "model.image_newline")):
+        if key.startswith(hf):
+            return nxt + key[len(hf):]
+    raise AssertionError(key)
+
+
+@pytest.fixture(scope="module")
+def upstream(tiny_model_dir, tmp_path_factory):
+    """The tiny model as an original LLaVA-NeXT checkpoint: two shards, a llava_qwen config.json with the Qwen2
+    fields at the top level and LLaVA-NeXT's mm_* fields, pinpoints as a grid string, a rotary inv_freq buffer,
+    the tokenizer files only (no processor), and the SigLIP shapes in a separate JSON (upstream has no place for
+    them)."""
+    root = tmp_path_factory.mktemp("convert")
+    src = root / "llava-next"
+    src.mkdir()
+    tiny = load_file(tiny_model_dir / "model.safetensors")
+    state = {upstream_name(k): v for k, v in tiny.items() if upstream_name(k)}
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    keys = sorted(state)
+    half = len(keys) // 2
+    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    for name, ks in shards.items():
+        save_file({k: state[k] for k in ks}, str(src / name), metadata={"format": "pt"})
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+    hf = json.loads((tiny_model_dir / "config.json").read_text())
+    text = hf["text_config"]
+    cfg = {"architectures": ["LlavaQwenForCausalLM"], "model_type": "llava",
+           **{k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                   "num_key_value_heads", "vocab_size", "max_position_embeddings", "rms_norm_eps",
+                                   "hidden_act", "eos_token_id", "pad_token_id", "attention_dropout", "use_cache",
+                                   "sliding_window", "use_sliding_window", "max_window_layers", "bos_token_id",
+                                   "initializer_range")},
+           "rope_theta": text["rope_parameters"]["rope_theta"], "rope_scaling": None, "tie_word_embeddings": False,
+           "torch_dtype": "float32", "mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_hidden_size": 32,
+           "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+           "mm_patch_merge_type": "spatial_unpad", "image_aspect_ratio": "anyres_max_9",
+           "image_grid_pinpoints": "(1x1),...,(3x3)", "mm_newline_position": "one_token", "use_mm_proj": True,
+           "mm_use_im_start_end": False, "mm_use_im_patch_token": False}
+    (src / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copyfile(tiny_model_dir / name, src / name)
+    vision = {**hf["vision_config"], "vision_use_head": False}
+    (root / "siglip.json").write_text(json.dumps(vision))
+    return src
+
+
+def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return {r.name: read_tensor(r) for r in Checkpoint(folder).tensors()}
+
+
+def test_llava_next_to_hf_gives_the_same_logits(upstream, tiny_model_dir, processor, tmp_path):
+    from transformers import LlavaOnevisionForConditionalGeneration as Model
+
+    from lora_manip.model.processor import load_processor
+
+    out = tmp_path / "hf"
+    code = runner.invoke(app, ["convert", str(upstream), str(out), "--from", "llava-next", "--to", "hf",
+                               "--vision-config", str(upstream.parent / "siglip.json")])
+    assert code.exit_code == 0, code.output
+    assert set(all_tensors(out)) == {k for k in load_file(tiny_model_dir / "model.safetensors")
+                                     if not k.startswith("vision_tower.head.")}  # transformers' layout, no buffer
+    cfg = json.loads((out / "config.json").read_text())
+    tiny = json.loads((tiny_model_dir / "config.json").read_text())
+    assert cfg["image_grid_pinpoints"] == tiny["image_grid_pinpoints"]  # "(1x1),...,(3x3)" expanded with 56-px tiles
+    assert cfg["vision_config"]["num_hidden_layers"] == 2 and cfg["vision_config"]["vision_use_head"] is False
+    assert cfg["vision_feature_layer"] == -1 and cfg["vision_feature_select_strategy"] == "full"
+    assert cfg["text_config"]["rope_parameters"] == tiny["text_config"]["rope_parameters"]
+    inputs = probe_inputs(processor)
+    converted = Model.from_pretrained(out, dtype=torch.float32).eval()
+    original = Model.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    assert torch.equal(logits_of(converted, inputs), logits_of(original, inputs))
+    # the processor built for it: the tokenizer's <image>/<video>, SigLIP normalisation, 16 tokens per 56-px tile
+    built = load_processor(out)
+    assert built.tokenizer.convert_tokens_to_ids("<image>") == cfg["image_token_index"] == tiny["image_token_index"]
+    assert built.num_image_tokens == 16 and list(built.image_processor.image_mean) == [0.5, 0.5, 0.5]
+    mine = probe_inputs(built)
+    assert torch.equal(mine["input_ids"], inputs["input_ids"])  # same image-token expansion and chat template
+    assert torch.isfinite(logits_of(converted, mine)).all()
+
+
+def test_hf_to_llava_next_to_hf_is_bit_exact(tiny_model_dir, tmp_path):
+    nxt, back = tmp_path / "next", tmp_path / "back"
+    convert_checkpoint(str(tiny_model_dir), str(nxt), "hf", "llava-next", max_shard_size=200_000)
+    state = all_tensors(nxt)
+    assert len(list(nxt.glob("model-*.safetensors"))) > 1
+    assert {"model.mm_projector.0.weight", "model.mm_projector.2.bias", "model.image_newline", "lm_head.weight",
+            "model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight",
+            "model.vision_tower.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"} <= set(state)
+    cfg = json.loads((nxt / "config.json").read_text())
+    assert cfg["architectures"] == ["LlavaQwenForCausalLM"] and cfg["hidden_size"] == 64
+    assert cfg["mm_projector_type"] == "mlp2x_gelu" and cfg["mm_hidden_size"] == 32
+    assert cfg["image_aspect_ratio"] == "anyres_max_9" and cfg["mm_vision_tower"].startswith("google/siglip")
+    assert (nxt / "vocab.json").is_file() and (nxt / "merges.txt").is_file()  # for slow-tokenizer loaders
+
+    convert_checkpoint(str(nxt), str(back), "llava-next", "hf")
+    original = load_file(tiny_model_dir / "model.safetensors")
+    again = all_tensors(back)
+    assert set(again) == set(original)
+    for key, t in original.items():
+        assert again[key].dtype == t.dtype and torch.equal(again[key].view(torch.uint8), t.view(torch.uint8)), key
+    strip = {"transformers_version"}
+    assert {k: v for k, v in json.loads((back / "config.json").read_text()).items() if k not in strip} == \
+        {k: v for k, v in json.loads((tiny_model_dir / "config.json").read_text()).items() if k not in strip}
+    for name in ("processor_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (back / name).read_text() == (tiny_model_dir / name).read_text(), name
+
+
+def test_unknown_keys_are_listed_and_nothing_written(upstream, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(upstream, src)
+    shard = src / "model-00002-of-00002.safetensors"
+    state = load_file(shard)
+    state.update({"model.mm_projector.4.weight": torch.zeros(2), "model.vision_resampler.pool.weight": torch.zeros(2)})
+    save_file(state, str(shard), metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"].update({k: shard.name for k in ("model.mm_projector.4.weight",
+                                                        "model.vision_resampler.pool.weight")})
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["convert", str(src), str(out), "--from", "llava-next", "--to", "hf", "--vision-config",
+                            str(upstream.parent / "siglip.json")])
+    assert r.exit_code == 2
+    assert "2 tensor(s)" in r.output and "model.mm_projector.4.weight" in r.output
+    assert "model.vision_resampler.pool.weight" in r.output
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_bad_conversions(upstream, tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    # no vision config: SigLIP-so400m defaults do not fit the tiny tower, and the error says which tensor
+    with pytest.raises(UserError, match=r"patch_embedding.weight is \[32, 3, 14, 14\].*--vision-config"):
+        convert_checkpoint(str(upstream), str(out), "llava-next", "hf")
+    with pytest.raises(UserError, match="nothing to convert"):
+        convert_checkpoint(str(upstream), str(out), "hf", "hf")
+    with pytest.raises(UserError, match="expects a transformers LLaVA-OneVision"):
+        convert_checkpoint(str(upstream), str(out), "hf", "llava-next")
+    with pytest.raises(UserError, match="expects an original LLaVA-NeXT"):
+        convert_checkpoint(str(tiny_model_dir), str(out), "llava-next", "hf")
+    assert not out.exists()
+    out.mkdir()
+    with pytest.raises(UserError, match="already exists"):
+        convert_checkpoint(str(tiny_model_dir), str(out), "hf", "llava-next")
+    r = runner.invoke(app, ["convert", str(tiny_model_dir), str(out), "--from", "hf", "--to", "gguf"])
+    assert r.exit_code == 2 and "choose hf or llava-next" in r.output
+    r = runner.invoke(app, ["convert", str(tiny_model_dir), str(tiny_model_dir / "x"), "--from", "hf", "--to",
+                            "llava-next"])
+    assert r.exit_code == 2 and "source folder" in r.output
