@@ -595,3 +595,12 @@ def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
             shutil.copyfile(src / name, dst / name)
             done.append(name)
     return done
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None

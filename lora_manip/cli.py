@@ -123,7 +123,7 @@ def data_normalize(src: Path = typer.Argument(..., help="Annotation file (.json 
     if s["problems"]:
         for p in s["problems"][:20]:
             typer.echo(f"  - {Problem(**p)}", err=True)
-        more = f" (first 20 shown)" if len(s["problems"]) > 20 else ""
+        more = " (first 20 shown)" if len(s["problems"]) > 20 else ""
         typer.echo(f"{len(s['problems'])} record(s) cannot be converted{more}; nothing written", err=True)
         raise typer.Exit(1)
     typer.echo(f"wrote {out}: {s['records']} records, {s['converted']} converted, {s['already_normalised']} already "

@@ -44,7 +44,7 @@ import logging
 import re
 from pathlib import Path
 
-from .checkpoint_io import (DEFAULT_SHARD_BYTES, PROCESSOR_FILES, Checkpoint, OutTensor, TensorRef,
+from .checkpoint_io import (read_json, DEFAULT_SHARD_BYTES, PROCESSOR_FILES, Checkpoint, OutTensor, TensorRef,
                             canonical_tensors, copy_files, copy_tensor, hf_saved_name, listing, parse_size,
                             write_checkpoint)
 from .errors import UserError
@@ -116,7 +116,7 @@ def convert_checkpoint(src: str, out: str, src_format: str, dst_format: str, *, 
 
 
 def _hf_to_next(src: Path, out: Path, force: bool, vision_tower: str, shard: int) -> Path:
-    cfg = _read_json(src / "config.json")
+    cfg = read_json(src / "config.json")
     if cfg.get("model_type") != "llava_onevision":
         raise UserError(f"{src}/config.json: model_type {cfg.get('model_type')!r}; --from hf expects a transformers "
                         "LLaVA-OneVision checkpoint (model_type llava_onevision)")
@@ -166,7 +166,7 @@ def _next_config(cfg: dict, vision_tower: str, src: Path) -> dict:
     dtype = cfg.get("dtype") or cfg.get("torch_dtype")
     if dtype:
         out["torch_dtype"] = dtype
-    tok_cfg = _read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
+    tok_cfg = read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
     out.update({
         "mm_vision_tower": vision_tower,
         "mm_hidden_size": vision.get("hidden_size"),
@@ -215,7 +215,7 @@ def _next_to_hf(src: Path, out: Path, force: bool, vision_config: str | None, pr
     import torch
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
 
-    cfg = _read_json(src / "config.json")
+    cfg = read_json(src / "config.json")
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") not in ("llava", "llava_qwen") and "LlavaQwenForCausalLM" not in archs:
         raise UserError(f"{src}/config.json: model_type {cfg.get('model_type')!r}, architectures {archs}; --from "
@@ -307,7 +307,7 @@ def _vision_config(cfg: dict, src: Path, path: str | None, tensors: dict[str, Te
     from transformers import LlavaOnevisionConfig
 
     if path:
-        given = _read_json(Path(path))
+        given = read_json(Path(path))
         vision, origin = dict(given.get("vision_config") or given), f"--vision-config {path}"
     elif cfg.get("vision_config"):
         vision, origin = dict(cfg["vision_config"]), f"{src}/config.json vision_config"
@@ -431,11 +431,4 @@ def build_processor(src: Path, cfg: dict, vision: dict):
         vision_aspect_ratio=cfg.get("image_aspect_ratio") or "anyres_max_9")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist") from None
-    except ValueError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
 

@@ -36,7 +36,8 @@ def run_demo(recipe_path: Path, overrides: list[str], limit: int) -> str:
     _, before = run_eval(recipe.model.path, out_dir=str(Path(adapter) / "eval-before"), **common)
     _, after = run_eval(str(merged), out_dir=str(Path(adapter) / "eval-after"), **common)
     return "\n\n".join([
-        f"adapter: {adapter}\nmerged:  {merged} (max |logit diff| vs base+adapter {diff:.2g})",
+        f"adapter: {adapter}\nmerged:  {merged} (max |logit diff| vs base+adapter: "
+        f"{'check skipped' if diff is None else f'{diff:.2g}'})",
         "after fine-tuning:\n" + format_table(after),
         f"before vs after fine-tuning ({after['count']} validation records):\n" + compare(before, after),
     ])

@@ -1,4 +1,5 @@
-"""Errors a user can fix. The CLI prints them on one line and exits with code 2; anything else is a bug."""
+"""Errors a user can fix. The CLI prints them on one line and exits with code 2 (or the error's `exit_code`);
+anything else is a bug."""
 
 
 class UserError(Exception):

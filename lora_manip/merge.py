@@ -33,12 +33,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_io import (CODE_TO_CONFIG_DTYPE, DEFAULT_SHARD_BYTES, FLOAT_CODES, PROCESSOR_FILES,
+from .checkpoint_io import (read_json, CODE_TO_CONFIG_DTYPE, DEFAULT_SHARD_BYTES, FLOAT_CODES, PROCESSOR_FILES,
                             Checkpoint, OutTensor, TensorRef, cast_tensor, canonical_tensors, copy_files, dtype_code,
                             hf_canonical, hf_saved_name, listing, parse_size, read_header, read_tensor, row_producer,
                             write_checkpoint)
 from .errors import UserError
 from .fsutil import atomic_dir
+from .model.adapters import EXTRA_FILE, load_extras
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ _TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 5e-3}
 # The self-check loads the merged model and base + adapter one after the other in fp32: skip it above this size.
 VERIFY_MAX_BYTES = 8 * 2**30
 ADAPTER_FILE = "adapter_model.safetensors"
-EXTRA_FILE = "extra_trainables.safetensors"  # as model/adapters.py writes it
 _PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[\w-]+)?\.(?P<param>weight|bias)$")
 _DORA_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[\w-]+)?(?:\.weight)?$")
@@ -189,7 +189,7 @@ class MergePlan:
 
 
 def plan_merge(adapter_dir: Path, base_dir: Path, dtype: str | None = None) -> MergePlan:
-    cfg = _read_json(adapter_dir / "adapter_config.json")
+    cfg = read_json(adapter_dir / "adapter_config.json")
     _check_adapter_config(adapter_dir, cfg)
     base_config = _read_base_config(base_dir)
     base = canonical_tensors(Checkpoint(base_dir), "base checkpoint")
@@ -407,17 +407,8 @@ def _merged_producer(name: str, ref: TensorRef, code: str, kinds: list[str], lor
 # Config, card, check
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist") from None
-    except ValueError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-
-
 def _read_base_config(base_dir: Path) -> dict:
-    cfg = _read_json(base_dir / "config.json")
+    cfg = read_json(base_dir / "config.json")
     if cfg.get("model_type") != "llava_onevision":
         hint = (" (an original LLaVA-NeXT checkpoint: convert it with `lora-manip convert SRC OUT --from llava-next "
                 "--to hf`)") if "mm_vision_tower" in cfg or "LlavaQwenForCausalLM" in (cfg.get("architectures") or []) \
@@ -528,7 +519,8 @@ def _verify(tmp: Path, adapter_dir: Path, base_dir: Path, plan: MergePlan, max_b
     if "quantization_config" in plan.base_config:
         model = _unquantised_with_adapter(adapter_dir, base_dir, tmp)
     else:
-        model, _ = load_with_adapter(adapter_dir, str(base_dir), dtype="float32")
+        # sdpa: the check runs on the CPU in fp32, where flash-attention (auto's pick on a GPU box) cannot
+        model, _ = load_with_adapter(adapter_dir, str(base_dir), dtype="float32", attn="sdpa")
     reference = logits_of(model, inputs)
     del model
     gc.collect()
@@ -546,19 +538,12 @@ def _unquantised_with_adapter(adapter_dir: Path, base_dir: Path, config_dir: Pat
     """Base + adapter in fp32 for a base whose config.json asks for quantisation: loaded with the output's config
     (the base's without quantization_config), so the reference is the same unquantised weights the merge used."""
     from peft import PeftModel
-    from safetensors.torch import load_file
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
-
-    from .model.parts import canonical
 
     config = LlavaOnevisionConfig.from_pretrained(config_dir)
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(base_dir, config=config, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
-    if (adapter_dir / EXTRA_FILE).is_file():
-        params = {canonical(n): p for n, p in model.named_parameters()}
-        with torch.no_grad():
-            for name, t in load_file(str(adapter_dir / EXTRA_FILE)).items():
-                params[name].copy_(t)
+    load_extras(model, adapter_dir)
     return model.eval()
 
 

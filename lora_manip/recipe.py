@@ -207,6 +207,10 @@ class Recipe(_Strict):
             errors.append("distributed.deepspeed: QLoRA's 4-bit weights cannot be partitioned by DeepSpeed; "
                           "remove it or use method: lora")
         errors += _check_deepspeed_config(self.distributed.deepspeed)
+        if self.train.optimizer == "mezo" and (self.distributed.deepspeed or
+                                               self.distributed.nproc_per_node * self.distributed.nnodes > 1):
+            errors.append("train.optimizer: mezo runs in one process (its updates are not all-reduced); set "
+                          "distributed.nproc_per_node: 1 and no deepspeed")
         if self.train.precision == "fp16" and self.model.dtype == "bfloat16":
             errors.append("train.precision: fp16 with model.dtype bfloat16 mixes formats; use bf16 or float16")
         if errors:

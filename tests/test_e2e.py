@@ -114,3 +114,21 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path):
     assert code == 2 and "not an adapter folder" in out
     code, out = cli("data", "synth", trained / "data", "--n", 4)
     assert code == 2 and "already holds a dataset" in out
+
+
+def test_overwrite_replaces_the_previous_runs_checkpoints_and_log(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    (run / "checkpoint-99").mkdir()  # a stale checkpoint the new run would otherwise rotate or resume
+    (run / "notes.txt").write_text("mine")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(trained / "base", trained / "data", run)))
+    code, out = cli("train", recipe, "--set", "train.max_steps=1", "--overwrite")
+    assert code == 0, out
+    assert not (run / "checkpoint-99").exists() and (run / "notes.txt").read_text() == "mine"
+    steps = [json.loads(x)["step"] for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert max(steps) == 1  # the old run's log lines are gone
+    code, out = cli("train", recipe, "--resume", "--overwrite")
+    assert code == 2 and "contradict" in out

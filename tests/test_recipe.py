@@ -43,6 +43,8 @@ def test_defaults_resolve_from_method():
     ({"parts": {"language_model": {"train": "frozen"}}}, "no part has train: lora"),
     ({"method": "qlora", "distributed": {"deepspeed": "recipes/zero3.json"}}, "distributed.deepspeed: QLoRA"),
     ({"distributed": {"deepspeed": "nope.json"}}, "distributed.deepspeed: nope.json not found"),
+    ({"train": {"output_dir": "x", "optimizer": "mezo"}, "distributed": {"nproc_per_node": 2}},
+     "train.optimizer: mezo runs in one process"),
 ])
 def test_errors_name_the_key_path(patch, message):
     raw = {**BASE, **patch}

@@ -138,12 +138,6 @@ def split_validation(positions: np.ndarray, fraction: float, rng: np.random.Gene
     return positions[mask], positions[~mask]
 
 
-def sample_subset(samples: list, sample: float | None, seed: int) -> list:
-    """A seeded fraction (<= 1) or count (> 1) of a list, order kept."""
-    keep = choose_subset(np.arange(len(samples)), sample, np.random.default_rng(seed))
-    return [samples[i] for i in keep]
-
-
 # ------------------------------------------------------------------------------------------ lazy sequences
 
 

@@ -99,7 +99,8 @@ def adapter_base(path: str | os.PathLike) -> str:
     return base
 
 
-def load_with_adapter(adapter_dir: str | os.PathLike, base: str | None = None, dtype: str = "float32"):
+def load_with_adapter(adapter_dir: str | os.PathLike, base: str | None = None, dtype: str = "float32",
+                      attn: str = "auto"):
     """Base model + adapter (+ extra trainables) for inference: (PeftModel, base path)."""
     from peft import PeftModel
 
@@ -109,7 +110,7 @@ def load_with_adapter(adapter_dir: str | os.PathLike, base: str | None = None, d
         raise UserError(f"{adapter_dir} is not an adapter folder (no adapter_config.json); train one with "
                         "`lora-manip train` (method lora or qlora)")
     base = base or adapter_base(adapter_dir)
-    model = load_model(base, dtype=dtype)
+    model = load_model(base, dtype=dtype, attn=attn)
     try:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (RuntimeError, ValueError) as e:

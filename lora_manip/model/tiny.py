@@ -57,7 +57,7 @@ open close grasp lift put on in into left right above below near far first then 
 
 def build_tokenizer(vocab_size: int = 512):
     """A byte-level BPE with Qwen's special tokens at the end of the vocabulary, in Qwen's order."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
     bpe = Tokenizer(models.BPE())

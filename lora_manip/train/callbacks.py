@@ -33,18 +33,15 @@ class JsonlLogCallback(TrainerCallback):
 COMPLETE_MARKER = "checkpoint_complete"
 
 
-class CheckpointCompleteCallback(TrainerCallback):
-    """The Trainer writes checkpoint-N in place; a run killed mid-save leaves a folder that looks like a checkpoint.
-    on_save fires after every file is written, so a marker written then tells complete checkpoints apart, and
-    --resume only considers those (the Trainer deletes older checkpoints only after a save completes)."""
+def mark_complete(output_dir: str, step: int) -> None:
+    """The Trainer writes checkpoint-N in place, so a run killed mid-save leaves a folder that looks like a
+    checkpoint. ManipTrainer calls this once every file of checkpoint-N is written (and before older checkpoints
+    are rotated away); --resume only considers checkpoints carrying the marker."""
+    from ..fsutil import atomic_write_text
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            from ..fsutil import atomic_write_text
-
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                atomic_write_text(folder / COMPLETE_MARKER, f"step {state.global_step}\n")
+    folder = Path(output_dir) / f"checkpoint-{step}"
+    if folder.is_dir():
+        atomic_write_text(folder / COMPLETE_MARKER, f"step {step}\n")
 
 
 def plot_loss(log_path: Path, png_path: Path) -> Path | None:

@@ -111,6 +111,23 @@ class ManipTrainer(Trainer):
         if self.args.should_save:
             save_extras(self.model, output_dir or self.args.output_dir, state_dict)
 
+    def _save_checkpoint(self, model, trial):
+        # Mark the new checkpoint complete before older ones are rotated away: the Trainer rotates inside
+        # _save_checkpoint, before on_save, so a crash in between would leave nothing marked to resume from.
+        from transformers.trainer import rotate_checkpoints
+
+        from .callbacks import mark_complete
+
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            mark_complete(self.args.output_dir, self.state.global_step)
+            rotate_checkpoints(output_dir=self.args.output_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_extras(model or self.model, resume_from_checkpoint)  # PEFT's resume restores the adapter only

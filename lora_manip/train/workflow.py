@@ -36,9 +36,22 @@ def prepare_demo_inputs(recipe: Recipe) -> None:
 
 def check_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> None:
     out = Path(recipe.train.output_dir)
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise UserError(f"train.output_dir {out} already holds a run; pass --resume to continue it, --overwrite to "
-                        "train into it anyway, or choose another folder (--set train.output_dir=...)")
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume contradict each other; choose one")
+    if resume:
+        latest_checkpoint(out)  # refuse now, not after minutes of loading
+    elif out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"train.output_dir {out} already holds a run; pass --resume to continue it, --overwrite "
+                            "to train into it anyway, or choose another folder (--set train.output_dir=...)")
+        if int(os.environ.get("RANK", 0)) == 0:
+            # The old run's checkpoints would be rotated against (or resumed instead of) the new ones, and its log
+            # would be appended to: --overwrite removes exactly those, nothing else in the folder.
+            import shutil
+
+            for p in [*out.glob("checkpoint-*"), out / "train_log.jsonl", out / "loss.png"]:
+                log.warning("--overwrite: removing %s of the previous run", p)
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def training_arguments(recipe: Recipe):
@@ -119,7 +132,7 @@ def build_trainer(recipe: Recipe, overwrite: bool = False, resume: bool = False)
     from ..data.dataset import Collator
     from ..model.adapters import trainable_summary
     from ..model.processor import load_processor
-    from .callbacks import CheckpointCompleteCallback, JsonlLogCallback
+    from .callbacks import JsonlLogCallback
     from .launch import preflight
     from .trainer import ManipTrainer
 
@@ -144,7 +157,7 @@ def build_trainer(recipe: Recipe, overwrite: bool = False, resume: bool = False)
              recipe.effective_batch_size)
     return ManipTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                         data_collator=Collator(processor), processing_class=processor, recipe=recipe,
-                        callbacks=[JsonlLogCallback(out / "train_log.jsonl"), CheckpointCompleteCallback()])
+                        callbacks=[JsonlLogCallback(out / "train_log.jsonl")])
 
 
 def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
