@@ -27,7 +27,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..model.processor import image_token_counts
-from .encode import END_OF_TURN, IGNORE, encode, render, supervised_spans, with_system
+from .encode import IGNORE, encode, supervised_spans, with_system
 from .records import PROBLEM_KINDS, Problem, RecordIndex, Sample, to_sample
 
 log = logging.getLogger(__name__)
@@ -46,26 +46,6 @@ def too_long_reason(max_length: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- exact lengths
-
-
-def _spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """`encode.supervised_spans` with one render fewer per sample: the conversation up to its last answer is the
-    whole conversation, so that render is reused (the template is deterministic; the result is identical)."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None or last != len(messages) - 1:
-        return supervised_spans(processor, messages)
-    full = render(processor, messages)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = render(processor, messages[:i], add_generation_prompt=True)
-        upto = full if i == last else render(processor, messages[: i + 1])
-        end = upto.rfind(END_OF_TURN)
-        if not full.startswith(before) or not full.startswith(upto) or end < len(before):
-            return supervised_spans(processor, messages)  # raises the template error
-        spans.append((len(before), end + len(END_OF_TURN)))
-    return full, spans
 
 
 _COUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -90,7 +70,7 @@ def token_lengths(processor, system_prompt: str | None, items: list[tuple[Sample
     tok = processor.tokenizer
     segments, owner, out = [], [], []
     for k, (s, sizes) in enumerate(items):
-        full, spans = _spans(processor, with_system(s.messages, system_prompt))
+        full, spans = supervised_spans(processor, with_system(s.messages, system_prompt))
         cuts = [0] + [c for span in spans for c in span] + [len(full)]
         for a, b in zip(cuts, cuts[1:]):
             if b > a:

@@ -37,7 +37,8 @@ def supervised_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[i
         if m["role"] != "assistant":
             continue
         before = render(processor, messages[:i], add_generation_prompt=True)
-        upto = render(processor, messages[: i + 1])
+        # the conversation up to its last message is the whole one: reuse that render (one fewer per sample)
+        upto = full if i == len(messages) - 1 else render(processor, messages[: i + 1])
         end = upto.rfind(END_OF_TURN)
         if not full.startswith(before) or not full.startswith(upto) or end < len(before):
             raise UserError("the chat template is not prefix-stable (rendering a conversation's first turns does "
