@@ -1,7 +1,6 @@
 """What trains: LoRA lands on the parts that ask for it (never on SigLIP by name accident), full parts train."""
 
 import pytest
-import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from lora_manip.model.adapters import prepare_trainable, trainable_summary

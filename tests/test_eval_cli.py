@@ -43,6 +43,7 @@ def test_score_cli_strict_vs_upstream(tmp_path):
     m = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert m["all"]["choice"]["accuracy"] == 0.5 and m["all"]["box"]["mean_iou"] == 1.0
     upstream = runner.invoke(app, ["score", str(preds), "--upstream-compatible", "--out", str(tmp_path / "u")])
+    assert upstream.exit_code == 0 and "upstream-compatible" in upstream.output
     m = json.loads((tmp_path / "u" / "metrics.json").read_text())
     assert m["all"]["choice"]["accuracy"] == 1.0  # upstream counts the empty answer as correct
 

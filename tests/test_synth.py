@@ -206,7 +206,7 @@ def test_deterministic_per_seed(tmp_path):
     a = write_synth_dataset(tmp_path / "a", 16, seed=7)
     random.seed(2)  # the global RNG must play no part
     b = write_synth_dataset(tmp_path / "b", 16, seed=7)
-    c = write_synth_dataset(tmp_path / "c", 16, seed=8)
+    write_synth_dataset(tmp_path / "c", 16, seed=8)
     assert a["tasks"] == b["tasks"]
     for name in ("train.json", "val.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
