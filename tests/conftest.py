@@ -35,6 +35,20 @@ def synth_dir(tmp_path_factory):
     return out
 
 
+def assert_ids_match_processor(processor, samples, system_prompt) -> None:
+    """encode() must expand images and tokenise exactly as the processor does on the rendered conversation."""
+    from PIL import Image
+
+    from lora_manip.data.encode import encode, render, with_system
+
+    for s in samples:
+        images = [Image.open(p).convert("RGB") for p in s.images]
+        enc = encode(s, processor, system_prompt, [im.size for im in images])
+        full = render(processor, with_system(s.messages, system_prompt))
+        ref = processor(text=[full], images=[images] if images else None, return_tensors="pt")
+        assert ref["input_ids"][0].tolist() == enc["input_ids"], s.id
+
+
 def tiny_recipe_dict(model_dir, data_dir, out_dir, **over) -> dict:
     """The demo recipe pointed at the session's tiny model and data, shortened for tests."""
     raw = {

@@ -11,9 +11,11 @@ import pytest
 from PIL import Image
 
 from lora_manip.data.dataset import Collator, ManipDataset, build_dataset, token_lengths
-from lora_manip.data.encode import IGNORE, encode, render, with_system
+from lora_manip.data.encode import IGNORE, encode
 from lora_manip.data.records import load_samples
 from lora_manip.recipe import DatasetCfg
+
+from .conftest import assert_ids_match_processor
 
 SYSTEM = "You are a helpful assistant."
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
@@ -128,12 +130,7 @@ def test_every_answer_and_its_end_token_is_supervised_exactly(proc, records):
 def test_ids_match_the_processors_own_expansion(proc, records):
     # records[0]'s last answer opens with whitespace: encode tokenises each answer on its own (as generation after
     # the prompt's "assistant\n" produces it), where the whole text would merge "\n" + "\n\n" into one token.
-    for s in records[1:]:
-        images = [Image.open(p).convert("RGB") for p in s.images]
-        enc = encode(s, proc, SYSTEM, [im.size for im in images])
-        full = render(proc, with_system(s.messages, SYSTEM))
-        ref = proc(text=[full], images=[images] if images else None, return_tensors="pt")
-        assert ref["input_ids"][0].tolist() == enc["input_ids"], s.id
+    assert_ids_match_processor(proc, records[1:], SYSTEM)
 
 
 def test_batched_lengths_equal_encode(proc, records):

@@ -6,8 +6,10 @@ import pytest
 from PIL import Image
 
 from lora_manip.data.dataset import Collator, ManipDataset
-from lora_manip.data.encode import IGNORE, encode, render, with_system
+from lora_manip.data.encode import IGNORE, encode
 from lora_manip.data.records import load_samples
+
+from .conftest import assert_ids_match_processor
 
 SYSTEM = "You are a helpful assistant."
 
@@ -55,12 +57,7 @@ def test_labels_are_exactly_the_answers(processor, records):
 
 
 def test_ids_equal_the_processors_own_expansion(processor, records):
-    for s in records:
-        images = [Image.open(p).convert("RGB") for p in s.images]
-        enc = encode(s, processor, SYSTEM, [im.size for im in images])
-        full = render(processor, with_system(s.messages, SYSTEM))
-        ref = processor(text=[full], images=[images] if images else None, return_tensors="pt")
-        assert ref["input_ids"][0].tolist() == enc["input_ids"], s.id
+    assert_ids_match_processor(processor, records, SYSTEM)
 
 
 def test_record_system_turn_wins(processor, records):
