@@ -186,8 +186,6 @@ def dir_bytes(folder: Path) -> int:
 
 
 def compare_outputs(a: Path, b: Path, key: str) -> float:
-    import torch
-
     from lora_manip.checkpoint_io import Checkpoint, read_tensor
 
     def get(folder):

@@ -215,7 +215,7 @@ def test_mezo_lowers_the_loss_without_backward(tiny_model_dir, synth_dir, tmp_pa
     from lora_manip.train.workflow import build_trainer
 
     recipe = recipe_from_dict(tiny_recipe_dict(
-        tiny_model_dir, synth_dir, tmp_path / "run", train__optimizer="mezo", train__max_steps=15,
+        tiny_model_dir, synth_dir, tmp_path / "run", train__optimizer="mezo", train__max_steps=40,
         train__lr_scheduler="constant", train__per_device_batch_size=8, parts={"language_model": {"lr": 2e-3},
                                                                               "projector": {"lr": 2e-3}}))
     trainer = build_trainer(recipe)
