@@ -35,6 +35,15 @@ def synth_dir(tmp_path_factory):
     return out
 
 
+def write_two_images(root) -> None:
+    """root/img/a.png (320x180, DROID-like) and root/img/b.png (640x480, RH20T-like) for hand-written records."""
+    from PIL import Image
+
+    (root / "img").mkdir()
+    Image.new("RGB", (320, 180), (255, 0, 0)).save(root / "img/a.png")
+    Image.new("RGB", (640, 480), (0, 255, 0)).save(root / "img/b.png")
+
+
 def assert_ids_match_processor(processor, samples, system_prompt) -> None:
     """encode() must expand images and tokenise exactly as the processor does on the rendered conversation."""
     from PIL import Image

@@ -15,7 +15,7 @@ from lora_manip.data.encode import IGNORE, encode
 from lora_manip.data.records import load_samples
 from lora_manip.recipe import DatasetCfg
 
-from .conftest import assert_ids_match_processor
+from .conftest import assert_ids_match_processor, write_two_images
 
 SYSTEM = "You are a helpful assistant."
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
@@ -70,9 +70,7 @@ ANSWERS = ["The first frame, then the second.", '{"future_traj": [[0.125, 0.5], 
 
 @pytest.fixture()
 def records(tmp_path):
-    (tmp_path / "img").mkdir()
-    Image.new("RGB", (320, 180), (255, 0, 0)).save(tmp_path / "img/a.png")
-    Image.new("RGB", (640, 480), (0, 255, 0)).save(tmp_path / "img/b.png")
+    write_two_images(tmp_path)
     recs = [
         {"id": "multi", "images": ["img/a.png", "img/b.png"], "conversations": [
             {"from": "system", "value": "You control a robot arm."},

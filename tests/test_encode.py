@@ -9,16 +9,14 @@ from lora_manip.data.dataset import Collator, ManipDataset
 from lora_manip.data.encode import IGNORE, encode
 from lora_manip.data.records import load_samples
 
-from .conftest import assert_ids_match_processor
+from .conftest import assert_ids_match_processor, write_two_images
 
 SYSTEM = "You are a helpful assistant."
 
 
 @pytest.fixture()
 def records(tmp_path):
-    (tmp_path / "img").mkdir()
-    Image.new("RGB", (320, 180), (255, 0, 0)).save(tmp_path / "img/a.png")
-    Image.new("RGB", (640, 480), (0, 255, 0)).save(tmp_path / "img/b.png")
+    write_two_images(tmp_path)
     recs = [
         {"id": "single", "images": ["img/a.png"], "conversations": [
             {"from": "human", "value": "<image>\nWhere is the cube?"},
