@@ -67,8 +67,7 @@ def one_step(a) -> dict:
     torch.manual_seed(0)
     cuda = a.device == "cuda"
     cfg = Qwen2Config(**SHAPES[a.shape], num_hidden_layers=a.layers, vocab_size=a.vocab,
-                      max_position_embeddings=max(a.seq, 4096))
-    cfg._attn_implementation = "sdpa"
+                      max_position_embeddings=max(a.seq, 4096), attn_implementation="sdpa")
     with torch.device(a.device):
         model = Qwen2ForCausalLM(cfg).to(getattr(torch, a.dtype))
     ids = torch.randint(0, a.vocab, (1, a.seq), device=a.device)
