@@ -150,6 +150,9 @@ class TrainCfg(_Strict):
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "mezo"] = Field(
         "adamw_torch", description="mezo: zeroth-order (two forward passes, no backward, no optimizer state).")
     mezo_eps: float = Field(1e-3, gt=0, description="MeZO perturbation scale.")
+    loss_reduction: Literal["token", "sample"] = Field(
+        "token", description="token: mean over all answer tokens of the batch (LLaVA, transformers). sample: mean "
+        "of each sample's token mean, so a one-letter answer weighs as much as a 40-token box answer.")
     gradient_checkpointing: bool = False
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     tf32: bool = False

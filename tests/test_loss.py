@@ -42,3 +42,25 @@ def test_num_items_in_batch_reduction(tiny_model_dir):
     mean = loss_at_positions(logits, labels, keep)
     summed_over_6 = loss_at_positions(logits, labels, keep, num_items_in_batch=6)
     torch.testing.assert_close(summed_over_6 * 2, mean)
+
+
+def test_sample_reduction_weighs_each_sample_once():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11)
+    labels = torch.full((3, 6), IGNORE)
+    labels[0, 1:6] = torch.tensor([1, 2, 3, 4, 5])  # a long answer: 5 tokens
+    labels[1, 5] = 7  # a one-letter answer
+    # row 2: no label at all (e.g. a sample whose answer was cut): counts as no sample
+    keep = positions_to_keep(labels)
+    assert keep.tolist() == [0, 1, 2, 3, 4]
+
+    def ce(row, cols):
+        return torch.nn.functional.cross_entropy(logits[row, cols], labels[row, [c + 1 for c in cols]])
+
+    long, short = ce(0, [0, 1, 2, 3, 4]), ce(1, [4])
+    torch.testing.assert_close(loss_at_positions(logits, labels, keep, per_sample=True), (long + short) / 2)
+    torch.testing.assert_close(loss_at_positions(logits, labels, keep), (5 * long + short) / 6)
+    # gradient accumulation: two micro-batches, each divided by the 2 samples of the whole accumulated batch
+    halves = [loss_at_positions(logits[i:i + 1], labels[i:i + 1], keep, num_items_in_batch=2, per_sample=True)
+              for i in (0, 1)]
+    torch.testing.assert_close(sum(halves), (long + short) / 2)

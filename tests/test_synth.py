@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 
 from lora_manip.data.records import load_samples
-from lora_manip.data.synth import COLOURS, GRIPPER_GREY, RECEPTACLES, TASKS, write_synth_dataset
+from lora_manip.data.synth import COLOURS, CYCLE, GRIPPER_GREY, RECEPTACLES, TASKS, write_synth_dataset
 from lora_manip.errors import UserError
 
-N = 64  # 8 records per task: every choice letter twice, yes/no four each
+N = 96  # 8 cycles: 8 records of each grounding task, 40 choice (10 per letter), 8 yes/no (4 each)
+PER_TASK = {t: 8 for t in TASKS} | {"choice": 40}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_files_and_summary(dataset):
     assert (out / "train.json").is_file() and (out / "val.json").is_file()
     assert summary["train"] + summary["val"] == N == len(records)
     assert summary["out_dir"] == str(out)
-    assert summary["tasks"] == {t: N // len(TASKS) for t in TASKS}
+    assert summary["tasks"] == PER_TASK
     assert not [p for p in (out / "images").iterdir() if p.suffix != ".png"], "temporary files left behind"
 
 
@@ -79,9 +80,11 @@ def test_val_split_size(tmp_path, n, frac, n_val):
 
 def test_tasks_cycle_and_balance(tmp_path, dataset):
     _, _, records = dataset
-    assert Counter(r["task"] for r in records) == {t: N // len(TASKS) for t in TASKS}
-    counts = write_synth_dataset(tmp_path / "d", 2 * len(TASKS) + 3, seed=1)["tasks"]
-    assert set(counts) == set(TASKS) and max(counts.values()) - min(counts.values()) <= 1
+    assert Counter(r["task"] for r in records) == PER_TASK
+    assert set(CYCLE) == set(TASKS)
+    # two cycles and the first three records of a third (current_bbox, choice, final_bbox)
+    counts = write_synth_dataset(tmp_path / "d", 2 * len(CYCLE) + 3, seed=1)["tasks"]
+    assert counts == {t: 2 for t in TASKS} | {"current_bbox": 3, "final_bbox": 3, "choice": 11}
 
 
 def test_record_format(dataset):
@@ -131,7 +134,7 @@ def test_choice_and_yesno_answers(dataset):
         assert [ln[:3] for ln in lines[2:6]] == ["A. ", "B. ", "C. ", "D. "]
         assert len(set(lines[2:6])) == 4
         assert lines[-1] == "Answer with the option's letter from the given choices directly."
-    assert Counter(_answer(r) for r in choice) == {L: 2 for L in "ABCD"}
+    assert Counter(_answer(r) for r in choice) == {L: 10 for L in "ABCD"}
     yesno = Counter(_answer(r) for r in records if r["task"] == "yesno")
     assert yesno == {"Yes": 4, "No": 4}
 

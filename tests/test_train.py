@@ -228,3 +228,23 @@ def test_mezo_lowers_the_loss_without_backward(tiny_model_dir, synth_dir, tmp_pa
         after = trainer.compute_loss(trainer.model, dict(batch)).item()
     print("mezo loss", before, after)
     assert after < before - 0.05, (before, after)
+
+
+def test_sample_loss_reduction_counts_samples_across_accumulation(tiny_model_dir, synth_dir, tmp_path):
+    from lora_manip.train.workflow import build_trainer
+
+    labels = torch.full((2, 5), -100)
+    labels[0, 2:] = 3  # 3 supervised tokens
+    other = torch.full((3, 5), -100)
+    other[1, 4] = 3  # one supervised token in one of three samples
+    batches = [{"labels": labels}, {"labels": other}]
+    counted = {}
+    for reduction in ("token", "sample"):
+        recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, synth_dir, tmp_path / reduction,
+                                                   train__loss_reduction=reduction, train__max_steps=2))
+        trainer = build_trainer(recipe)
+        counted[reduction] = int(trainer._get_num_items_in_batch(batches, torch.device("cpu")))
+        if reduction == "sample":
+            trainer.train()  # and a real run trains with it
+            assert trainer.state.global_step == 2
+    assert counted == {"token": 4, "sample": 2}

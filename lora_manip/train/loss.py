@@ -5,6 +5,10 @@ carries 20-60 supervised answer tokens. The stock forward with `labels` material
 logits (and their gradient) for every position: ~4 GB per 7k-token sequence in fp32. Passing the positions that
 precede a label as `logits_to_keep` (a transformers forward argument) makes the model project only those hidden
 states through lm_head; the loss below then equals the stock one (same shift, same reduction).
+
+`per_sample` weighs samples instead of tokens: the stock (token) mean gives a 40-token box answer 20 times the
+weight of a one-letter choice answer, so in a grounding-heavy mixture the short understanding answers barely
+move the model. transformers has no such reduction, hence this one.
 """
 
 from __future__ import annotations
@@ -24,17 +28,29 @@ def positions_to_keep(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def supervised_rows(labels: torch.Tensor) -> torch.Tensor:
+    """[B] bool: which samples have at least one supervised (shifted) label."""
+    return (labels[:, 1:] != IGNORE).any(dim=1)
+
+
 def loss_at_positions(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
-                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+                      num_items_in_batch: torch.Tensor | int | None = None, per_sample: bool = False
+                      ) -> torch.Tensor:
     """Cross-entropy of `logits` [B, len(keep), V] (the logits at positions `keep`) against labels[:, keep + 1].
 
     Reduction as transformers' ForCausalLMLoss: sum / num_items_in_batch when given (gradient accumulation across
-    batches counts tokens, not batches), else the mean over supervised tokens. Upcast to fp32 like it does."""
-    target = labels[:, keep + 1]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten().to(logits.device),
-                           ignore_index=IGNORE, reduction="sum")
+    batches counts tokens, not batches), else the mean over supervised tokens. Upcast to fp32 like it does.
+    per_sample: each sample's mean token loss is summed instead, and num_items_in_batch counts samples."""
+    target = labels[:, keep + 1].to(logits.device)
+    token_loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
+                                 reduction="none").view(target.shape)
+    counts = (target != IGNORE).sum(dim=1)
+    if per_sample:
+        loss, items = (token_loss.sum(dim=1) / counts.clamp(min=1)).sum(), (counts > 0).sum()
+    else:
+        loss, items = token_loss.sum(), counts.sum()
     if num_items_in_batch is None:
-        return loss / (target != IGNORE).sum().clamp(min=1)
+        return loss / items.clamp(min=1)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(loss.device)
     return loss / num_items_in_batch

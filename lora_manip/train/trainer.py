@@ -7,7 +7,7 @@ collator, so SFTTrainer would add a dependency surface and nothing else. Trainer
 resume, schedulers, logging integrations and the optimizer registry.
 
 What is added: (1) per-part learning rates (train/optim.py), (2) a loss that never materialises full-vocabulary
-logits for unlabelled positions (train/loss.py), (3) saving what PEFT cannot (image_newline), plus log fields
+logits for unlabelled positions and can weigh samples instead of tokens (train/loss.py), (3) saving what PEFT cannot (image_newline), plus log fields
 (learning rate per part, tokens/s).
 """
 
@@ -19,7 +19,7 @@ import torch
 from transformers import Trainer
 
 from ..model.adapters import load_extras, save_extras
-from .loss import loss_at_positions, positions_to_keep
+from .loss import IGNORE, loss_at_positions, positions_to_keep, supervised_rows
 from .optim import param_groups
 
 
@@ -40,6 +40,18 @@ class ManipTrainer(Trainer):
 
         return grouped_sampler(train_dataset if train_dataset is not None else self.train_dataset,
                                self.args.per_device_train_batch_size, self.args.data_seed or self.args.seed)
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        if self.recipe.train.loss_reduction == "token":
+            return super()._get_num_items_in_batch(batch_samples, device)
+        # Count samples instead of tokens, through the stock counter so its cross-process sum stays: one
+        # supervised shifted label per sample that has any.
+        marks = []
+        for b in batch_samples:
+            m = torch.full((len(b["labels"]), 2), IGNORE, dtype=torch.long)
+            m[supervised_rows(b["labels"]).cpu(), 1] = 0
+            marks.append({"labels": m})
+        return super()._get_num_items_in_batch(marks, device)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -89,7 +101,8 @@ class ManipTrainer(Trainer):
         self._tokens += int(inputs["attention_mask"].sum())
         keep = positions_to_keep(labels)
         outputs = model(**inputs, logits_to_keep=keep)
-        loss = loss_at_positions(outputs.logits, labels, keep, num_items_in_batch)
+        loss = loss_at_positions(outputs.logits, labels, keep, num_items_in_batch,
+                                 per_sample=self.recipe.train.loss_reduction == "sample")
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch was summed over processes; DDP/ZeRO average gradients over them.
             loss = loss * self.accelerator.num_processes
