@@ -7,8 +7,8 @@ collator, so SFTTrainer would add a dependency surface and nothing else. Trainer
 resume, schedulers, logging integrations and the optimizer registry.
 
 What is added: (1) per-part learning rates (train/optim.py), (2) a loss that never materialises full-vocabulary
-logits for unlabelled positions and can weigh samples instead of tokens (train/loss.py), (3) saving what PEFT cannot (image_newline), plus log fields
-(learning rate per part, tokens/s).
+logits for unlabelled positions and can weigh samples instead of tokens (train/loss.py), (3) saving what PEFT
+cannot (image_newline), plus log fields (learning rate per part, tokens/s).
 """
 
 from __future__ import annotations
