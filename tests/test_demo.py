@@ -26,9 +26,9 @@ def test_demo_fine_tuning_beats_the_base_model(tmp_path, monkeypatch):
     assert after["box"]["parse_failure_rate"] < 0.1 < before["box"]["parse_failure_rate"]
     assert after["box"]["mean_iou"] > before["box"]["mean_iou"]
     assert after["box"]["acc@0.1"] > before["box"]["acc@0.1"]
-    # Choice: the letter must follow the image (which container), not just parse: above the ~0.25 a constant
-    # letter scores, and 0.2 above the base model. 80 records hold 38 choice questions (0.395 when written).
+    # Choice: the letter must follow the image (which container), not just parse: at least twice the ~0.25 a
+    # constant letter scores, and well above the base model. 80 records hold 38 choice questions.
     assert after["choice"]["parse_failure_rate"] == 0.0 < before["choice"]["parse_failure_rate"]
-    assert after["choice"]["accuracy"] >= max(0.35, before["choice"]["accuracy"] + 0.2)
+    assert after["choice"]["accuracy"] >= max(0.5, before["choice"]["accuracy"] + 0.3)
     assert (tmp_path / "run-merged" / "config.json").is_file()
     assert (tmp_path / "run" / "loss.png").is_file()
