@@ -27,8 +27,9 @@ TASKS: tuple[str, ...] = (
     "current_bbox", "final_bbox", "contact_bbox", "gripper_bbox", "contact_point", "future_traj", "choice", "yesno",
 )
 # Record i asks CYCLE[i % len(CYCLE)]: each grounding task once, choice five times, yes/no once. With one record in
-# eight a choice question, the tiny demo model never ties the letter to the image (it learns the letter prior and
-# stops); at five in twelve, with train.loss_reduction: sample, it does (README, "What the demo does").
+# eight a choice question, the tiny demo model answers every one with the same letter; at five in twelve (with
+# the demo recipe's sample loss reduction and batches of 16) the letter follows the image. README, "What the demo
+# does", has the measurements.
 CYCLE: tuple[str, ...] = (
     "current_bbox", "choice", "final_bbox", "choice", "contact_bbox", "choice", "gripper_bbox", "choice",
     "contact_point", "choice", "future_traj", "yesno",
