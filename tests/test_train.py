@@ -231,6 +231,7 @@ def test_mezo_lowers_the_loss_without_backward(tiny_model_dir, synth_dir, tmp_pa
 
 
 def test_sample_loss_reduction_counts_samples_across_accumulation(tiny_model_dir, synth_dir, tmp_path):
+    from lora_manip.train.loss import loss_at_positions, positions_to_keep
     from lora_manip.train.workflow import build_trainer
 
     labels = torch.full((2, 5), -100)
@@ -244,6 +245,19 @@ def test_sample_loss_reduction_counts_samples_across_accumulation(tiny_model_dir
                                                    train__loss_reduction=reduction, train__max_steps=2))
         trainer = build_trainer(recipe)
         counted[reduction] = int(trainer._get_num_items_in_batch(batches, torch.device("cpu")))
+        # compute_loss reduces as the recipe says: the same forward, reduced by hand each way
+        batch = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            got = trainer.compute_loss(trainer.model, dict(batch))
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            keep = positions_to_keep(batch["labels"])
+            logits = trainer.model(**inputs, logits_to_keep=keep).logits
+        for per_sample in (True, False):
+            want = loss_at_positions(logits, batch["labels"], keep, per_sample=per_sample)
+            if per_sample == (reduction == "sample"):
+                torch.testing.assert_close(got, want)
+            else:
+                assert abs(got - want) > 1e-4  # the two reductions differ on this batch
         if reduction == "sample":
             trainer.train()  # and a real run trains with it
             assert trainer.state.global_step == 2
