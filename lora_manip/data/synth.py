@@ -2,7 +2,8 @@
 
 Each record is its own rendered table-top scene: a table, 2-4 flat-coloured objects (cube, ball, cup), a
 receptacle (bowl, box, plate or tray) and a parallel-jaw gripper hanging from the top edge. Questions follow the
-RoboInter / LLaVA conversation format, with answers whose ground truth is computed from the very geometry that was drawn.
+RoboInter / LLaVA conversation format, with answers whose ground truth is computed from the very geometry that
+was drawn.
 
 Visual variety is kept deliberately low (four object colours, flat fills, few templates) so that a model seeing
 the image at ~84 px can tie answers to pixels; objects are large and never overlap. Coordinates in answers are

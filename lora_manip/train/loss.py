@@ -7,8 +7,8 @@ precede a label as `logits_to_keep` (a transformers forward argument) makes the 
 states through lm_head; the loss below then equals the stock one (same shift, same reduction).
 
 `per_sample` weighs samples instead of tokens: the stock (token) mean gives a 40-token box answer 20 times the
-weight of a one-letter choice answer (the letter and its end-of-turn token), so in a grounding-heavy mixture the short understanding answers barely
-move the model. transformers has no such reduction, hence this one.
+weight of a one-letter choice answer (the letter and its end-of-turn token), so in a grounding-heavy mixture the
+short understanding answers barely move the model. transformers has no such reduction, hence this one.
 """
 
 from __future__ import annotations
