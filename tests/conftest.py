@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny LLaVA-OneVision and one small synthetic data set per test session."""
+"""Shared fixtures: tiny LLaVA-OneVision checkpoints laid out as the llava-hf hub folders (one with the hub's
+list-content template, one with lmms-lab's string ChatML) and one small synthetic data set per test session."""
 
 from __future__ import annotations
 
@@ -20,10 +21,31 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def chatml_model_dir(tmp_path_factory):
+    """The same tiny model with lmms-lab's string-content ChatML template (the other style users bring)."""
+    from lora_manip.model.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-chatml", template="chatml")
+
+
+@pytest.fixture(scope="session")
 def processor(tiny_model_dir):
     from lora_manip.model.processor import load_processor
 
     return load_processor(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def chatml_processor(chatml_model_dir):
+    from lora_manip.model.processor import load_processor
+
+    return load_processor(chatml_model_dir)
+
+
+@pytest.fixture(params=["hub", "chatml"])
+def any_processor(request):
+    """Both template styles: the llava-hf list-content template and lmms-lab's string ChatML."""
+    return request.getfixturevalue("processor" if request.param == "hub" else "chatml_processor")
 
 
 @pytest.fixture(scope="session")

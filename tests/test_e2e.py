@@ -34,6 +34,28 @@ def trained(tmp_path_factory):
     return root
 
 
+def assert_same_processor_files(base, out):
+    """An output loads with AutoProcessor exactly as its base: the base's processor files, byte for byte, and no
+    others (no second template file, no processor_class of the kit's own)."""
+    from lora_manip.model.processor import PROCESSOR_FILES
+
+    have = lambda d: {n for n in PROCESSOR_FILES if (d / n).is_file()}  # noqa: E731
+    assert have(out) == have(base)
+    for name in have(base):
+        assert (out / name).read_bytes() == (base / name).read_bytes(), name
+    assert json.loads((out / "processor_config.json").read_text())["processor_class"] == "LlavaOnevisionProcessor"
+
+
+def safetensors_names(folder):
+    from safetensors import safe_open
+
+    names = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            names |= set(st.keys())
+    return names
+
+
 def test_train_writes_a_peft_adapter_folder(trained):
     run = trained / "run"
     cfg = json.loads((run / "adapter_config.json").read_text())
@@ -45,7 +67,7 @@ def test_train_writes_a_peft_adapter_folder(trained):
     assert any("multi_modal_projector" in k for k in weights)
     assert all(t.numel() > 0 for t in weights.values())
     assert "model.image_newline" in load_file(run / "extra_trainables.safetensors")
-    assert (run / "processor_config.json").is_file() and (run / "chat_template.jinja").is_file()
+    assert_same_processor_files(trained / "base", run)
     resolved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert resolved["lora"]["r"] == 4 and resolved["parts"]["vision_tower"]["train"] == "frozen"
     losses = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
@@ -79,8 +101,10 @@ def test_merge_reloads_with_transformers_and_matches(trained):
     assert code == 0, out
     merged_dir = trained / "run-merged"
     assert "max |logit diff|" in out
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-            "chat_template.jinja", "processor_config.json", "README.md"} <= {p.name for p in merged_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "README.md"} <= {
+        p.name for p in merged_dir.iterdir()}
+    assert_same_processor_files(trained / "base", merged_dir)
+    assert safetensors_names(merged_dir) == safetensors_names(trained / "base")
     processor = load_processor(merged_dir)
     merged = LlavaOnevisionForConditionalGeneration.from_pretrained(merged_dir)
     reference, _ = load_with_adapter(trained / "run")

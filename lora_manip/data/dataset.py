@@ -203,9 +203,12 @@ class ManipDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
         enc = self._encode(s)
-        if len(enc["input_ids"]) > self.max_length:
-            raise UserError(f"{s.source} id={s.id!r}: {len(enc['input_ids'])} tokens > model_max_length "
-                            f"{self.max_length} (the record or its images changed since training started)")
+        # The sampler and the length filter trusted the measured length: an encoding that differs from it means
+        # the record, its images or the template changed under the run (or a measuring bug), never a silent pass.
+        if len(enc["input_ids"]) != self.lengths[i]:
+            raise UserError(f"{s.source} id={s.id!r}: encoded to {len(enc['input_ids'])} tokens, measured "
+                            f"{int(self.lengths[i])} before training (the record or its images changed since "
+                            "training started?)")
         return enc
 
 
@@ -324,11 +327,19 @@ def build_datasets(data, processor, seed: int, workers: int | None = None
 # -------------------------------------------------------------------------------------------------- collator
 
 
+DUMMY_IMAGE = "dummy_image"  # batch key: the pixels are a blank stand-in (train/trainer.image_features_unused)
+
+
 @dataclass
 class Collator:
-    """Pads each batch to its own longest sample (not to model_max_length) and runs the image processor."""
+    """Pads each batch to its own longest sample (not to model_max_length) and runs the image processor.
+
+    `dummy_image` (set when several processes train): a text-only batch gets one blank image (the processor's own
+    pixels for it, no tokens in the text) so the vision tower runs on every process every step; the trainer keeps
+    none of its features."""
 
     processor: object
+    dummy_image: bool = False
 
     def __call__(self, batch: list[dict]) -> dict:
         pad_id = self.processor.tokenizer.pad_token_id
@@ -349,6 +360,12 @@ class Collator:
             pixels = self.processor.image_processor(images=with_images, return_tensors="pt")
             out.update(pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"],
                        batch_num_images=pixels["batch_num_images"])
+        elif self.dummy_image:
+            crop = self.processor.image_processor.crop_size or self.processor.image_processor.size
+            blank = Image.new("RGB", (crop["width"], crop["height"]))
+            pixels = self.processor.image_processor(images=[[blank]], return_tensors="pt")
+            out.update(pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"],
+                       batch_num_images=pixels["batch_num_images"], **{DUMMY_IMAGE: True})
         return out
 
 

@@ -5,9 +5,18 @@ template with anyres image expansion: `return_assistant_tokens_mask` needs `{% g
 LLaVA-OneVision templates lack. Instead the template renders the conversation, assistant spans are found by
 rendering prefixes of it (a template that is not prefix-stable is refused), and the text is tokenised span by span
 so each token's label is known exactly. Supervised: every assistant turn's content and its closing `<|im_end|>`.
+
+Templates differ in the message form they accept: the llava-hf checkpoints' template wants `content` as a LIST of
+typed parts ({"type": "image"}, {"type": "text"}) and renders string content as an empty turn; lmms-lab's ChatML
+wants strings. The form is found once per processor by rendering probes (`template_style`), records (which keep
+`<image>` placeholders inline, LLaVA style) are converted to it (`for_template`), and every render is checked:
+each message's text must appear in it and it must hold one `<image>` per image, so a template the kit cannot
+render faithfully is an error naming the checkpoint, never an empty prompt.
 """
 
 from __future__ import annotations
+
+import weakref
 
 from .records import IMAGE_PLACEHOLDER, Sample
 from ..errors import UserError
@@ -15,12 +24,79 @@ from ..model.processor import image_token_counts
 
 IGNORE = -100
 END_OF_TURN = "<|im_end|>"
+_PROBE = "lora-manip probe 7f3a"
+_STYLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def render(processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def _apply(processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
     return processor.tokenizer.apply_chat_template(
         messages, chat_template=processor.chat_template, tokenize=False,
         add_generation_prompt=add_generation_prompt)
+
+
+def _checkpoint(processor) -> str:
+    return getattr(processor.tokenizer, "name_or_path", None) or "the checkpoint"
+
+
+def template_style(processor) -> str:
+    """"string" or "list": the message-content form the processor's chat template renders."""
+    style = _STYLES.get(processor)
+    if style is not None:
+        return style
+
+    def renders(content) -> str:
+        try:
+            return _apply(processor, [{"role": "user", "content": content}])
+        except Exception:  # noqa: BLE001 - a template that cannot take this form raises anything jinja can raise
+            return ""
+
+    if _PROBE in renders(_PROBE):
+        style = "string"
+    elif _PROBE in renders([{"type": "text", "text": _PROBE}]):
+        style = "list"
+        if renders([{"type": "image"}, {"type": "text", "text": _PROBE}]).count(IMAGE_PLACEHOLDER) != 1:
+            raise UserError(f"the chat template of {_checkpoint(processor)} does not render an image part as one "
+                            f"{IMAGE_PLACEHOLDER}; the kit cannot place image tokens with it")
+    else:
+        raise UserError(f"the chat template of {_checkpoint(processor)} renders neither string nor list "
+                        "(typed parts) message content; pass a checkpoint whose template the kit can render")
+    _STYLES[processor] = style
+    return style
+
+
+def for_template(processor, messages: list[dict]) -> list[dict]:
+    """Messages with string content and inline `<image>` placeholders, in the form the template wants. For list
+    templates each placeholder becomes an image part, in order; the newline after a placeholder is dropped, as
+    LLaVA's `<image>\\n` convention and the hub template (which writes `<image>\\n` itself) agree."""
+    if template_style(processor) == "string":
+        return messages
+    out = []
+    for m in messages:
+        parts: list[dict] = []
+        for k, piece in enumerate(m["content"].split(IMAGE_PLACEHOLDER)):
+            if k:
+                parts.append({"type": "image"})
+                piece = piece[1:] if piece.startswith("\n") else piece
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+def render(processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The template's text for string-content messages, checked: every message's text is in it, and it holds
+    exactly one `<image>` per placeholder."""
+    text = _apply(processor, for_template(processor, messages), add_generation_prompt)
+    want = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if text.count(IMAGE_PLACEHOLDER) != want:
+        raise UserError(f"the chat template of {_checkpoint(processor)} rendered {text.count(IMAGE_PLACEHOLDER)} "
+                        f"{IMAGE_PLACEHOLDER} for {want} image(s)")
+    for m in messages:
+        for piece in m["content"].split(IMAGE_PLACEHOLDER):
+            if piece.strip() and piece.strip() not in text:
+                raise UserError(f"the chat template of {_checkpoint(processor)} dropped the text of a {m['role']} "
+                                f"turn ({piece.strip()[:60]!r}); the kit cannot train or prompt with it")
+    return text
 
 
 def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
@@ -65,6 +141,10 @@ def encode(sample: Sample, processor, system_prompt: str | None, image_sizes: li
         ids = tok(segment, add_special_tokens=False)["input_ids"]
         input_ids += ids
         labels += ids if k % 2 == 1 else [IGNORE] * len(ids)
+    expanded = sum(image_token_counts(processor, image_sizes))
+    if input_ids.count(processor.image_token_id) != expanded:
+        raise UserError(f"{sample.source} id={sample.id!r}: encoded {input_ids.count(processor.image_token_id)} image "
+                        f"tokens for {expanded} the processor expands its images to")
     return {"input_ids": input_ids, "labels": labels}
 
 

@@ -37,6 +37,22 @@ def check_model_path(path: str) -> None:
                         f"`lora-manip tiny-model {path}`")
 
 
+def local_folder(path: str) -> Path | None:
+    """The local folder of a model: the path itself, or a hub id's snapshot in the local cache (never downloads);
+    None when neither exists."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if _HUB_ID.match(path):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(path, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any failure means: not in the cache
+            return None
+    return None
+
+
 def compute_dtype(name: str) -> torch.dtype:
     """The recipe's dtype on a GPU; float32 on CPU, where bf16 matmuls are unusably slow (measured: a 0.5B-shaped
     LoRA step did not finish in 15 minutes in bf16, ~50 s in fp32)."""

@@ -8,24 +8,30 @@ resume, schedulers, logging integrations and the optimizer registry.
 
 What is added: (1) per-part learning rates (train/optim.py), (2) a loss that never materialises full-vocabulary
 logits for unlabelled positions and can weigh samples instead of tokens (train/loss.py), (3) saving what PEFT
-cannot (image_newline), plus log fields (learning rate per part, tokens/s).
+cannot (image_newline) and the base's own processor files, (4) text-only batches that still run the vision tower
+when several processes train (`image_features_unused`), plus log fields (learning rate per part, tokens/s).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 from transformers import Trainer
 
+from ..data.dataset import DUMMY_IMAGE
 from ..model.adapters import load_extras, save_extras
+from ..model.processor import save_processor
 from .loss import IGNORE, loss_at_positions, positions_to_keep, supervised_rows
 from .optim import param_groups
 
 
 class ManipTrainer(Trainer):
-    def __init__(self, *args, recipe, **kwargs):
+    def __init__(self, *args, recipe, processor, base_folder=None, **kwargs):
         self.recipe = recipe
+        self.processor = processor
+        self.base_folder = base_folder
         super().__init__(*args, **kwargs)
         # compute_loss divides by the token count of the whole accumulated batch (num_items_in_batch).
         self.loss_is_scaled_for_ga = True
@@ -55,9 +61,12 @@ class ManipTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model or self.model)
+            model = model or self.model
+            opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
             opt_kwargs.pop("lr", None)  # each group carries its own
-            self.optimizer = opt_cls(param_groups(model or self.model, self.recipe), **opt_kwargs)
+            self.optimizer = opt_cls(param_groups(model, self.recipe), **opt_kwargs)
+            if "bitsandbytes" in str(opt_cls) and opt_kwargs.get("optim_bits") == 8:
+                keep_embeddings_32bit(model)
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -98,9 +107,11 @@ class ManipTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
+        dummy = inputs.pop(DUMMY_IMAGE, False)
         self._tokens += int(inputs["attention_mask"].sum())
         keep = positions_to_keep(labels)
-        outputs = model(**inputs, logits_to_keep=keep)
+        with image_features_unused(model) if dummy else contextlib.nullcontext():
+            outputs = model(**inputs, logits_to_keep=keep)
         loss = loss_at_positions(outputs.logits, labels, keep, num_items_in_batch,
                                  per_sample=self.recipe.train.loss_reduction == "sample")
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -122,7 +133,28 @@ class ManipTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
         if self.args.should_save:
-            save_extras(self.model, output_dir or self.args.output_dir, state_dict)
+            out = output_dir or self.args.output_dir
+            save_extras(self.model, out, state_dict)
+            # The base's own processor files, not the kit's image-only loader's: an adapter, checkpoint or trained
+            # model folder loads with AutoProcessor like the base (the Trainer is given no processing_class, so it
+            # writes none of its own).
+            save_processor(self.processor, out, source=self.base_folder)
+
+    def save_final(self, output_dir: str) -> None:
+        """The run's result. A full model whose trained weights were kept in fp32 (model/adapters.py: fp32 master
+        weights) is written in the dtype it was loaded in, so the folder matches the base tensor for tensor;
+        checkpoints keep fp32 so a resume continues exactly."""
+        from peft import PeftModel
+
+        from ..model.load import compute_dtype
+
+        load_dtype = compute_dtype(self.recipe.model.dtype)
+        if isinstance(self.model, PeftModel) or self.is_deepspeed_enabled or load_dtype == torch.float32:
+            self.save_model(output_dir)
+            return
+        state = {k: (v.to(load_dtype) if v.is_floating_point() and v.dtype == torch.float32 else v)
+                 for k, v in self.model.state_dict().items()}
+        self._save(output_dir, state_dict=state)
 
     def _save_checkpoint(self, model, trial):
         # Mark the new checkpoint complete before older ones are rotated away: the Trainer rotates inside
@@ -149,3 +181,43 @@ class ManipTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, dict(inputs))
         return loss.detach(), None, None
+
+
+def keep_embeddings_32bit(model) -> None:
+    """What the stock create_optimizer does for 8-bit bitsandbytes optimizers and the per-part groups would lose:
+    embedding tables keep 32-bit optimizer state (8-bit state on embeddings is unstable, per bitsandbytes)."""
+    import bitsandbytes
+
+    manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            manager.register_module_override(module, "weight", {"optim_bits": 32})
+
+
+@contextlib.contextmanager
+def image_features_unused(model):
+    """Run the model on a batch whose only image is the collator's dummy, keeping none of its features.
+
+    Under ZeRO-3 every process must run the same modules in the same order each step (parameters are gathered
+    module by module, collectively), and DDP expects a gradient for every trained parameter: a text-only batch on
+    one process while another has images desynchronises both (a gloo collective mismatch, an NCCL hang). So a
+    text-only batch carries a blank image, goes through the model's own forward (embeddings, vision tower,
+    projector, LM: the order every process runs), and the image features are cut to zero rows before they are
+    placed, as upstream LLaVA does (`image_features[0:0]`): the vision tower and projector run and receive exactly
+    zero gradient, the text's logits and gradients are those without the dummy. transformers has no hook for this,
+    hence the temporary instance attribute over `get_image_features`."""
+    from transformers import LlavaOnevisionModel
+
+    inner = next(m for m in model.modules() if isinstance(m, LlavaOnevisionModel))
+    original = inner.get_image_features
+
+    def zero_rows(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.pooler_output = [torch.cat(out.pooler_output, dim=0)[:0]]
+        return out
+
+    inner.get_image_features = zero_rows
+    try:
+        yield
+    finally:
+        del inner.get_image_features

@@ -131,6 +131,7 @@ def build_trainer(recipe: Recipe, overwrite: bool = False, resume: bool = False)
     """Everything up to the first step: checks, inputs, processor, data, model, Trainer."""
     from ..data.dataset import Collator
     from ..model.adapters import trainable_summary
+    from ..model.load import local_folder
     from ..model.processor import load_processor
     from .callbacks import JsonlLogCallback
     from .launch import preflight
@@ -155,8 +156,10 @@ def build_trainer(recipe: Recipe, overwrite: bool = False, resume: bool = False)
     log.info("train samples: %d (%s), effective batch size %d", len(train_ds),
              ", ".join(f"dropped {n}: {r}" for r, n in train_ds.dropped.items()) or "none dropped",
              recipe.effective_batch_size)
-    return ManipTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                        data_collator=Collator(processor), processing_class=processor, recipe=recipe,
+    # Several processes: text-only batches carry a dummy image so every process runs the same modules each step.
+    collator = Collator(processor, dummy_image=args.world_size > 1)
+    return ManipTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=collator,
+                        recipe=recipe, processor=processor, base_folder=local_folder(recipe.model.path),
                         callbacks=[JsonlLogCallback(out / "train_log.jsonl")])
 
 
@@ -168,7 +171,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) 
     trainer.train(resume_from_checkpoint=latest_checkpoint(out) if resume else None)
     if trainer.eval_dataset is not None:
         trainer.evaluate()
-    trainer.save_model(str(out))
+    trainer.save_final(str(out))
     if trainer.args.should_save:
         plot_loss(out / "train_log.jsonl", out / "loss.png")
     return out
