@@ -202,22 +202,51 @@ def eval_(model: str = typer.Argument(..., help="Merged/full checkpoint, adapter
         typer.echo(f"wrote {out}/metrics.json, {out}/predictions.jsonl and overlays")
 
 
+TaskMapOpt = typer.Option(None, "--task-map", help="NAME=KIND: score task NAME as KIND (box, point, trajectory, "
+                          "choice, yesno, planning, pointing); repeatable; beats the built-in RoboInter names.")
+CoordsOpt = typer.Option("normalized", "--coords", help="How to read predicted coordinates: normalized ([0, 1]), "
+                         "thousand (0-1000, Qwen2-VL) or pixels (of the original image; needs w/h or a mask).")
+
+
+def _exit_on_data_errors(summary: dict) -> None:
+    if summary.get("data_errors"):
+        raise typer.Exit(1)
+
+
 @app.command()
 @command
-def score(predictions: Path = typer.Argument(..., help="JSON/JSONL records with id, pred, gt (task, w, h optional)."),
-          out: Optional[Path] = typer.Option(None, help="Write metrics.json and predictions.jsonl here."),
-          upstream_compatible: bool = typer.Option(False, help="Use the upstream scorer's rules."),
-          point_threshold: float = typer.Option(0.05, help="Contact-point hit radius (normalised units).")):
-    """Score predictions made elsewhere (vLLM, upstream scripts) with the same metrics as `eval`."""
+def score(predictions: List[Path] = typer.Argument(..., help="JSON/JSONL files of records with id, pred, gt (task, "
+                                                    "w, h, mask optional); upstream's eval_details_<task>.json work "
+                                                    "as they are."),
+          out: Optional[Path] = typer.Option(None, help="Write metrics.json and scores.jsonl here."),
+          upstream_compatible: bool = typer.Option(False, help="Score as RoboInter's / RoboPoint's scripts do "
+                                                   "(flaws included) and print upstream's per-file table."),
+          point_threshold: float = typer.Option(0.05, help="Contact-point hit radius (normalised units)."),
+          task_map: Optional[List[str]] = TaskMapOpt,
+          coords: str = CoordsOpt,
+          data_root: Optional[Path] = typer.Option(None, help="Folder `mask` paths are relative to (default: "
+                                                   "each predictions file's folder)."),
+          force: bool = typer.Option(False, help="Replace metrics.json / scores.jsonl in --out.")):
+    """Score predictions made elsewhere (vLLM, upstream scripts) with the same metrics as `eval`. Exit 1 when some
+    records could not be scored (listed with id, field and reason)."""
+    from .eval.parse import parse_task_map
+    from .eval.report import check_outputs
     from .eval.score import format_table, load_predictions, score_records, write_outputs
 
+    if out:
+        check_outputs(out, force, inputs=predictions)
+    records = [r for p in predictions for r in load_predictions(p)]
+    roots = ([data_root] if data_root else []) + list(dict.fromkeys(p.parent for p in predictions))
     try:
-        rows, summary = score_records(load_predictions(predictions), upstream_compatible, point_threshold)
+        rows, summary = score_records(records, upstream_compatible, point_threshold, parse_task_map(task_map),
+                                      coords, roots)
     except ValueError as e:
-        raise UserError(f"{predictions}: {e}") from None
+        raise UserError(str(e)) from None
     typer.echo(format_table(summary))
     if out:
         write_outputs(out, rows, summary)
+        typer.echo(f"wrote {out}/metrics.json and {out}/scores.jsonl")
+    _exit_on_data_errors(summary)
 
 
 @app.command()

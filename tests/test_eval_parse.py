@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_manip.eval.parse import KINDS, Parsed, infer_task, parse_answer, parse_answer_upstream
+from lora_manip.eval.parse import (KINDS, TASK_KINDS, Parsed, classify_task, infer_task, parse_answer,
+                                   parse_task_map, task_from_filename)
 
 BOX = (0.1, 0.2, 0.3, 0.4)
 
@@ -150,7 +151,8 @@ def test_unknown_kind_and_non_string():
     "task,kind",
     [("current_bbox", "box"), ("final_bbox", "box"), ("contact_bbox", "box"), ("gripper_bbox", "box"),
      ("object_box", "box"), ("contact_point", "point"), ("grasp_point", "point"), ("future_traj", "trajectory"),
-     ("trajectory", "trajectory"), ("choice", "choice"), ("yesno", "yesno"), ("planning", "planning")],
+     ("trajectory", "trajectory"), ("choice", "choice"), ("yesno", "yesno"), ("planning", "planning"),
+     ("traj_choice", "choice"), ("rh20t_traj_direction_choice", "choice"), ("droid_gripper_det", "box")],
 )
 def test_infer_task_from_name(task, kind):
     assert infer_task("whatever", task) == kind
@@ -169,23 +171,95 @@ def test_infer_task_from_gt(gt, kind):
     assert infer_task(gt, "unrecognised_task_name") == kind  # unknown names fall back to the format
 
 
-# ------------------------------------------------------------------------------------------------ upstream parser
-def test_upstream_drops_minus_signs_strict_keeps_them():
-    text = "[[-0.1, 0.2], [0.3, 0.4]]"
-    assert parse_answer(text, "box").value == (-0.1, 0.2, 0.3, 0.4)
-    assert parse_answer_upstream(text, "box").value == (0.1, 0.2, 0.3, 0.4)
-    assert parse_answer_upstream("[[-0.1, -0.2], [0.3, 0.4]]", "trajectory").value == [(0.1, 0.2), (0.3, 0.4)]
+# ----------------------------------------------------------------------------------------- RoboInter task names
+UNDERSTANDING = ["contact_decide", "grasppose_choice", "grounding_choice", "traj_choice", "traj_direction_choice",
+                 "traj_direction_choice_with_traj", "trajlang_choice", "trajlang_sub_choice"]
+GROUNDING = {"contact_box": "box", "current_box": "box", "final_box": "box", "gripper_det": "box",
+             "contact_point": "point", "traj": "trajectory", "traj_wo_init_pos": "trajectory"}
 
 
-def test_upstream_rules():
-    assert parse_answer_upstream("[0.1, 0.2, 0.3, 0.4, 0.5]", "box").value == (0.1, 0.2, 0.3, 0.4)  # first four
-    assert parse_answer_upstream("[0.3, 0.4, 0.1, 0.2]", "box").value == (0.3, 0.4, 0.1, 0.2)  # corners not fixed
-    assert parse_answer_upstream("[0.1, 0.2]", "box").error is not None
-    assert parse_answer_upstream("0.1 0.2 0.3", "point").value == [(0.1, 0.2)]  # odd one dropped
-    assert parse_answer_upstream("1e-3", "point").value == [(1.0, 3.0)]  # no exponent support
-    assert parse_answer_upstream("", "choice") == Parsed("", None)  # empty is not a failure upstream
-    assert parse_answer_upstream("  B ", "choice") == Parsed("B", None)
-    assert parse_answer_upstream("", "trajectory").error is not None
+@pytest.mark.parametrize("prefix", ["", "rh20t_", "droid_", "eval_details_", "eval_details_rh20t_"])
+def test_robointer_names_map_to_upstream_kinds(prefix):
+    for name in UNDERSTANDING:  # "traj" in a choice task's name must not make it a trajectory
+        assert classify_task(prefix + name, "B") == ("choice", "name"), name
+        assert classify_task(prefix + name, '{"future_traj": [[0, 0], [1, 1]]}').kind == "choice", name
+    for name, kind in GROUNDING.items():
+        assert classify_task(prefix + name, "B") == (kind, "name"), name
+    assert len(TASK_KINDS) >= len(UNDERSTANDING) + len(GROUNDING)
+
+
+def test_registry_and_file_names():
+    assert classify_task("rh20t_vla_current_box_train", "x").kind == "box"
+    assert classify_task("droid_vla_traj_qa_train", "x").kind == "trajectory"
+    assert classify_task("traj_choice_qa_val", "x") == ("choice", "name")
+    assert task_from_filename("results/m/eval_details_traj_choice.json") == "traj_choice"
+    assert task_from_filename("/d/rh20t_contact_box_qa.jsonl") == "rh20t_contact_box_qa"
+    assert task_from_filename("preds.jsonl") is None
+
+
+def test_exact_name_beats_substring_and_decide_with_yes_no():
+    assert classify_task("trajlang_sub_choice", "[[0.1, 0.2], [0.3, 0.4]]").kind == "choice"
+    assert classify_task("my_traj_choice_set", "A") == ("choice", "guess")  # substring: choice before traj
+    assert classify_task("contact_decide", "Yes") == ("yesno", "name")  # upstream: one rule for both
+    assert classify_task("pointing", "x") == ("pointing", "name")
+    assert classify_task("where2place", None) == ("pointing", "name")
+    assert classify_task("anything", None, has_mask=True) == ("pointing", "mask")
+
+
+def test_task_map_wins_and_is_validated():
+    tm = parse_task_map(["my_set=box", "Other=decide", "w=mask"])
+    assert tm == {"my_set": "box", "Other": "choice", "w": "pointing"}
+    assert classify_task("MY_SET", "B", tm) == ("box", "task-map")  # case-insensitive
+    assert classify_task("traj_choice", "B", {"traj_choice": "trajectory"}) == ("trajectory", "task-map")
+    for bad in ["nokind", "x=", "=box", "x=cube"]:
+        with pytest.raises(ValueError, match="NAME=KIND"):
+            parse_task_map([bad])
+
+
+def test_unknown_name_falls_back_to_format():
+    assert classify_task("my_eval", "C") == ("choice", "format")
+    assert classify_task("my_eval", '{"current_bbox": [[0, 0], [1, 1]]}') == ("box", "format")
+    assert classify_task(None, "[[0.1, 0.2]]") == ("point", "format")
+
+
+# ------------------------------------------------------------------------------------------- answer formats, units
+def test_qwen_and_tag_formats():
+    size = (640, 480)
+    assert parse_answer('[{"bbox_2d": [64, 48, 320, 240], "label": "cup"}]', "box", "pixels", size).value == approx(
+        (0.1, 0.1, 0.5, 0.5))
+    assert parse_answer('```json\n[{"point_2d": [100, 200], "label": "a"}, {"point_2d": [300, 400]}]\n```',
+                        "point", "thousand").value == approx([(0.1, 0.2), (0.3, 0.4)])
+    assert parse_answer("<|box_start|>(100,200),(300,400)<|box_end|>", "box", "thousand").value == approx(
+        (0.1, 0.2, 0.3, 0.4))
+    assert parse_answer("<point>(0.1, 0.2)</point> and <point>[0.3, 0.4]</point>", "pointing").value == approx(
+        [(0.1, 0.2), (0.3, 0.4)])
+    # Molmo's attributes are percent of the image, whatever --coords says
+    molmo = '<points x1="10" y1="20" x2="30.5" y2="40" alt="cups">cups</points>'
+    assert parse_answer(molmo, "pointing", "pixels", size).value == approx([(0.1, 0.2), (0.305, 0.4)])
+    assert parse_answer('<point x="61.5" y="40.6" alt="mug">mug</point>', "point").value == approx([(0.615, 0.406)])
+    assert parse_answer("[(0.25, 0.5), (0.75, 0.5)]", "pointing").value == [(0.25, 0.5), (0.75, 0.5)]
+
+
+def test_units_and_their_errors():
+    assert parse_answer("[320, 240]", "point", "pixels", (640, 480)).value == [(0.5, 0.5)]
+    assert parse_answer("[500, 250]", "point", "thousand").value == [(0.5, 0.25)]
+    assert parse_answer("[320, 240]", "point", "pixels").error == "pixel coordinates need the image size (w, h)"
+    assert "unknown coordinate convention" in parse_answer("[1, 2]", "point", "inches").error
+
+
+def approx(v):
+    """pytest.approx for a box tuple or a list of (x, y) points."""
+    flat = list(v) if isinstance(v, tuple) else [c for p in v for c in p]
+
+    class _Eq:
+        def __eq__(self, other):
+            got = list(other) if isinstance(other, tuple) else [c for p in other for c in p]
+            return got == pytest.approx(flat, abs=1e-9)
+
+        def __repr__(self):
+            return repr(v)
+
+    return _Eq()
 
 
 # ------------------------------------------------------------------------------------------------------- fuzzing
@@ -204,7 +278,7 @@ def _check(p):
 @given(text=st.text())
 def test_fuzz_any_text_never_raises(kind, text):
     _check(parse_answer(text, kind))
-    _check(parse_answer_upstream(text, kind))
+    _check(parse_answer(text, kind, "pixels", (640, 480)))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -213,7 +287,6 @@ def test_fuzz_any_text_never_raises(kind, text):
 def test_fuzz_structured_text_never_raises(kind, text):
     p = parse_answer(text, kind)
     _check(p)
-    _check(parse_answer_upstream(text, kind))
     if p.error is None and kind == "box":
         x1, y1, x2, y2 = p.value
         assert x1 <= x2 and y1 <= y2 and all(math.isfinite(v) for v in p.value)

@@ -20,6 +20,11 @@ __all__ = [
     "dtw_distance",
     "discrete_frechet",
     "endpoint_error",
+    "hausdorff_distance",
+    "resample_polyline",
+    "trace_rmse_mae",
+    "TRACE_POINTS",
+    "TRACE_SCALE",
     "bleu",
     "to_pixels",
     "box_to_pixels",
@@ -179,6 +184,41 @@ def endpoint_error(a: Iterable[Point], b: Iterable[Point]) -> float:
     """Euclidean distance between the last points of two trajectories. Raises ValueError when either is empty."""
     pa, pb = _as_array(a, "a")[-1], _as_array(b, "b")[-1]
     return float(np.hypot(*(pa - pb)))
+
+
+def hausdorff_distance(a: Iterable[Point], b: Iterable[Point]) -> float:
+    """Symmetric Hausdorff distance between two point sets: the largest distance from a point of either set to the
+    nearest point of the other (order ignored). Raises ValueError when either is empty."""
+    d = _pairwise(_as_array(a, "a"), _as_array(b, "b"))
+    return float(max(d.min(axis=1).max(), d.min(axis=0).max()))
+
+
+# VABench-V's visual-trace protocol: resample both traces to one number of points, scale to 0-999, then RMSE / MAE.
+TRACE_POINTS = 100
+TRACE_SCALE = 999.0
+
+
+def resample_polyline(points: Iterable[Point], n: int) -> np.ndarray:
+    """`n` points evenly spaced by arc length along the polyline (first and last kept). A single point, or a
+    trace of zero length, repeats its first point. Raises ValueError when empty or ``n < 1``."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    p = _as_array(points, "points")
+    seg = np.hypot(*np.diff(p, axis=0).T) if len(p) > 1 else np.zeros(0)
+    cum = np.concatenate([[0.0], np.cumsum(seg)])
+    if len(p) == 1 or cum[-1] <= 0.0:
+        return np.repeat(p[:1], n, axis=0)
+    t = np.linspace(0.0, cum[-1], n)
+    return np.stack([np.interp(t, cum, p[:, 0]), np.interp(t, cum, p[:, 1])], axis=1)
+
+
+def trace_rmse_mae(pred: Iterable[Point], gt: Iterable[Point], n: int = TRACE_POINTS,
+                   scale: float = TRACE_SCALE) -> tuple[float, float]:
+    """(RMSE, MAE) between two traces given in [0, 1] units, after resampling both to `n` points and scaling
+    coordinates to 0-`scale`: RMSE = sqrt(mean over points of the squared Euclidean distance), MAE = mean over
+    points and axes of the absolute difference. Raises ValueError when either trace is empty."""
+    diff = (resample_polyline(pred, n) - resample_polyline(gt, n)) * scale
+    return float(np.sqrt(np.mean(np.sum(diff * diff, axis=1)))), float(np.mean(np.abs(diff)))
 
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")

@@ -1,21 +1,23 @@
-"""Score predictions against ground truths, per dataset and task kind (pure Python + numpy, no torch).
+"""Score predictions against ground truths, per dataset, task and kind (pure Python + numpy + PIL, no torch).
 
 Input records: ``{"id", "pred", "gt"}`` plus optional ``task``, ``dataset``, ``w``, ``h`` (original image size in
-pixels). Predictions may come from this kit, vLLM or upstream scripts.
+pixels), ``mask`` (a mask image for pointing questions, which need no ``gt``) and ``image_size`` (upstream's field).
+Predictions may come from this kit, vLLM or upstream scripts.
 
-Strict mode (default) uses `parse_answer`. A prediction that does not parse (including an empty one):
+Strict mode (default) reads answers with `parse_answer`, in the units ``coords`` says. A prediction that does not
+parse (including an empty one):
 
 - box: IoU 0, so it lowers ``mean_iou`` and is a miss for ``acc@0.1`` / ``acc@0.5``;
 - point: excluded from ``mean_distance`` (a distance cannot be made up) but a miss for ``acc@<threshold>``;
-- trajectory: excluded from ``dtw`` / ``frechet`` / ``endpoint_error`` (the means are over parsed predictions);
-  look at ``parse_failure_rate`` beside them;
-- choice / yesno: wrong (``accuracy``); planning: BLEU 0.
+- trajectory: excluded from the distances (means are over parsed predictions; see ``parse_failure_rate``);
+- pointing: accuracy 0; choice / yesno: wrong; planning: BLEU 0.
 
-Every group reports ``count``, ``parse_failures`` and ``parse_failure_rate``. Upstream-compatible mode uses
-`parse_answer_upstream` (minus signs dropped, an empty choice counted correct, ...) and, as upstream did, drops
-unparsable trajectories from the averages; it exists only to compare with published tables.
+Upstream-compatible mode scores box / trajectory / choice / yes-no records with RoboInter's rules (upstream.py) and
+pointing records with RoboPoint's (pointing.py), and adds upstream's per-file table and "Average Score".
 
-A ground truth that does not parse is an error (ValueError naming the record), never a silent zero.
+A record that cannot be scored (no ``pred``, a ground truth that does not parse as its kind, a bad ``w``/``h``, a
+missing mask, ...) never stops the run: it is listed in ``summary["data_errors"]`` with its id, field and reason,
+and left out of every metric.
 """
 
 from __future__ import annotations
@@ -26,29 +28,37 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..fsutil import atomic_write_json, atomic_write_text
 from .metrics import (
     bleu,
     box_iou,
     discrete_frechet,
     dtw_distance,
     endpoint_error,
+    hausdorff_distance,
     point_distance,
     to_pixels,
+    trace_rmse_mae,
 )
-from .parse import KINDS, Parsed, infer_task, parse_answer, parse_answer_upstream
+from .parse import COORDS, GEOMETRIC, KINDS, Parsed, classify_task, parse_answer
+from .geometry import coords_above_one
+from . import pointing, upstream as up
+from .report import format_table, load_predictions, write_outputs  # noqa: F401  (the CLI and demo import them here)
 
 __all__ = ["score_records", "load_predictions", "format_table", "write_outputs", "DEFAULT_DATASET"]
 
 DEFAULT_DATASET = "default"
-_TRAJ_METRICS = ("dtw", "frechet", "endpoint_error")
+_TRAJ_METRICS = ("dtw", "frechet", "hausdorff", "endpoint_error")
+_TRAJ_FNS = (dtw_distance, discrete_frechet, hausdorff_distance, endpoint_error)
+
+
+class _DataError(Exception):
+    def __init__(self, field: str, reason: str):
+        super().__init__(reason)
+        self.field, self.reason = field, reason
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, list):
+    if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
     return value
 
@@ -60,46 +70,125 @@ def _as_text(value: Any) -> Any:
     return value
 
 
-def _size(record: dict, rid: Any) -> tuple[float, float] | None:
+def _size(record: dict) -> tuple[float, float] | None:
     w, h = record.get("w"), record.get("h")
     if w is None and h is None:
         return None
     for name, v in (("w", w), ("h", h)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"record {rid!r}: {name} must be a positive number of pixels (got {v!r})")
+            raise _DataError(name, f"must be a positive number of pixels (got {v!r})")
     return float(w), float(h)
 
 
-def _score_one(kind: str, pred: Parsed, gt: Parsed, size, upstream: bool, thr: float) -> dict:
+def _score_strict(kind: str, pred: Parsed, gt: Parsed, size, thr: float) -> dict:
     s: dict[str, Any] = {}
     ok = pred.error is None
     if kind == "box":
         s["iou"] = box_iou(pred.value, gt.value) if ok else 0.0
     elif kind == "point":
+        s["distance"] = point_distance(pred.value, gt.value) if ok else None
         if ok:
-            s["distance"] = point_distance(pred.value, gt.value)
             s["n_points_pred"], s["n_points_gt"] = len(pred.value), len(gt.value)
             if size:
                 s["distance_px"] = point_distance(to_pixels(pred.value, *size), to_pixels(gt.value, *size))
-        else:
-            s["distance"] = None
         s["hit"] = bool(ok and s["distance"] <= thr)
     elif kind == "trajectory":
-        for name, fn in zip(_TRAJ_METRICS, (dtw_distance, discrete_frechet, endpoint_error)):
+        for name, fn in zip(_TRAJ_METRICS, _TRAJ_FNS):
             s[name] = fn(pred.value, gt.value) if ok else None
             if size:
                 s[name + "_px"] = fn(to_pixels(pred.value, *size), to_pixels(gt.value, *size)) if ok else None
-    elif kind == "choice":
-        if upstream:
-            # Upstream's `pred in gt`: the stripped prediction is a substring of the ground-truth letter ("" is).
-            s["correct"] = bool(ok and isinstance(pred.value, str) and pred.value in gt.value)
-        else:
-            s["correct"] = bool(ok and pred.value == gt.value)
-    elif kind == "yesno":
+        s["trace_rmse"], s["trace_mae"] = trace_rmse_mae(pred.value, gt.value) if ok else (None, None)
+    elif kind in ("choice", "yesno"):
         s["correct"] = bool(ok and pred.value == gt.value)
     else:  # planning
         s["bleu"] = bleu(pred.value, gt.value) if ok else 0.0
     return s
+
+
+class _Scorer:
+    def __init__(self, upstream: bool, thr: float, task_map: dict | None, coords: str, mask_roots: list[Path]):
+        self.upstream, self.thr, self.task_map, self.coords = upstream, thr, task_map or {}, coords
+        self.mask_roots = mask_roots
+
+    def _pointing(self, rec: dict, row: dict, pred_text: str) -> None:
+        mask_name = rec.get("mask")
+        if not isinstance(mask_name, str) or not mask_name:
+            raise _DataError("mask", "pointing needs a mask image (`mask`: a path relative to the predictions "
+                                     "file or --data-root)")
+        path = pointing.resolve_mask(mask_name, self.mask_roots)
+        if path is None:
+            raise _DataError("mask", f"mask image {mask_name} not found under {', '.join(map(str, self.mask_roots))}")
+        try:
+            mask = pointing.load_mask(path)
+        except (OSError, ValueError) as e:
+            raise _DataError("mask", f"cannot read mask image {path}: {e}") from None
+        h, w = mask.shape
+        row["w"], row["h"] = float(w), float(h)
+        if self.upstream:
+            acc = pointing.robopoint_accuracy(pred_text, mask)
+            row.update(accuracy=acc, skipped=acc is None, pred=None,
+                       parse_error="upstream reader raised; skipped as upstream does" if acc is None else None)
+            return
+        pred = parse_answer(pred_text, "pointing", self.coords, (w, h))
+        row.update(pred=_jsonable(pred.value), parse_error=pred.error, skipped=False,
+                   accuracy=pointing.mask_accuracy(pred.value, mask) if pred.ok else 0.0)
+
+    def record(self, rec: Any) -> dict:
+        if not isinstance(rec, dict):
+            raise _DataError("-", f"expected an object, got {type(rec).__name__}")
+        if rec.get("pred") is None:
+            raise _DataError("pred", "missing or null")
+        pred_text, gt_text = _as_text(rec["pred"]), _as_text(rec.get("gt"))
+        if not isinstance(pred_text, str):
+            raise _DataError("pred", f"not a string ({type(pred_text).__name__})")
+        task = rec.get("task") if isinstance(rec.get("task"), str) and rec.get("task") else None
+        tk = classify_task(task, gt_text if isinstance(gt_text, str) else None, self.task_map,
+                           has_mask=bool(rec.get("mask")))
+        dataset = rec.get("dataset")
+        row: dict[str, Any] = {"id": rec.get("id"), "dataset": str(dataset) if dataset not in (None, "") else
+                               DEFAULT_DATASET, "task": task or tk.kind, "kind": tk.kind, "kind_from": tk.source}
+        size = _size(rec)
+        if size:
+            row["w"], row["h"] = size
+        if tk.kind == "pointing":
+            row.update(gt=rec.get("mask"), pred_text=pred_text)
+            self._pointing(rec, row, pred_text)
+            return row
+        if not isinstance(gt_text, str):
+            raise _DataError("gt", "missing or null" if gt_text is None else f"not a string ({type(gt_text).__name__})")
+        kind = tk.kind
+        gt = parse_answer(gt_text, kind)
+        if not gt.ok and tk.source == "guess":  # a name guess the ground truth contradicts: trust a clear format
+            by_format = classify_task(None, gt_text).kind
+            if by_format != "planning":  # prose is no evidence; keep the guess and report the ground truth
+                kind, gt = by_format, parse_answer(gt_text, by_format)
+                row.update(kind=kind, kind_from="format")
+        if not gt.ok:
+            raise _DataError("gt", f"does not parse as {kind} ({tk.source}): {gt.error} ({gt_text[:80]!r})")
+        row.update(gt=_jsonable(gt.value), pred_text=pred_text)
+        if self.upstream and kind in up.UPSTREAM_TYPE:
+            try:
+                row.update(up.score_upstream(kind, pred_text, gt_text, rec))
+            except ValueError as e:
+                raise _DataError("gt", str(e)) from None
+            row["pred"], row["parse_error"] = None, _upstream_parse_note(row)
+            return row
+        if kind in GEOMETRIC and self.coords == "pixels" and not size:
+            raise _DataError("w/h", "--coords pixels needs the image size of every grounding record")
+        pred = parse_answer(pred_text, kind, self.coords, size)
+        row.update(pred=_jsonable(pred.value), parse_error=pred.error)
+        if pred.ok and kind in GEOMETRIC and self.coords == "normalized" and coords_above_one(pred.value):
+            row["coords_suspicious"] = True
+        row.update(_score_strict(kind, pred, gt, size, self.thr))
+        return row
+
+
+def _upstream_parse_note(row: dict) -> str | None:
+    if row.get("upstream_step") == "zeros":
+        return "upstream: fewer than 4 numbers, box read as [0, 0, 0, 0]"
+    if row.get("upstream_points") == 0:
+        return "upstream: no point (DTW infinite, set to 0 and dropped)"
+    return None
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -108,7 +197,7 @@ def _mean(xs: list[float]) -> float | None:
 
 def _summarise(kind: str, rows: list[dict], thr: float) -> dict:
     n = len(rows)
-    fails = sum(1 for r in rows if r["parse_error"] is not None)
+    fails = sum(1 for r in rows if r.get("parse_error") is not None)
     out: dict[str, Any] = {"count": n, "parse_failures": fails, "parse_failure_rate": fails / n if n else 0.0}
     if kind == "box":
         ious = [r["iou"] for r in rows]
@@ -121,10 +210,13 @@ def _summarise(kind: str, rows: list[dict], thr: float) -> dict:
         if px:
             out["mean_distance_px"] = _mean(px)
         out[f"acc@{thr:g}"] = _mean([1.0 if r["hit"] else 0.0 for r in rows])
+    elif kind == "trajectory" and any("upstream_points" in r for r in rows):
+        kept = [r["dtw_px"] for r in rows if r["dtw_px"] > 0]  # upstream drops zero DTW
+        out.update(dtw_px=_mean(kept), n_scored=len(kept), n_dropped=n - len(kept))
     elif kind == "trajectory":
         out["n_scored"] = n - fails
-        for name in _TRAJ_METRICS:
-            out[name] = _mean([r[name] for r in rows if r[name] is not None])
+        for name in _TRAJ_METRICS + ("trace_rmse", "trace_mae"):
+            out[name] = _mean([r[name] for r in rows if r.get(name) is not None])
         for name in _TRAJ_METRICS:
             px = [r[name + "_px"] for r in rows if r.get(name + "_px") is not None]
             if px:
@@ -132,200 +224,73 @@ def _summarise(kind: str, rows: list[dict], thr: float) -> dict:
                 out["n_scored_px"] = len(px)
     elif kind in ("choice", "yesno"):
         out["accuracy"] = _mean([1.0 if r["correct"] else 0.0 for r in rows])
+    elif kind == "pointing":
+        scored = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+        out.update(accuracy=_mean(scored), n_scored=len(scored), skipped=n - len(scored))
     else:
         out["bleu"] = _mean([r["bleu"] for r in rows])
     return out
 
 
 def _group_by_kind(rows: list[dict], thr: float) -> dict[str, dict]:
-    out = {}
-    for kind in KINDS:
-        sel = [r for r in rows if r["kind"] == kind]
-        if sel:
-            out[kind] = _summarise(kind, sel, thr)
-    return out
+    return {k: _summarise(k, sel, thr) for k in KINDS if (sel := [r for r in rows if r["kind"] == k])}
 
 
-def score_records(
-    records: list[dict], upstream_compatible: bool = False, point_threshold: float = 0.05
-) -> tuple[list[dict], dict]:
-    """Score `records`; return (per-sample rows, summary).
+def score_records(records: list[dict], upstream_compatible: bool = False, point_threshold: float = 0.05,
+                  task_map: dict[str, str] | None = None, coords: str = "normalized",
+                  mask_roots: list[str | os.PathLike] | None = None) -> tuple[list[dict], dict]:
+    """Score `records`; return (per-record rows, summary). Never raises for a bad record (see the module docstring).
 
-    Each row: ``id``, ``dataset``, ``task``, ``kind``, ``pred`` / ``gt`` (parsed values, JSON-serialisable),
-    ``parse_error``, ``pred_text`` (the raw prediction) and the per-sample scores of its kind (``iou``;
-    ``distance``, ``distance_px``, ``hit``; ``dtw``, ``frechet``, ``endpoint_error`` and their ``_px`` forms;
-    ``correct``; ``bleu``).
+    `task_map`: ``{task name: kind}`` that overrides the built-in names; `coords`: units of the predictions'
+    coordinates (normalized, thousand or pixels; ground truths are always [0, 1]); `mask_roots`: folders a record's
+    ``mask`` path is looked up in, in order.
 
-    Summary: ``{"mode", "point_threshold", "count", "all": {kind: stats}, "by_dataset": {dataset: {kind: stats}},
-    "by_task": {task: stats}}``. Records without ``dataset`` go to ``"default"``; ``by_task`` uses the record's
-    ``task`` name, or the kind when it has none. Distances are in normalised units; ``*_px`` ones (pixels) are
-    averaged over the records that give ``w`` and ``h``.
+    Each row: ``id``, ``dataset``, ``task``, ``kind``, ``kind_from``, ``pred`` / ``gt`` (parsed values),
+    ``parse_error``, ``pred_text`` and its kind's scores. Summary: ``{"mode", "coords", "point_threshold", "count",
+    "records", "data_errors", "all": {kind: stats}, "by_dataset": {dataset: {kind: stats}}, "by_task": {task:
+    stats}}``, plus ``"upstream"`` (per-file table, Average Score) in upstream-compatible mode.
 
-    Raises ValueError for a record without id/pred/gt, with a bad w/h, or whose ground truth does not parse.
+    Raises ValueError only for bad arguments.
     """
     if not (isinstance(point_threshold, (int, float)) and point_threshold >= 0):
         raise ValueError(f"point_threshold must be a non-negative number, got {point_threshold!r}")
-    parse_pred = parse_answer_upstream if upstream_compatible else parse_answer
+    if coords not in COORDS:
+        raise ValueError(f"coords must be one of {', '.join(COORDS)}, got {coords!r}")
+    if upstream_compatible and coords != "normalized":
+        raise ValueError("--coords applies to the strict scorer; upstream rules read coordinates their own way "
+                         "(RoboInter: [0, 1] scaled by the image size; RoboPoint: '.' means a fraction)")
+    scorer = _Scorer(upstream_compatible, point_threshold, task_map, coords, [Path(p) for p in mask_roots or ["."]])
     rows: list[dict] = []
+    errors: list[dict] = []
     for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise ValueError(f"record {i}: expected an object, got {type(rec).__name__}")
-        for field in ("id", "pred", "gt"):
-            if field not in rec:
-                raise ValueError(f"record {i} (id={rec.get('id')!r}): missing field {field!r}")
-        rid = rec["id"]
-        gt_text, pred_text = _as_text(rec["gt"]), _as_text(rec["pred"])
-        task = rec.get("task")
-        if not isinstance(gt_text, str):
-            raise ValueError(f"record {rid!r}: ground truth is not a string ({type(gt_text).__name__})")
-        kind = infer_task(gt_text, task if isinstance(task, str) else None)
-        gt = parse_answer(gt_text, kind)
-        if gt.error is not None:
-            raise ValueError(f"record {rid!r}: ground truth does not parse as {kind}: {gt.error} ({gt_text[:80]!r})")
-        pred = parse_pred(pred_text, kind)
-        size = _size(rec, rid)
-        dataset = rec.get("dataset")
-        row = {
-            "id": rid,
-            "dataset": str(dataset) if dataset not in (None, "") else DEFAULT_DATASET,
-            "task": task if isinstance(task, str) and task else kind,
-            "kind": kind,
-            "pred": _jsonable(pred.value),
-            "gt": _jsonable(gt.value),
-            "parse_error": pred.error,
-            "pred_text": pred_text,
-        }
-        if size:
-            row["w"], row["h"] = size
-        row.update(_score_one(kind, pred, gt, size, upstream_compatible, point_threshold))
-        rows.append(row)
+        rid = rec.get("id") if isinstance(rec, dict) else None
+        try:
+            rows.append(scorer.record(rec))
+        except _DataError as e:
+            errors.append({"index": i, "id": rid, "field": e.field, "reason": e.reason})
+        except Exception as e:  # one record's surprise must not cost the whole run its numbers
+            errors.append({"index": i, "id": rid, "field": "-", "reason": f"cannot score: {type(e).__name__}: {e}"})
 
-    by_dataset: dict[str, dict] = {}
-    for ds in dict.fromkeys(r["dataset"] for r in rows):
-        by_dataset[ds] = _group_by_kind([r for r in rows if r["dataset"] == ds], point_threshold)
     by_task = {}
     for t in dict.fromkeys(r["task"] for r in rows):
         sel = [r for r in rows if r["task"] == t]
-        kinds = {r["kind"] for r in sel}
-        if len(kinds) == 1:  # a task name used for several kinds cannot share one set of metrics
+        if len({r["kind"] for r in sel}) == 1:  # a task name used for several kinds cannot share one set of metrics
             by_task[t] = {"kind": sel[0]["kind"], **_summarise(sel[0]["kind"], sel, point_threshold)}
-    summary = {
+    geometric = [r for r in rows if r["kind"] in GEOMETRIC and r.get("pred") is not None]
+    summary: dict[str, Any] = {
         "mode": "upstream_compatible" if upstream_compatible else "strict",
+        "coords": {"predictions": coords, "ground_truth": "normalized",
+                   "suspicious": sum(1 for r in geometric if r.get("coords_suspicious")),
+                   "geometric_predictions": len(geometric)},
         "point_threshold": point_threshold,
         "count": len(rows),
+        "records": len(records),
+        "data_errors": errors,
         "all": _group_by_kind(rows, point_threshold),
-        "by_dataset": by_dataset,
+        "by_dataset": {ds: _group_by_kind([r for r in rows if r["dataset"] == ds], point_threshold)
+                       for ds in dict.fromkeys(r["dataset"] for r in rows)},
         "by_task": by_task,
     }
+    if upstream_compatible:
+        summary["upstream"] = up.summarise_files(rows)
     return rows, summary
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# I/O
-
-
-def _check_record(path: Path, rec: Any, index: int, where: str) -> dict:
-    if not isinstance(rec, dict):
-        raise UserError(f"{path}: {where}: record {index} is a {type(rec).__name__}, expected a JSON object")
-    for field in ("id", "pred", "gt"):
-        if field not in rec:
-            rid = f" (id={rec['id']!r})" if "id" in rec else ""
-            raise UserError(f"{path}: {where}: record {index}{rid} has no {field!r} field (id, pred and gt are required)")
-        if rec[field] is None:
-            raise UserError(f"{path}: {where}: record {index} (id={rec.get('id')!r}) has a null {field!r}")
-    return rec
-
-
-def load_predictions(path: str | os.PathLike) -> list[dict]:
-    """Read prediction records from a ``.json`` file (an array of objects) or a ``.jsonl`` file (one object a line).
-
-    Other extensions are read as a JSON array when the file starts with ``[``, else as JSON lines. Every record needs
-    ``id``, ``pred`` and ``gt``. Bad JSON or a missing field raises UserError naming the file, the line and the record.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: predictions file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read predictions file: {e}") from None
-    suffix = path.suffix.lower()
-    as_array = suffix == ".json" or (suffix != ".jsonl" and text.lstrip().startswith("["))
-    records: list[dict] = []
-    if as_array:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from None
-        if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON array of records, got a {type(data).__name__}")
-        for i, rec in enumerate(data):
-            records.append(_check_record(path, rec, i, "array"))
-    else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-            records.append(_check_record(path, rec, len(records), f"line {lineno}"))
-    return records
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3f}" if abs(v) < 1000 else f"{v:.1f}"
-    return str(v)
-
-
-def _main_metrics(kind: str, stats: dict) -> list[tuple[str, Any]]:
-    if kind == "box":
-        keys = ["mean_iou", "acc@0.1", "acc@0.5"]
-    elif kind == "point":
-        keys = ["mean_distance"] + (["mean_distance_px"] if "mean_distance_px" in stats else [])
-        keys += [k for k in stats if k.startswith("acc@")]
-    elif kind == "trajectory":
-        keys = ["dtw"] + (["dtw_px"] if "dtw_px" in stats else []) + ["frechet", "endpoint_error"]
-    elif kind in ("choice", "yesno"):
-        keys = ["accuracy"]
-    else:
-        keys = ["bleu"]
-    return [(k, stats.get(k)) for k in keys]
-
-
-def format_table(summary: dict) -> str:
-    """An aligned plain-text table: one row per (dataset, kind), "all" first; n, parse-failure %, main metrics."""
-    header = ["dataset", "kind", "n", "parse-fail", "metrics"]
-    body: list[list[str]] = []
-    groups = [("all", summary.get("all", {}))] + list(summary.get("by_dataset", {}).items())
-    if len(summary.get("by_dataset", {})) == 1:
-        groups = groups[:1]  # one dataset: its rows would repeat "all"
-    for name, kinds in groups:
-        for kind, stats in kinds.items():
-            metrics = "  ".join(f"{k}={_fmt(v)}" for k, v in _main_metrics(kind, stats))
-            body.append(
-                [name, kind, str(stats["count"]), f"{100.0 * stats['parse_failure_rate']:.1f}%", metrics]
-            )
-    widths = [max(len(r[c]) for r in [header] + body) for c in range(len(header))]
-    right = {2, 3}
-
-    def line(cells: list[str]) -> str:
-        parts = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(cells)]
-        return "  ".join(parts).rstrip()
-
-    out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in body]
-    mode = summary.get("mode")
-    if mode == "upstream_compatible":
-        out.append("(upstream-compatible scoring: reproduces upstream flaws; use for comparison with published tables)")
-    return "\n".join(out)
-
-
-def write_outputs(out_dir: str | os.PathLike, rows: list[dict], summary: dict) -> None:
-    """Write ``metrics.json`` (the summary) and ``predictions.jsonl`` (one row a line) into `out_dir`, atomically."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", summary)
-    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
