@@ -118,12 +118,12 @@ def test_dry_run_qlora_plan(tmp_path):
 # ZeRO-3 with 2 CPU processes over gloo (the 8-GPU recipe's code path)
 
 
-def _train_two_processes(tmp_path, data_dir, model_dir, port, **over):
+def _train_two_processes(tmp_path, data_dir, model_dir, port, train=None, **over):
     recipe = tmp_path / "recipe.yaml"
     raw = tiny_recipe_dict(model_dir, data_dir, tmp_path / "run", **over)
     raw["distributed"] = {"nproc_per_node": 2, "deepspeed": str(ROOT / "recipes" / "zero3.json"),
                           "master_port": port}
-    raw["train"].update(per_device_batch_size=2, max_steps=2, save_steps=2)
+    raw["train"].update({"per_device_batch_size": 2, "max_steps": 2, "save_steps": 2, **(train or {})})
     recipe.write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     proc = subprocess.run([sys.executable, "-m", "lora_manip.cli", "train", str(recipe)], cwd=ROOT, env=env,

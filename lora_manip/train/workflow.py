@@ -57,9 +57,14 @@ def check_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> None:
 def training_arguments(recipe: Recipe):
     from transformers import TrainingArguments
 
-    from ..model.load import has_cuda
+    import torch
+
+    from ..model.load import compute_dtype, has_cuda
 
     t, gpu = recipe.train, has_cuda()
+    # Autocast wherever the weights are 16-bit: trained weights are fp32 masters (model/adapters.py) next to 16-bit
+    # frozen ones, which only autocast can mix. On a CPU the kit loads fp32, so it does not apply there.
+    half = gpu or compute_dtype(recipe.model.dtype) != torch.float32
     return TrainingArguments(
         output_dir=t.output_dir,
         per_device_train_batch_size=t.per_device_batch_size,
@@ -75,9 +80,8 @@ def training_arguments(recipe: Recipe):
         optim="sgd" if t.optimizer == "mezo" else t.optimizer,  # MeZO updates weights itself (trainer.py)
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        # Mixed precision needs a GPU here; on CPU the model is loaded in fp32 (model/load.py says why).
-        bf16=gpu and t.precision == "bf16",
-        fp16=gpu and t.precision == "fp16",
+        bf16=half and t.precision == "bf16",
+        fp16=half and t.precision == "fp16",
         tf32=gpu and t.tf32 or None,
         use_cpu=not gpu,
         seed=t.seed,

@@ -1,0 +1,218 @@
+"""What real checkpoints and real recipes need beyond fp32 on all-image data: fp32 master weights under bf16,
+QLoRA without needless upcasts, 8-bit optimizer state kept 32-bit for embeddings, text-only batches that still
+run the vision tower, and trained folders in the base's own format."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlavaOnevisionForConditionalGeneration
+
+from lora_manip.model.adapters import prepare_trainable
+from lora_manip.model.parts import canonical, part_of
+from lora_manip.recipe import recipe_from_dict
+
+from .conftest import tiny_recipe_dict
+
+
+def _recipe(tiny_model_dir, tmp_path, **over):
+    return recipe_from_dict(tiny_recipe_dict(tiny_model_dir, tmp_path, tmp_path / "out", **over))
+
+
+def _image_batch(processor, n_images=1):
+    from PIL import Image
+
+    from lora_manip.data.encode import prompt_text
+
+    text = prompt_text(processor, [{"role": "user", "content": "<image>\nWhere is the red cube?"}], None)
+    img = Image.new("RGB", (320, 180), (120, 90, 60))
+    inputs = processor(images=[img], text=[text + "It is here.<|im_end|>"], return_tensors="pt")
+    inputs["labels"] = inputs["input_ids"].clone()
+    return inputs
+
+
+# ------------------------------------------------------------------------------------------ fp32 master weights
+
+def _one_bf16_step(model, batch, lr=2e-5):
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    before = {n: p.detach().clone() for n, p in trained.items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    # Elements with a zero gradient (embedding rows of tokens not in the batch) rightly stay: count the others.
+    live = {n: p.grad != 0 if p.grad is not None else torch.zeros_like(p, dtype=torch.bool)
+            for n, p in trained.items()}
+    changed = sum(int(((p.detach() != before[n]) & live[n]).sum()) for n, p in trained.items())
+    return trained, changed / sum(int(m.sum()) for m in live.values())
+
+
+@pytest.mark.parametrize("over", [
+    {},  # LoRA on the LM, projector + image_newline in full
+    {"parts__vision_tower": {"train": "full", "lr": 4e-6}},
+    {"method": "full"},
+])
+def test_fully_trained_parts_get_fp32_master_weights_and_move(tiny_model_dir, processor, tmp_path, over):
+    recipe = _recipe(tiny_model_dir, tmp_path, **over)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model = prepare_trainable(model, recipe)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for _, p in trained)
+    frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == [] or all(p.dtype == torch.bfloat16 for p in frozen)  # the rest stays in the load dtype
+    params, moved = _one_bf16_step(model, _image_batch(processor))
+    assert {part_of(n) for n in params} >= {"projector"}
+    assert moved >= 0.99, moved
+
+
+def test_bf16_trained_weights_would_not_move(tiny_model_dir, processor, tmp_path, monkeypatch):
+    """The control for the test above: without the fp32 copy, most updates round away."""
+    import lora_manip.model.adapters as adapters
+
+    monkeypatch.setattr(adapters, "fp32_master_weights", lambda model: 0)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model = prepare_trainable(model, _recipe(tiny_model_dir, tmp_path))
+    _, moved = _one_bf16_step(model, _image_batch(processor))
+    assert moved < 0.9
+
+
+def test_full_run_saves_in_the_base_dtype_and_names(tiny_model_dir, synth_dir, tmp_path):
+    """Trained in fp32 master weights, written as the base was: same dtype and tensor names."""
+    from safetensors import safe_open
+
+    from lora_manip.train.workflow import run_training
+
+    base_bf16 = tmp_path / "base"
+    from lora_manip.model.tiny import write_tiny_model
+
+    write_tiny_model(base_bf16, dtype="bfloat16")
+    recipe = recipe_from_dict(tiny_recipe_dict(base_bf16, synth_dir, tmp_path / "run", method="full",
+                                               model__dtype="bfloat16", train__max_steps=1))
+    import lora_manip.model.load as load
+
+    # CPU computes in fp32 whatever the recipe says; pretend the recipe's dtype is honoured, as on a GPU.
+    orig = load.compute_dtype
+    load.compute_dtype = lambda name: torch.bfloat16 if name == "bfloat16" else orig(name)
+    try:
+        run = run_training(recipe)
+    finally:
+        load.compute_dtype = orig
+
+    def tensors(folder):
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+
+    assert tensors(run) == tensors(base_bf16)
+    from .test_e2e import assert_same_processor_files
+
+    assert_same_processor_files(base_bf16, run)
+
+
+# ------------------------------------------------------------------------------------------------------ QLoRA
+
+def test_qlora_keeps_frozen_weights_in_the_compute_dtype(tiny_model_dir, tmp_path):
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    from lora_manip.model.load import NEVER_QUANTISED
+
+    recipe = _recipe(tiny_model_dir, tmp_path, method="qlora")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=NEVER_QUANTISED)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        tiny_model_dir, dtype=torch.bfloat16, quantization_config=q, device_map={"": "cpu"})
+    model = prepare_trainable(model, recipe)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    by_dtype: dict = {}
+    for n, p in model.named_parameters():
+        if p.dtype == torch.uint8:
+            continue  # packed 4-bit weights
+        key = "trained" if p.requires_grad else canonical(n).split(".")[1]
+        by_dtype.setdefault(key, set()).add(p.dtype)
+    assert by_dtype.pop("trained") == {torch.float32}
+    # frozen vision tower, embeddings, norms, lm_head: bf16 as loaded (PEFT's kbit preparation made them fp32)
+    assert all(d == {torch.bfloat16} for d in by_dtype.values()), by_dtype
+
+
+# -------------------------------------------------------------------------------------------- 8-bit optimizers
+
+def test_8bit_optimizer_keeps_embeddings_in_32bit_state(tiny_model_dir, synth_dir, tmp_path):
+    from lora_manip.train.workflow import build_trainer
+
+    recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, synth_dir, tmp_path / "run", method="full",
+                                               train__optimizer="adamw_8bit", train__max_steps=1))
+    trainer = build_trainer(recipe)
+    trainer.train()
+    state = trainer.optimizer.state
+    embed = trainer.model.model.language_model.embed_tokens.weight
+    big_linear = trainer.model.model.language_model.layers[0].mlp.up_proj.weight
+    assert embed.numel() >= 4096 and big_linear.numel() >= 4096  # both big enough for 8-bit state
+    assert state[big_linear]["state1"].dtype == torch.uint8
+    assert state[embed]["state1"].dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------ text-only batches + dummy
+
+def test_dummy_image_runs_the_vision_tower_and_leaves_gradients_unchanged(tiny_model_dir, processor, tmp_path):
+    from lora_manip.data.dataset import DUMMY_IMAGE, Collator
+    from lora_manip.train.trainer import image_features_unused
+
+    recipe = _recipe(tiny_model_dir, tmp_path, parts__vision_tower={"train": "full", "lr": 1e-5})
+    batch_items = [{"input_ids": ids, "labels": ids, "images": [], "id": str(i)} for i, ids in enumerate(
+        processor.tokenizer(["How do I stack the cups? First the red one.", "Plan: grasp, lift."],
+                            add_special_tokens=False)["input_ids"])]
+
+    def grads(dummy):
+        torch.manual_seed(0)
+        model = prepare_trainable(LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model_dir), recipe)
+        batch = Collator(processor, dummy_image=dummy)(batch_items)
+        assert (DUMMY_IMAGE in batch) == dummy and ("pixel_values" in batch) == dummy
+        batch.pop(DUMMY_IMAGE, None)
+        calls = []
+        tower = next(m for n, m in model.named_modules() if n.endswith("model.vision_tower"))
+        tower.register_forward_hook(lambda *a: calls.append(1))
+        ctx = image_features_unused(model) if dummy else torch.enable_grad()
+        with ctx:
+            model(**batch).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, len(calls)
+
+    plain, plain_calls = grads(False)
+    with_dummy, dummy_calls = grads(True)
+    assert plain_calls == 0 and dummy_calls == 1
+    for n, g in plain.items():
+        if part_of(n) == "language_model":
+            torch.testing.assert_close(with_dummy[n], g, atol=1e-6, rtol=1e-5)
+    # never reached without the dummy; with it: a gradient, exactly zero (SigLIP's post_layernorm is unused by
+    # LLaVA-OneVision either way)
+    others = {n: g for n, g in with_dummy.items() if part_of(n) != "language_model"}
+    assert all(plain[n] is None for n in others)
+    reached = {n for n, g in others.items() if g is not None}
+    assert all(not others[n].any() for n in reached)
+    assert any("multi_modal_projector" in n for n in reached) and any("encoder.layers" in n for n in reached)
+    assert reached == {n for n in others if "post_layernorm" not in n}
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_half_text_only_batch_one(tiny_model_dir, synth_dir, tmp_path):
+    """The case that died with a gloo collective mismatch: ZeRO-3, 2 processes, half the records text-only,
+    batch 1 (one process gets an image batch while the other gets a text-only one)."""
+    from lora_manip.merge import merge_adapter
+
+    from .test_train import _train_two_processes
+
+    records = json.loads((synth_dir / "train.json").read_text())[:16]
+    for r in records[::2]:
+        r.pop("images", None)
+        r.pop("image", None)
+        for turn in r["conversations"]:
+            turn["value"] = turn["value"].replace("<image>\n", "").replace("<image>", "")
+    data = tmp_path / "mixed"
+    data.mkdir()
+    (data / "train.json").write_text(json.dumps(records))
+    (data / "images").symlink_to(synth_dir / "images")
+    run = _train_two_processes(tmp_path, data, tiny_model_dir, 29651,
+                               train={"per_device_batch_size": 1, "max_steps": 4, "save_steps": 4})
+    assert (run / "adapter_model.safetensors").is_file()
+    _, diff = merge_adapter(str(run), out=str(tmp_path / "merged"))
+    assert diff is not None and diff < 1e-3
