@@ -484,11 +484,12 @@ _TO_CANONICAL = [
     (re.compile(r"^(?:model\.)?multi_modal_projector\."), "model.multi_modal_projector."),
     (re.compile(r"^(?:model\.)?image_newline$"), "model.image_newline"),
 ]
-# Canonical name -> the key transformers 5.24's save_pretrained writes for LlavaOnevisionForConditionalGeneration.
+# Canonical name -> the key the llava-hf hub checkpoints hold (transformers' conversion writes them; transformers
+# 5.x loads them and re-saves a model loaded from them under the same names).
 _TO_SAVED = [
     ("model.language_model.", "language_model.model."),
     ("lm_head.", "language_model.lm_head."),
-    ("model.vision_tower.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("model.image_newline", "image_newline"),
 ]
@@ -578,15 +579,9 @@ def _listing(items: list[str], limit: int = 20) -> str:
 listing = _listing
 
 
-PROCESSOR_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json", "processor_config.json",
-    "preprocessor_config.json", "video_preprocessor_config.json",
-)
-
-
 def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
-    """Copy the named files that exist in `src` to `dst` (bytes as they are); returns those copied."""
+    """Copy the named files that exist in `src` to `dst` (bytes as they are); returns those copied. Processor files
+    go through model.processor.copy_processor_files, the one list of them."""
     import shutil
 
     done = []

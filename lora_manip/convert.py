@@ -3,14 +3,16 @@ RoboInter and lmms-lab LLaVA-OneVision checkpoints use) and the transformers LLa
 
 Tensors are renamed and streamed byte for byte (no dtype change, no resizing), so a round trip is bit-exact:
 
-    LLaVA-NeXT (llava_qwen)                                transformers (as save_pretrained writes it)
+    LLaVA-NeXT (llava_qwen)                                transformers (as the llava-hf hub folders hold it)
     model.embed_tokens / model.layers.* / model.norm  <->  language_model.model.*
     lm_head.*                                         <->  language_model.lm_head.*
-    model.vision_tower.vision_tower.vision_model.*    <->  vision_tower.*
+    model.vision_tower.vision_tower.vision_model.*    <->  vision_tower.vision_model.*
     model.mm_projector.0.* / model.mm_projector.2.*   <->  multi_modal_projector.linear_1.* / linear_2.*
     model.image_newline                               <->  image_newline
 
-Any other key is an error that lists it. Two derived buffers older checkpoints carry (`rotary_emb.inv_freq`,
+`--to hf` writes the names transformers' own convert_llava_onevision_weights_to_hf.py writes (the right column);
+`--from hf` reads that layout and transformers 5's in-memory names (model.language_model.*, ...) alike. Any other
+key is an error that lists it. Two derived buffers older checkpoints carry (`rotary_emb.inv_freq`,
 `embeddings.position_ids`) are recomputed by transformers; they are dropped and the log says how many.
 
 Config:
@@ -21,18 +23,23 @@ Config:
   hidden_states[-1] of what is left, whatever `mm_vision_select_layer` says (-2 in the published configs: the
   output of so400m's 26th of 27 layers). transformers' LLaVA-OneVision expresses the same as a 26-layer tower
   without head and `vision_feature_layer=-1`, `vision_feature_select_strategy="full"` (SigLIP has no CLS token,
-  so LLaVA-NeXT's "patch" keeps every token). The vision config is taken from, in order: `--vision-config` (a
-  SiglipVisionConfig JSON, or a config with a `vision_config` block), a `vision_config` block in the source
-  config.json (this kit's llava-next export writes one, as upstream has no place for it), else SigLIP-so400m-
-  patch14-384 (hidden 1152, 16 heads, MLP 4304, 384 px, patch 14) with the layer count and head read from the
-  tensors. Every shape is checked against the tensors.
+  so LLaVA-NeXT's "patch" keeps every token). The vision config is taken from, in order: `--vision-config` (the
+  converted tower's SiglipVisionConfig JSON, or a config with a `vision_config` block, used as it is), a
+  `vision_config` block in the source config.json (this kit's llava-next export writes one, as upstream has no
+  place for it), the config.json of the tower `mm_vision_tower` names, when that is a local folder (as given or
+  relative to the source) or a hub id in the local Hugging Face cache, where upstream loads it from (a
+  SiglipVisionConfig, or a SiglipConfig's vision_config; its last layer and head dropped, as upstream does), else
+  SigLIP-so400m-patch14-384 (hidden 1152, 16 heads, MLP 4304, 384 px, patch 14) with the layer count and head
+  read from the tensors. The log says which. Every shape is checked against the tensors.
 - Image layout: image_aspect_ratio (anyres_max_9) <-> vision_aspect_ratio, image_grid_pinpoints as they are
   (the "(1x1),...,(6x6)" string form is expanded), projector mlp2x_gelu <-> projector_hidden_act gelu.
-- Processor for `--to hf`: `--processor DIR`, else the source's own processor files if it has a
-  processor_config.json, else built: the source's tokenizer plus `<image>`/`<video>` special tokens (appended
-  when missing: 151646/151647 for Qwen2, as transformers' conversion did), the PIL LLaVA-OneVision image processor
-  at the tower's resolution with SigLIP normalisation (mean = std = 0.5, bicubic), the pinpoints, 729 image
-  tokens per 384-px tile, and the kit's Qwen ChatML template (LLaVA-OV's qwen_1_5 conversation).
+- Processor for `--to hf`: the files of `--processor DIR`, else the source's own processor files if it has a
+  processor_config.json, copied byte for byte; else built and written in the hub layout (processor_class
+  LlavaOnevisionProcessor, image and video processor configs, chat_template.json): the source's tokenizer plus
+  `<image>`/`<video>` special tokens (appended when missing: 151646/151647 for Qwen2, as transformers'
+  conversion did), the PIL LLaVA-OneVision image processor at the tower's resolution with SigLIP normalisation
+  (mean = std = 0.5, bicubic), the pinpoints, 729 image tokens per 384-px tile, and the llava-hf checkpoints'
+  list-content chat template, as transformers' conversion writes it.
 - `--to llava-next` writes the llava_qwen config (mm_* fields, Qwen2 fields at the top level), the tokenizer (with
   vocab.json / merges.txt for slow-tokenizer loaders) and keeps the processor files, which upstream ignores.
 """
@@ -44,9 +51,8 @@ import logging
 import re
 from pathlib import Path
 
-from .checkpoint_io import (read_json, DEFAULT_SHARD_BYTES, PROCESSOR_FILES, Checkpoint, OutTensor, TensorRef,
-                            canonical_tensors, copy_files, copy_tensor, hf_saved_name, listing, parse_size,
-                            write_checkpoint)
+from .checkpoint_io import (read_json, DEFAULT_SHARD_BYTES, Checkpoint, OutTensor, TensorRef, canonical_tensors,
+                            copy_files, copy_tensor, hf_saved_name, listing, parse_size, write_checkpoint)
 from .errors import UserError
 from .fsutil import atomic_dir
 
@@ -145,7 +151,8 @@ def _hf_to_next(src: Path, out: Path, force: bool, vision_tower: str, shard: int
     with atomic_dir(out, force=force) as tmp:
         write_checkpoint(tmp, plan, shard)
         (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
-        copy_files(src, tmp, ["generation_config.json", *PROCESSOR_FILES])
+        copy_files(src, tmp, ["generation_config.json"])
+        _copy_processor(src, tmp)
         _write_slow_tokenizer_files(tmp)
     log.info("wrote %d tensors in the LLaVA-NeXT layout to %s", len(plan), out)
     return out
@@ -193,6 +200,14 @@ def _next_config(cfg: dict, vision_tower: str, src: Path) -> dict:
     return out
 
 
+def _copy_processor(src: Path, dst: Path) -> None:
+    """The source's processor files as they are; a source with a tokenizer but no processor keeps its tokenizer."""
+    from .model.processor import PROCESSOR_FILES, copy_processor_files
+
+    if not copy_processor_files(src, dst):
+        copy_files(src, dst, PROCESSOR_FILES)
+
+
 def _write_slow_tokenizer_files(folder: Path) -> None:
     """vocab.json + merges.txt from a BPE tokenizer.json, for loaders that want the slow Qwen2 tokenizer."""
     tj = folder / "tokenizer.json"
@@ -215,6 +230,8 @@ def _next_to_hf(src: Path, out: Path, force: bool, vision_config: str | None, pr
     import torch
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
 
+    from .model.processor import copy_processor_files, write_hub_processor
+
     cfg = read_json(src / "config.json")
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") not in ("llava", "llava_qwen") and "LlavaQwenForCausalLM" not in archs:
@@ -223,11 +240,6 @@ def _next_to_hf(src: Path, out: Path, force: bool, vision_config: str | None, pr
     if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise UserError(f"{src}/config.json: mm_projector_type {cfg.get('mm_projector_type')}; only mlp2x_gelu "
                         "(LLaVA-OneVision's projector) converts")
-    tower = str(cfg.get("mm_vision_tower") or "")
-    if "siglip" not in tower.lower() and "vision_config" not in cfg and not vision_config:
-        raise UserError(f"{src}/config.json: mm_vision_tower {tower!r} is not SigLIP; only SigLIP towers convert "
-                        "(or pass --vision-config)")
-
     # Tensors: rename, drop derived buffers, list what does not map.
     tensors: dict[str, TensorRef] = {}
     unknown, dropped = [], []
@@ -259,7 +271,7 @@ def _next_to_hf(src: Path, out: Path, force: bool, vision_config: str | None, pr
         text["rope_parameters"] = rope
     _check_text(src, text, tensors, cfg.get("mm_hidden_size"), vision)
 
-    proc = _processor_for(src, processor_dir, cfg, vision)
+    proc, proc_source = _processor_for(src, processor_dir, cfg, vision)
     image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
     video_id = proc.tokenizer.convert_tokens_to_ids("<video>")
     vocab = text.get("vocab_size")
@@ -298,30 +310,41 @@ def _next_to_hf(src: Path, out: Path, force: bool, vision_config: str | None, pr
         write_checkpoint(tmp, plan, shard)
         config.save_pretrained(tmp)
         copy_files(src, tmp, ["generation_config.json"])
-        proc.save_pretrained(tmp)
+        if proc_source is not None:
+            copy_processor_files(proc_source, tmp)
+        else:
+            write_hub_processor(proc, tmp)
     log.info("wrote %d tensors in the transformers LLaVA-OneVision layout to %s", len(plan), out)
     return out
+
+
+_VISION_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "image_size",
+                "patch_size", "num_channels", "hidden_act", "layer_norm_eps", "attention_dropout")
 
 
 def _vision_config(cfg: dict, src: Path, path: str | None, tensors: dict[str, TensorRef]) -> dict:
     from transformers import LlavaOnevisionConfig
 
+    tower = str(cfg.get("mm_vision_tower") or "")
     if path:
         given = read_json(Path(path))
         vision, origin = dict(given.get("vision_config") or given), f"--vision-config {path}"
     elif cfg.get("vision_config"):
         vision, origin = dict(cfg["vision_config"]), f"{src}/config.json vision_config"
+    elif (found := _tower_config(tower, src)) is not None:
+        vision, origin = found
     else:
+        if "siglip" not in tower.lower():
+            raise UserError(f"{src}/config.json: mm_vision_tower {tower!r} is not SigLIP, and neither a local folder "
+                            "nor in the local Hugging Face cache; only SigLIP towers convert (or pass --vision-config)")
         # transformers' LLaVA-OneVision defaults are SigLIP-so400m-patch14-384 with 26 layers and no head.
-        vision = LlavaOnevisionConfig().vision_config.to_dict()
-        vision = {k: vision[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "image_size",
-                                         "patch_size", "num_channels", "hidden_act", "layer_norm_eps",
-                                         "attention_dropout")}
+        defaults = LlavaOnevisionConfig().vision_config.to_dict()
+        vision = {k: defaults[k] for k in _VISION_KEYS}
         layers = {int(m.group(1)) for n in tensors
                   if (m := re.match(r"model\.vision_tower\.encoder\.layers\.(\d+)\.", n))}
         vision["num_hidden_layers"] = len(layers)
         vision["vision_use_head"] = any(n.startswith("model.vision_tower.head.") for n in tensors)
-        origin = f"SigLIP-so400m defaults for {cfg.get('mm_vision_tower')} (layers and head from the tensors)"
+        origin = f"SigLIP-so400m defaults for {tower} (layers and head from the tensors)"
     for key in ("model_type", "transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
         vision.pop(key, None)
     vision.setdefault("vision_use_head", any(n.startswith("model.vision_tower.head.") for n in tensors))
@@ -349,6 +372,56 @@ def _vision_config(cfg: dict, src: Path, path: str | None, tensors: dict[str, Te
     if hidden % vision.get("num_attention_heads", 1):
         raise UserError(f"vision config ({origin}): hidden_size {hidden} is not divisible by num_attention_heads")
     return vision
+
+
+def _tower_config(tower: str, src: Path) -> tuple[dict, str] | None:
+    """The vision config upstream would build the tower from: `mm_vision_tower` as a local folder (as written, or
+    relative to the checkpoint) or a hub id in the local Hugging Face cache (never downloads); None if neither."""
+    from .model.load import _HUB_ID
+
+    if not tower:
+        return None
+    folders = [Path(tower).expanduser()] + ([src / tower] if not Path(tower).is_absolute() else [])
+    for folder in folders:
+        if folder.is_dir():
+            if not (folder / "config.json").is_file():
+                raise UserError(f"mm_vision_tower {tower}: the folder {folder} has no config.json; pass "
+                                "--vision-config with the tower's SiglipVisionConfig")
+            return _siglip_without_last_layer(folder / "config.json", f"the mm_vision_tower folder {folder}")
+    if _HUB_ID.match(tower):
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(tower, "config.json")
+        if isinstance(hit, str):  # a path; None or a "known missing" marker otherwise
+            return _siglip_without_last_layer(Path(hit), f"mm_vision_tower {tower} in the local Hugging Face cache")
+    log.info("mm_vision_tower %s is neither a local folder nor in the local Hugging Face cache", tower)
+    return None
+
+
+def _siglip_without_last_layer(path: Path, where: str) -> tuple[dict, str]:
+    """A SigLIP config.json (SiglipVisionConfig, or SiglipConfig with a vision_config block) as LLaVA-NeXT's
+    SigLipVisionTower uses it: it deletes the last encoder layer and replaces the pooling head by Identity."""
+    from transformers import SiglipVisionConfig
+
+    raw = read_json(path)
+    kind = raw.get("model_type")
+    if kind == "siglip":
+        block = raw.get("vision_config") or {}
+    elif kind == "siglip_vision_model":
+        block = raw
+    else:
+        raise UserError(f"{path}: model_type {kind!r}; the tower mm_vision_tower names must be SigLIP (siglip or "
+                        "siglip_vision_model) to convert, or pass --vision-config")
+    block = {k: v for k, v in block.items() if k in _VISION_KEYS}
+    try:
+        full = SiglipVisionConfig(**block).to_dict()
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: not a valid SigLIP vision config ({str(e).splitlines()[0]})") from None
+    vision = {k: full[k] for k in _VISION_KEYS}
+    vision["num_hidden_layers"] = full["num_hidden_layers"] - 1
+    vision["vision_use_head"] = False
+    return vision, (f"{where} ({path}: {full['num_hidden_layers']} layers; LLaVA-NeXT drops the last one and the "
+                    f"head, leaving {vision['num_hidden_layers']})")
 
 
 def _check_text(src: Path, text: dict, tensors: dict[str, TensorRef], mm_hidden, vision: dict) -> None:
@@ -388,26 +461,31 @@ def _pinpoints(value, tile: int):
 
 
 def _processor_for(src: Path, processor_dir: str | None, cfg: dict, vision: dict):
+    """(processor, folder whose processor files the output copies verbatim, or None: write the built one)."""
     from .model.processor import load_processor
 
     if processor_dir:
-        return load_processor(processor_dir)
+        if not (Path(processor_dir) / "processor_config.json").is_file():
+            raise UserError(f"--processor {processor_dir}: no processor_config.json there; pass a LLaVA-OneVision "
+                            "checkpoint or processor folder")
+        return load_processor(processor_dir), Path(processor_dir)
     if (src / "processor_config.json").is_file():
-        log.info("processor from %s (its own processor_config.json)", src)
-        return load_processor(src)
-    return build_processor(src, cfg, vision)
+        log.info("processor from %s (its own processor files)", src)
+        return load_processor(src), src
+    return build_processor(src, cfg, vision), None
 
 
 def build_processor(src: Path, cfg: dict, vision: dict):
     """A LLaVA-OneVision processor for a LLaVA-NeXT checkpoint: its tokenizer + <image>/<video>, SigLIP image
-    preprocessing at the tower's resolution, the anyres pinpoints, the kit's Qwen ChatML template."""
+    preprocessing at the tower's resolution, the anyres pinpoints, the llava-hf checkpoints' list-content chat
+    template (what transformers' conversion gives the hub folders)."""
     from transformers import AutoTokenizer
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
     )
 
     from .model.processor import ImageOnlyOnevisionProcessor
-    from .model.tiny import CHAT_TEMPLATE
+    from .model.tiny import HUB_CHAT_TEMPLATE
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
@@ -427,7 +505,7 @@ def build_processor(src: Path, cfg: dict, vision: dict):
              (size // patch) ** 2)
     return ImageOnlyOnevisionProcessor(
         image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=(size // patch) ** 2,
-        vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
+        vision_feature_select_strategy="full", chat_template=HUB_CHAT_TEMPLATE,
         vision_aspect_ratio=cfg.get("image_aspect_ratio") or "anyres_max_9")
 
 

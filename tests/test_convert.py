@@ -1,9 +1,12 @@
 """`lora-manip convert`: an original LLaVA-NeXT (llava_qwen) checkpoint built from the tiny model converts to a
-transformers LLaVA-OneVision with identical logits; hf -> llava-next -> hf is bit-exact; unknown keys are listed."""
+transformers LLaVA-OneVision with identical logits, the hub's tensor names and the hub's processor files; the vision
+config comes from the tower mm_vision_tower names when it is available locally; hf -> llava-next -> hf is bit-exact
+from either transformers layout and with either template style; unknown keys are listed."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -27,7 +30,7 @@ def upstream_name(key: str) -> str | None:
     if key.startswith("vision_tower.head."):
         return None
     for hf, nxt in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-                    ("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+                    ("vision_tower.vision_model.", "model.vision_tower.vision_tower.vision_model."),
                     ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
                     ("multi_modal_projector.linear_2.", "model.mm_projector.2."),
                     ("image_newline", "model.image_newline")):
@@ -90,8 +93,9 @@ def test_llava_next_to_hf_gives_the_same_logits(upstream, tiny_model_dir, proces
     code = runner.invoke(app, ["convert", str(upstream), str(out), "--from", "llava-next", "--to", "hf",
                                "--vision-config", str(upstream.parent / "siglip.json")])
     assert code.exit_code == 0, code.output
-    assert set(all_tensors(out)) == {k for k in load_file(tiny_model_dir / "model.safetensors")
-                                     if not k.startswith("vision_tower.head.")}  # transformers' layout, no buffer
+    # the names transformers' conversion writes (the hub layout, `vision_tower.vision_model.*`), no buffer
+    assert set(all_tensors(out)) == set(load_file(tiny_model_dir / "model.safetensors"))
+    assert any(k.startswith("vision_tower.vision_model.encoder.") for k in all_tensors(out))
     cfg = json.loads((out / "config.json").read_text())
     tiny = json.loads((tiny_model_dir / "config.json").read_text())
     assert cfg["image_grid_pinpoints"] == tiny["image_grid_pinpoints"]  # "(1x1),...,(3x3)" expanded with 56-px tiles
@@ -109,9 +113,27 @@ def test_llava_next_to_hf_gives_the_same_logits(upstream, tiny_model_dir, proces
     mine = probe_inputs(built)
     assert torch.equal(mine["input_ids"], inputs["input_ids"])  # same image-token expansion and chat template
     assert torch.isfinite(logits_of(converted, mine)).all()
+    # written as the hub folders hold it: LlavaOnevisionProcessor, a video processor config, the official template
+    from lora_manip.model.tiny import HUB_CHAT_TEMPLATE
+
+    assert json.loads((out / "processor_config.json").read_text())["processor_class"] == "LlavaOnevisionProcessor"
+    assert json.loads((out / "video_preprocessor_config.json").read_text())["processor_class"] == \
+        "LlavaOnevisionProcessor"
+    assert json.loads((out / "chat_template.json").read_text())["chat_template"] == HUB_CHAT_TEMPLATE
+    assert built.chat_template == HUB_CHAT_TEMPLATE
 
 
-def test_hf_to_llava_next_to_hf_is_bit_exact(tiny_model_dir, tmp_path):
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "special_tokens_map.json", "generation_config.json")
+
+
+@pytest.mark.parametrize("template", ["hub", "chatml"])
+def test_hf_to_llava_next_to_hf_is_bit_exact(tiny_model_dir, tmp_path, template):
+    from lora_manip.model.tiny import write_tiny_model
+
+    if template == "chatml":
+        tiny_model_dir = write_tiny_model(tmp_path / "chatml", template="chatml")
     nxt, back = tmp_path / "next", tmp_path / "back"
     convert_checkpoint(str(tiny_model_dir), str(nxt), "hf", "llava-next", max_shard_size=200_000)
     state = all_tensors(nxt)
@@ -134,8 +156,9 @@ def test_hf_to_llava_next_to_hf_is_bit_exact(tiny_model_dir, tmp_path):
     strip = {"transformers_version"}
     assert {k: v for k, v in json.loads((back / "config.json").read_text()).items() if k not in strip} == \
         {k: v for k, v in json.loads((tiny_model_dir / "config.json").read_text()).items() if k not in strip}
-    for name in ("processor_config.json", "chat_template.jinja", "generation_config.json"):
-        assert (back / name).read_text() == (tiny_model_dir / name).read_text(), name
+    for name in PROCESSOR_FILES:  # the source's processor, byte for byte, both ways
+        assert (nxt / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
+        assert (back / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
 
 
 def test_unknown_keys_are_listed_and_nothing_written(upstream, tmp_path):
@@ -158,7 +181,8 @@ def test_unknown_keys_are_listed_and_nothing_written(upstream, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 
-def test_bad_conversions(upstream, tiny_model_dir, tmp_path):
+def test_bad_conversions(upstream, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     out = tmp_path / "out"
     # no vision config: SigLIP-so400m defaults do not fit the tiny tower, and the error says which tensor
     with pytest.raises(UserError, match=r"patch_embedding.weight is \[32, 3, 14, 14\].*--vision-config"):
@@ -178,3 +202,102 @@ def test_bad_conversions(upstream, tiny_model_dir, tmp_path):
     r = runner.invoke(app, ["convert", str(tiny_model_dir), str(tiny_model_dir / "x"), "--from", "hf", "--to",
                             "llava-next"])
     assert r.exit_code == 2 and "source folder" in r.output
+
+
+def test_from_hf_reads_the_in_memory_layout(tiny_model_dir, tmp_path):
+    """A transformers-5 folder saved under the in-memory names converts like the hub layout; back in hf it has the
+    hub names, bit for bit the same tensors."""
+    from transformers import LlavaOnevisionForConditionalGeneration as Model
+
+    state = {k: v.contiguous() for k, v in Model.from_pretrained(tiny_model_dir).state_dict().items()}
+    src = tmp_path / "t5"
+    shutil.copytree(tiny_model_dir, src)
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    assert "model.language_model.embed_tokens.weight" in state
+    convert_checkpoint(str(src), str(tmp_path / "next"), "hf", "llava-next")
+    convert_checkpoint(str(tmp_path / "next"), str(tmp_path / "back"), "llava-next", "hf")
+    original, again = load_file(tiny_model_dir / "model.safetensors"), all_tensors(tmp_path / "back")
+    assert set(again) == set(original)
+    for key, t in original.items():
+        assert torch.equal(again[key].view(torch.uint8), t.view(torch.uint8)), key
+
+
+def _siglip_config(hidden=32, layers=3, kind="siglip") -> dict:
+    vision = {"hidden_size": hidden, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": layers,
+              "image_size": 56, "patch_size": 14}
+    if kind == "siglip":  # a full SiglipConfig as on the hub: text + vision blocks
+        return {"model_type": "siglip", "architectures": ["SiglipModel"], "text_config": {"hidden_size": 48},
+                "vision_config": vision}
+    return {"model_type": "siglip_vision_model", **vision}
+
+
+def _with_tower(upstream: Path, dst: Path, tower: str) -> Path:
+    shutil.copytree(upstream, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["mm_vision_tower"] = tower
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("kind,where", [("siglip", "absolute"), ("siglip_vision_model", "relative")])
+def test_vision_config_from_a_local_tower_folder(upstream, tiny_model_dir, tmp_path, caplog, kind, where):
+    """mm_vision_tower naming a local SigLIP folder (non-default widths, 3 layers): its config, minus the last layer
+    and head as LLaVA-NeXT does, gives the tiny model's 2-layer tower; no --vision-config needed."""
+    src = tmp_path / "src"
+    tower = (src / "tower") if where == "relative" else (tmp_path / "my-siglip")
+    src = _with_tower(upstream, src, "tower" if where == "relative" else str(tower))
+    tower.mkdir()
+    (tower / "config.json").write_text(json.dumps(_siglip_config(kind=kind)))
+    out = tmp_path / "hf"
+    with caplog.at_level(logging.INFO, logger="lora_manip.convert"):
+        convert_checkpoint(str(src), str(out), "llava-next", "hf")
+    assert f"vision config from the mm_vision_tower folder {tower}" in caplog.text
+    assert "3 layers; LLaVA-NeXT drops the last one" in caplog.text
+    vision = json.loads((out / "config.json").read_text())["vision_config"]
+    tiny = json.loads((tiny_model_dir / "config.json").read_text())["vision_config"]
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "image_size",
+                "patch_size", "vision_use_head"):
+        assert vision[key] == tiny[key], key
+    assert vision["num_hidden_layers"] == 2 and vision["vision_use_head"] is False
+    for key, t in load_file(tiny_model_dir / "model.safetensors").items():
+        assert torch.equal(all_tensors(out)[key], t), key
+
+
+def test_vision_config_from_the_hub_cache(upstream, tmp_path, caplog, monkeypatch):
+    cache = tmp_path / "hub"
+    snap = cache / "models--my-org--siglip-tiny" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps(_siglip_config()))
+    (cache / "models--my-org--siglip-tiny" / "refs").mkdir()
+    (cache / "models--my-org--siglip-tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    src = _with_tower(upstream, tmp_path / "src", "my-org/siglip-tiny")
+    with caplog.at_level(logging.INFO, logger="lora_manip.convert"):
+        convert_checkpoint(str(src), str(tmp_path / "hf"), "llava-next", "hf")
+    assert "vision config from mm_vision_tower my-org/siglip-tiny in the local Hugging Face cache" in caplog.text
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vision_config"]["num_hidden_layers"] == 2
+
+
+def test_tower_folder_that_does_not_fit(upstream, tmp_path, monkeypatch, caplog):
+    tower = tmp_path / "tower"
+    tower.mkdir()
+    (tower / "config.json").write_text(json.dumps(_siglip_config(layers=2)))  # 2 - 1 = 1 layer, the tensors have 2
+    src = _with_tower(upstream, tmp_path / "src", str(tower))
+    out = tmp_path / "hf"
+    with pytest.raises(UserError, match=r"2 encoder layers, the vision config \(the mm_vision_tower folder .*drops "
+                                        r"the last one and the head, leaving 1\)\) says 1"):
+        convert_checkpoint(str(src), str(out), "llava-next", "hf")
+    (tower / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", "hidden_size": 32}))
+    with pytest.raises(UserError, match=rf"{tower}/config.json: model_type 'clip_vision_model'.*SigLIP"):
+        convert_checkpoint(str(src), str(out), "llava-next", "hf")
+    (tower / "config.json").unlink()
+    with pytest.raises(UserError, match=r"has no config.json"):
+        convert_checkpoint(str(src), str(out), "llava-next", "hf")
+    assert not out.exists()
+    # neither a folder nor cached: the so400m defaults, and the log says so
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    src2 = _with_tower(upstream, tmp_path / "src2", "google/siglip-so400m-patch14-384")
+    with caplog.at_level(logging.INFO, logger="lora_manip.convert"), pytest.raises(UserError, match="patch_embedding"):
+        convert_checkpoint(str(src2), str(out), "llava-next", "hf")
+    assert "neither a local folder nor in the local Hugging Face cache" in caplog.text
+    assert "vision config from SigLIP-so400m defaults" in caplog.text

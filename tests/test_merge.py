@@ -1,12 +1,15 @@
 """Streaming merge: the same weights as PEFT's merge_and_unload (LoRA, rsLoRA, DoRA, rank/alpha patterns, LoRA on
-the vision tower, full projector, image_newline), QLoRA adapters onto the unquantised base, sharded output that
-transformers loads, and bad inputs that fail with a clear message and write nothing."""
+the vision tower, full projector, image_newline), QLoRA adapters onto the unquantised base or (--base-as-trained)
+onto the 4-bit weights they were trained against, the base's own tensor names and processor files in the output
+(hub layout and transformers-5 layout bases, hub and ChatML templates), sharded output that transformers loads,
+and bad inputs that fail with a clear message and write nothing."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -73,6 +76,19 @@ def tree_hash(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "special_tokens_map.json")
+
+
+def assert_same_processor(out: Path, source: Path) -> None:
+    """The hub's processor files, byte for byte as the source has them (processor_class LlavaOnevisionProcessor,
+    video processor config, the same chat template)."""
+    for name in PROCESSOR_FILES:
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    assert json.loads((out / "processor_config.json").read_text())["processor_class"] == "LlavaOnevisionProcessor"
+
+
 def nothing_written(out: Path) -> bool:
     return not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
 
@@ -121,15 +137,15 @@ def test_streaming_merge_equals_peft_merge_and_unload(variant, base, tmp_path, p
     # q_proj/v_proj of both LM layers, the projector, image_newline at least
     assert changed >= 9
     if "vision_tower" in VARIANTS[variant].get("target_modules", ""):
-        assert not torch.equal(got["vision_tower.encoder.layers.0.mlp.fc1.weight"],
-                               original["vision_tower.encoder.layers.0.mlp.fc1.weight"])
+        assert not torch.equal(got["vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"],
+                               original["vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"])
     # sharded with an index, loadable by transformers as is, same logits as PEFT's merged model
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and not (out / "model.safetensors").exists()
     reloaded = _load_tiny(out)
     torch.testing.assert_close(logits_of(reloaded, inputs), logits_of(pm.eval(), inputs), rtol=1e-4, atol=1e-4)
-    assert {"config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja", "processor_config.json",
-            "README.md"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "README.md", "recipe.yaml"} <= {p.name for p in out.iterdir()}
+    assert_same_processor(out, base)
     # the inputs were only read
     assert before == {"base": tree_hash(base), "adapter": tree_hash(adapter)}
 
@@ -183,6 +199,188 @@ def test_qlora_adapter_merges_onto_unquantised_base(base, tmp_path):
     got = merged_state(out)["language_model.model.layers.0.self_attn.q_proj.weight"]
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
     assert (got - (nf4 + (expect - w))).abs().max() > 1e-3  # not the 4-bit weights
+
+
+# --- the output keeps the base's formats ---------------------------------------------------------------------------
+
+
+def test_output_keeps_the_base_layout_in_memory_names(base, lora_adapter, tmp_path, processor):
+    """A base saved under transformers 5's in-memory names (model.language_model.*, model.vision_tower.*, lm_head)
+    merges to a folder with exactly those names, and the same weights as the merge of the hub-layout base."""
+    model = _load_tiny(base)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert any(k.startswith("model.language_model.") for k in state) and "lm_head.weight" in state
+    t5 = tmp_path / "t5-base"
+    shutil.copytree(base, t5)
+    save_file(state, str(t5 / "model.safetensors"), metadata={"format": "pt"})
+
+    out, diff = merge_adapter(str(lora_adapter), base=str(t5), out=str(tmp_path / "m5"))
+    hub, _ = merge_adapter(str(lora_adapter), base=str(base), out=str(tmp_path / "mh"), verify=False)
+    assert diff is not None and diff < 1e-4
+    got, hub_state = merged_state(out), merged_state(hub)
+    assert set(got) == set(state)
+    assert set(hub_state) == set(load_file(base / "model.safetensors"))
+    assert {hf_canonical(k) for k in got} == {hf_canonical(k) for k in hub_state}
+    by_canonical = {hf_canonical(k): v for k, v in hub_state.items()}
+    for key, t in got.items():
+        assert torch.equal(t, by_canonical[hf_canonical(key)]), key
+    assert_same_processor(out, t5)
+
+
+def test_processor_files_come_from_the_adapter_when_it_has_them(base, lora_adapter, tmp_path):
+    """The trainer copies the base's processor files into the adapter folder; the merge takes those, verbatim."""
+    from lora_manip.model.tiny import CHATML_TEMPLATE
+
+    adapter = _copy(lora_adapter, tmp_path / "a")
+    for name in PROCESSOR_FILES:
+        shutil.copyfile(base / name, adapter / name)
+    (adapter / "chat_template.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE}, indent=1))
+    out, diff = merge_adapter(str(adapter), out=str(tmp_path / "m"))
+    assert diff is not None  # the self-check ran with the adapter's (string-content) template
+    assert_same_processor(out, adapter)
+    assert (out / "chat_template.json").read_bytes() != (base / "chat_template.json").read_bytes()
+    assert (out / "recipe.yaml").read_text() == (lora_adapter / "recipe.yaml").read_text()
+
+
+def test_chatml_template_base(tmp_path):
+    """A base with lmms-lab's string-content ChatML template merges and self-checks like the hub-template one."""
+    from lora_manip.model.tiny import write_tiny_model
+
+    chatml = write_tiny_model(tmp_path / "chatml", template="chatml")
+    adapter = tmp_path / "a"
+    make_adapter(chatml, adapter)
+    out, diff = merge_adapter(str(adapter), out=str(tmp_path / "m"))
+    assert diff is not None and diff < 1e-4
+    assert_same_processor(out, chatml)
+
+
+def test_probe_without_image_tokens_is_an_error(base, lora_adapter, tmp_path):
+    """A template that drops the image would make the self-check compare two text-only runs: refused."""
+    from lora_manip.model.processor import load_processor
+
+    drops_images = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% for c in m['content'] %}"
+                    "{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>\\n' }}"
+                    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    bad = _copy(base, tmp_path / "bad")
+    (bad / "chat_template.json").write_text(json.dumps({"chat_template": drops_images}))
+    with pytest.raises(UserError, match="<image>"):
+        probe_inputs(load_processor(bad))
+    out = tmp_path / "m"
+    with pytest.raises(UserError, match="<image>"):
+        merge_adapter(str(lora_adapter), base=str(bad), out=str(out))
+    assert nothing_written(out)
+
+
+# --- QLoRA: --base-as-trained ---------------------------------------------------------------------------------------
+
+QLORA_TARGETS = r"^(model\.language_model)\..*\.(q_proj|v_proj)$"  # the other LM Linears are quantised but untouched
+
+
+def _qlora_adapter(base: Path, out: Path, quant_type: str = "nf4", double_quant: bool = True, recipe: bool = True):
+    from peft import LoraConfig, get_peft_model
+
+    from lora_manip.model.load import load_model
+    from lora_manip.recipe import QuantCfg
+
+    torch.manual_seed(3)
+    q_model = load_model(str(base), dtype="float32", quantization=QuantCfg(
+        quant_type=quant_type, double_quant=double_quant, compute_dtype="float32"))
+    pm = get_peft_model(q_model, LoraConfig(r=4, lora_alpha=8, target_modules=QLORA_TARGETS, task_type=None))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(out)
+    if recipe:
+        (out / "recipe.yaml").write_text(
+            "method: qlora\nquantization: {bits: 4, quant_type: %s, double_quant: %s, compute_dtype: float32}\n"
+            % (quant_type, str(double_quant).lower()))
+    return pm.eval()
+
+
+@pytest.fixture(scope="module")
+def qlora(base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merge") / "qlora"
+    return out, _qlora_adapter(base, out)
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False), ("nf4", False)])
+def test_as_trained_weights_equal_bitsandbytes_dequantised(base, tmp_path, quant_type, double_quant):
+    """quant.as_trained reproduces, bit for bit, the weights a model loaded with BitsAndBytesConfig computes with."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from lora_manip.checkpoints.quant import QuantSpec, as_trained, quantised_in_training
+
+    pm = _qlora_adapter(base, tmp_path / "a", quant_type, double_quant, recipe=False)
+    spec = QuantSpec(quant_type, double_quant, "test")
+    original = {hf_canonical(k): v for k, v in load_file(base / "model.safetensors").items()}
+    checked = 0
+    for name, layer in pm.base_model.model.named_modules():
+        if not isinstance(layer, bnb.nn.Linear4bit):  # bitsandbytes' own layer, not PEFT's wrapper of it
+            continue
+        key = name.replace(".base_layer", "") + ".weight"
+        assert quantised_in_training(key, tuple(original[key].shape)), key
+        theirs = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        assert torch.equal(as_trained(original[key], spec), theirs), key
+        checked += 1
+    assert checked == 14  # 7 Linear layers x 2 LM layers: exactly the ones quantised_in_training names
+    assert sum(quantised_in_training(k, tuple(v.shape)) for k, v in original.items()) == 14
+
+
+def test_base_as_trained_matches_the_4bit_model(base, qlora, tmp_path, processor):
+    """The default merge differs from the 4-bit model + adapter by the nf4 error; --base-as-trained reproduces it."""
+    from lora_manip.checkpoints.quant import QuantSpec, as_trained
+
+    adapter, pm = qlora
+    inputs = probe_inputs(processor)
+    reference = logits_of(pm, inputs)
+
+    trained, diff = merge_adapter(str(adapter), out=str(tmp_path / "as-trained"), base_as_trained=True)
+    default, _ = merge_adapter(str(adapter), out=str(tmp_path / "default"))
+    as_trained_diff = (logits_of(_load_tiny(trained), inputs) - reference).abs().max().item()
+    default_diff = (logits_of(_load_tiny(default), inputs) - reference).abs().max().item()
+    assert diff is not None and diff < 1e-4 and as_trained_diff < 1e-4
+    assert default_diff > 1e-2 and default_diff > 100 * as_trained_diff
+
+    got, original = merged_state(trained), load_file(base / "model.safetensors")
+    spec = QuantSpec("nf4", True, "test")
+    gate = "language_model.model.layers.0.mlp.gate_proj.weight"  # quantised in training, no LoRA on it
+    assert torch.equal(got[gate], as_trained(original[gate], spec)) and not torch.equal(got[gate], original[gate])
+    for key in ("language_model.lm_head.weight", "language_model.model.embed_tokens.weight",
+                "multi_modal_projector.linear_1.weight", "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+                "language_model.model.layers.0.self_attn.q_proj.bias", "language_model.model.norm.weight"):
+        assert torch.equal(got[key], original[key]), key  # never quantised
+    assert "as trained" in (trained / "README.md").read_text()
+
+    # the same settings given explicitly for an adapter folder without recipe.yaml: the same bytes
+    bare = _copy(adapter, tmp_path / "bare")
+    (bare / "recipe.yaml").unlink()
+    explicit, _ = merge_adapter(str(bare), out=str(tmp_path / "explicit"), base_as_trained=True, verify=False,
+                                quantization="quant_type=nf4,double_quant=true")
+    assert tree_hash(explicit)["model.safetensors"] == tree_hash(trained)["model.safetensors"]
+
+
+def test_base_as_trained_bad_requests(base, lora_adapter, qlora, tmp_path):
+    adapter, _ = qlora
+    out = tmp_path / "m"
+    cases = [
+        ([str(lora_adapter), "--base-as-trained"], "method is lora, not qlora"),
+        ([str(adapter), "--quantization", "nf4"], "pass both or neither"),
+        ([str(adapter), "--base-as-trained", "--quantization", "bits=8"], "8-bit LLM.int8"),
+        ([str(adapter), "--base-as-trained", "--quantization", "quant_type=nf5"], "quantization.quant_type"),
+    ]
+    bare = _copy(adapter, tmp_path / "bare")
+    (bare / "recipe.yaml").unlink()
+    cases.append(([str(bare), "--base-as-trained"], "recipe.yaml does not exist.*--quantization"))
+    broken = _copy(adapter, tmp_path / "broken")
+    (broken / "recipe.yaml").write_text("method: qlora\nquantization: {bits: 4, quant_type: int4}\n")
+    cases.append(([str(broken), "--base-as-trained"], rf"{broken}/recipe.yaml: quantization.quant_type"))
+    for args, message in cases:
+        r = CliRunner().invoke(app, ["merge", *args, "--out", str(out)])
+        assert r.exit_code == 2 and "Traceback" not in r.output, (args, r.output)
+        assert re.search(message, " ".join(r.output.split())), (args, r.output)
+        assert nothing_written(out)
 
 
 def test_quantised_base_checkpoint_is_refused(base, lora_adapter, tmp_path):
@@ -283,7 +481,8 @@ def test_base_not_found_and_full_checkpoint_as_adapter(base, lora_adapter, tmp_p
     # a full checkpoint's weights under an adapter config: every tensor is a leftover
     fake = _copy(lora_adapter, tmp_path / "fake")
     shutil.copyfile(base / "model.safetensors", fake / "adapter_model.safetensors")
-    with pytest.raises(UserError, match=r"80 adapter tensor\(s\) match no tensor of base"):
+    n = len(load_file(base / "model.safetensors"))
+    with pytest.raises(UserError, match=rf"{n} adapter tensor\(s\) match no tensor of base"):
         merge_adapter(str(fake), out=str(tmp_path / "m3"))
     assert nothing_written(tmp_path / "m3")
 
@@ -309,9 +508,9 @@ def test_check_skipped_for_large_models_and_failing_check(lora_adapter, tmp_path
     with caplog.at_level(logging.WARNING, logger="lora_manip.merge"):
         out, diff = merge_adapter(str(lora_adapter), out=str(tmp_path / "m"), verify_max_bytes=1000)
     assert diff is None and "merge check SKIPPED" in caplog.text
-    import lora_manip.merge as merge
+    import lora_manip.checkpoints.verify as merge_verify
 
-    monkeypatch.setitem(merge._TOLERANCE, "fp32", -1.0)
+    monkeypatch.setitem(merge_verify.TOLERANCE, "fp32", -1.0)
     with pytest.raises(MergeCheckFailed, match="differs from base"):
         merge_adapter(str(lora_adapter), out=str(tmp_path / "m2"))
     assert nothing_written(tmp_path / "m2")
