@@ -166,40 +166,24 @@ def merge(adapter_dir: Path = typer.Argument(..., help="Adapter folder written b
           out: Optional[Path] = typer.Option(None, help="Output folder (default: ADAPTER_DIR-merged)."),
           dtype: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (default: the base's dtype)."),
           force: bool = typer.Option(False, help="Replace an existing output folder."),
-          verify: bool = typer.Option(True, help="Reload the output and compare logits with base + adapter.")):
+          verify: bool = typer.Option(True, help="Reload the output and compare logits with base + adapter."),
+          base_as_trained: bool = typer.Option(False, "--base-as-trained", help="QLoRA adapter: fold it into the "
+                                               "base's weights as the 4-bit training saw them (dequantised), not "
+                                               "the full-precision ones; the check compares with the 4-bit model."),
+          quantization: Optional[str] = typer.Option(None, help="With --base-as-trained, when the adapter folder "
+                                                     "has no recipe.yaml: the 4-bit settings it was trained with, "
+                                                     "e.g. quant_type=nf4,double_quant=true.")):
     """Fold an adapter (and fully trained projector / vision tower) into a full LLaVA-OneVision checkpoint."""
     from .merge import merge_adapter
 
     if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
         raise UserError(f"--dtype {dtype}: choose bf16, fp16 or fp32")
     path, diff = merge_adapter(str(adapter_dir), base=base, out=str(out) if out else None, dtype=dtype,
-                               force=force, verify=verify)
-    check = f"; max |logit diff| vs base+adapter: {diff:.3g}" if diff is not None else ""
+                               force=force, verify=verify, base_as_trained=base_as_trained,
+                               quantization=quantization)
+    against = "4-bit base+adapter" if base_as_trained else "base+adapter"
+    check = f"; max |logit diff| vs {against}: {diff:.3g}" if diff is not None else ""
     typer.echo(f"merged checkpoint written to {path}{check}")
-
-
-@app.command("eval")
-@command
-def eval_(model: str = typer.Argument(..., help="Merged/full checkpoint, adapter folder, or base model (path or hub id)."),
-          data: Path = typer.Option(..., "--data", help="Annotation file (LLaVA JSON/JSONL) to evaluate on."),
-          data_root: Optional[Path] = typer.Option(None, help="Folder image paths are relative to (default: the "
-                                                   "annotation file's folder)."),
-          out: Optional[Path] = typer.Option(None, help="Write metrics.json, predictions.jsonl and overlays here."),
-          limit: Optional[int] = typer.Option(None, help="Evaluate only the first N records."),
-          batch_size: int = typer.Option(8, help="Generation batch size."),
-          max_new_tokens: int = typer.Option(256, help="Longest answer generated (a 10-point trajectory is ~150 tokens)."),
-          base: Optional[str] = typer.Option(None, help="Base model for an adapter (default: the one it names)."),
-          upstream_compatible: bool = typer.Option(False, help="Score with the upstream scorer's rules (flaws "
-                                                   "included) to compare with published tables.")):
-    """Generate answers with MODEL on --data and score them (boxes, points, trajectories, choice, yes/no, BLEU)."""
-    from .eval.generate import run_eval
-    from .eval.score import format_table
-
-    _, summary = run_eval(model, str(data), str(data_root) if data_root else None, str(out) if out else None,
-                          limit, batch_size, max_new_tokens, upstream_compatible=upstream_compatible, base=base)
-    typer.echo(format_table(summary))
-    if out:
-        typer.echo(f"wrote {out}/metrics.json, {out}/predictions.jsonl and overlays")
 
 
 TaskMapOpt = typer.Option(None, "--task-map", help="NAME=KIND: score task NAME as KIND (box, point, trajectory, "
@@ -211,6 +195,56 @@ CoordsOpt = typer.Option("normalized", "--coords", help="How to read predicted c
 def _exit_on_data_errors(summary: dict) -> None:
     if summary.get("data_errors"):
         raise typer.Exit(1)
+
+
+SystemPromptOpt = typer.Option(None, "--system-prompt", help="System turn of every prompt (default: data.system_prompt "
+                               "of the run's recipe.yaml in MODEL, else \"You are a helpful assistant.\"); '' for "
+                               "none.")
+
+
+@app.command("eval")
+@command
+def eval_(model: str = typer.Argument(..., help="Merged/full checkpoint, adapter folder, or base model (path or hub id)."),
+          data: Path = typer.Option(..., "--data", help="Annotation file (LLaVA JSON/JSONL) to evaluate on."),
+          data_root: Optional[Path] = typer.Option(None, help="Folder image paths are relative to (default: the "
+                                                   "annotation file's folder)."),
+          out: Optional[Path] = typer.Option(None, help="Write predictions.jsonl (as answers come), metrics.json, "
+                                             "scores.jsonl and overlays here."),
+          limit: Optional[int] = typer.Option(None, help="Evaluate only the first N records."),
+          batch_size: int = typer.Option(8, help="Generation batch size (prompts of similar length together)."),
+          max_new_tokens: int = typer.Option(256, help="Longest answer generated (a 10-point trajectory is ~150 tokens)."),
+          base: Optional[str] = typer.Option(None, help="Base model for an adapter (default: the one it names)."),
+          upstream_compatible: bool = typer.Option(False, help="Score as RoboInter's / RoboPoint's scripts do "
+                                                   "(flaws included) and print upstream's per-file table."),
+          task_map: Optional[List[str]] = TaskMapOpt,
+          coords: str = CoordsOpt,
+          point_threshold: float = typer.Option(0.05, help="Contact-point hit radius (normalised units)."),
+          system_prompt: Optional[str] = SystemPromptOpt,
+          backend: str = typer.Option("hf", help="hf (transformers, batched) | vllm (needs vLLM: GPU machines)."),
+          resume: bool = typer.Option(False, help="Continue the eval in --out: keep its answers, generate the rest "
+                                      "(same model and settings, else refused)."),
+          force: bool = typer.Option(False, help="Start over in an --out that already holds an eval.")):
+    """Generate answers with MODEL on --data and score them (boxes, points, trajectories, choice, yes/no, BLEU,
+    pointing). Exit 1 when some records could not be scored (listed)."""
+    from .eval.generate import UNSET, run_eval
+    from .eval.parse import parse_task_map
+    from .eval.score import format_table
+
+    if resume and not out:
+        raise UserError("--resume continues the eval in --out; pass --out DIR")
+    try:
+        tmap = parse_task_map(task_map)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    _, summary = run_eval(model, str(data), str(data_root) if data_root else None, str(out) if out else None,
+                          limit, batch_size, max_new_tokens, UNSET if system_prompt is None else system_prompt or None,
+                          upstream_compatible, base, task_map=tmap, coords=coords, point_threshold=point_threshold,
+                          backend=backend, resume=resume, force=force)
+    typer.echo(format_table(summary))
+    typer.echo(f"system prompt ({summary['system_prompt_from']}): {summary['system_prompt']!r}")
+    if out:
+        typer.echo(f"wrote {out}/predictions.jsonl, metrics.json, scores.jsonl and overlays")
+    _exit_on_data_errors(summary)
 
 
 @app.command()
@@ -255,11 +289,16 @@ def predict(model: str = typer.Argument(..., help="Merged/full checkpoint, adapt
             image: Path = typer.Argument(..., help="Image file."),
             question: str = typer.Argument(..., help="The question (an <image> placeholder is added in front)."),
             draw: Optional[Path] = typer.Option(None, help="Save the image with a grounding answer drawn on it."),
-            max_new_tokens: int = typer.Option(256)):
+            max_new_tokens: int = typer.Option(256),
+            system_prompt: Optional[str] = SystemPromptOpt,
+            coords: str = typer.Option("normalized", "--coords", help="How to read the answer's coordinates for "
+                                       "--draw: normalized | thousand | pixels.")):
     """Answer one question about one image."""
+    from .eval.generate import UNSET
     from .eval.predict import predict_one
 
-    typer.echo(predict_one(model, str(image), question, str(draw) if draw else None, max_new_tokens))
+    typer.echo(predict_one(model, str(image), question, str(draw) if draw else None, max_new_tokens,
+                           UNSET if system_prompt is None else system_prompt or None, coords))
 
 
 @app.command()

@@ -2,33 +2,43 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..errors import UserError
+from .generate import UNSET
+
+log = logging.getLogger(__name__)
 
 
-def predict_one(model_path: str, image: str, question: str, draw: str | None = None,
-                max_new_tokens: int = 128, system_prompt: str | None = "You are a helpful assistant.") -> str:
+def predict_one(model_path: str, image: str, question: str, draw: str | None = None, max_new_tokens: int = 128,
+                system_prompt=UNSET, coords: str = "normalized") -> str:
+    """The model's answer. `system_prompt`: as `eval` (the run's recipe.yaml, else the default); `coords`: how the
+    answer's coordinates are read when drawing it."""
     from PIL import Image
 
     from ..data.encode import prompt_text
     from .draw import draw_overlay
-    from .generate import generate, load_for_inference
-    from .parse import infer_task, parse_answer
+    from .generate import generate, load_for_inference, resolve_system_prompt
+    from .parse import COORDS, classify_task, parse_answer
 
+    if coords not in COORDS:
+        raise UserError(f"--coords {coords}: choose one of {', '.join(COORDS)}")
     try:
         with Image.open(image) as im:
             img = im.convert("RGB")
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read image {image} ({e})") from None
+    prompt, source = resolve_system_prompt(model_path, system_prompt)
+    log.info("system prompt (from %s): %r", source, prompt)
     model, processor = load_for_inference(model_path)
     text = question if "<image>" in question else f"<image>\n{question}"
-    prompt = prompt_text(processor, [{"role": "user", "content": text}], system_prompt)
-    answer, = generate(model, processor, [prompt], [[img]], max_new_tokens)
+    answer, = generate(model, processor, [prompt_text(processor, [{"role": "user", "content": text}], prompt)],
+                       [[img]], max_new_tokens)
     if draw:
-        kind = infer_task(answer)
-        parsed = parse_answer(answer, kind)
-        if kind not in ("box", "point", "trajectory") or parsed.error:
+        kind = classify_task(None, answer).kind
+        parsed = parse_answer(answer, kind, coords, img.size) if kind in ("box", "point", "trajectory") else None
+        if parsed is None or parsed.error:
             raise UserError(f"answer {answer!r} is not a box, point or trajectory; nothing to draw")
         out = draw_overlay(img, kind, None, parsed.value)
         tmp = Path(draw).with_name(f".{Path(draw).name}.tmp.png")
