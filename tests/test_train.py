@@ -112,6 +112,12 @@ def test_dry_run_qlora_plan(tmp_path):
     assert "never: model.vision_tower, model.multi_modal_projector, lm_head" in out
     lora_line = [line for line in out.splitlines() if line.strip().startswith("language_model") and "(lora)" in line]
     assert lora_line and "161,480,704" in lora_line[0]  # rank 64 on all 7 linear layers x 28 layers
+    # 6.53B nf4 weights (0.516 B each with double quantisation) + bf16 embeddings and lm_head (2 x 0.55B x 2 B)
+    # + fp32 LoRA (0.16B x 4 B); the frozen vision tower stays bf16 (0.40B x 2 B), never upcast to fp32
+    memory = {line.split()[0]: line.split() for line in out.splitlines()[out.splitlines().index(
+        next(x for x in out.splitlines() if x.startswith("expected memory"))) + 1:][:4]}
+    assert memory["language_model"][1] == "5.77" and memory["vision_tower"][1] == "0.77"
+    assert memory["vision_tower"][3] == "0.00"  # frozen: no gradient, no optimizer state
 
 
 # ---------------------------------------------------------------------------------------------------------------

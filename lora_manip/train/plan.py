@@ -44,6 +44,53 @@ def _quantised_summary(model, recipe: Recipe) -> str:
     return f"{kind}: {n / 1e9:.2f}B weights of the language model's linear layers; never: {', '.join(NEVER_QUANTISED)}"
 
 
+# Bytes per element of a 4-bit weight: half a byte, plus one fp32 absmax per 64-weight block, or with double
+# quantisation one 8-bit absmax per block and one fp32 per 256 blocks (bitsandbytes' layout).
+_NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
+_OPTIMIZER_BYTES = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "mezo": 0}
+
+
+def weight_memory(model, recipe: Recipe) -> list[str]:
+    """Expected memory per part, per process: weights as they will sit (4-bit, the load dtype, or fp32 master
+    copies of what trains) and the trained weights' gradients and optimizer state. Activations are not counted."""
+    import torch
+
+    from ..model.load import NEVER_QUANTISED
+    from ..model.parts import canonical, part_of
+
+    load_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[recipe.model.dtype]
+    q = recipe.quantization if recipe.method == "qlora" else None
+    quantised = set()
+    if q is not None:
+        quantised = {f"{canonical(n)}.weight" for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and "lora_" not in n and "modules_to_save" not in n
+                     and not canonical(n).startswith(tuple(NEVER_QUANTISED))}
+    ds = bool(recipe.distributed.deepspeed)
+    world = recipe.distributed.nproc_per_node * recipe.distributed.nnodes if ds else 1  # ZeRO-3 partitions all
+    rows: dict[str, list[float]] = {}
+    for n, p in model.named_parameters():
+        if "original_module" in n:
+            continue
+        name = canonical(n)
+        numel = p.numel() or getattr(p, "ds_numel", 0)
+        if p.requires_grad:
+            # fp32 master weight + fp32 gradient + optimizer state; under DeepSpeed a 16-bit copy + its fp32 master
+            weight = (load_bytes + 4) if ds else 4
+            state = 4 + _OPTIMIZER_BYTES[recipe.train.optimizer]
+        else:
+            weight = (1 if q.bits == 8 else _NF4_BYTES[q.double_quant]) if name in quantised else load_bytes
+            state = 0
+        row = rows.setdefault(part_of(n), [0.0, 0.0])
+        row[0] += numel * weight / world
+        row[1] += numel * state / world
+    lines = [f"expected memory per process (weights; gradients + optimizer state){' under ZeRO-3' if ds else ''}:"]
+    for part, (w, st) in rows.items():
+        lines.append(f"  {part:<16}{w / 2**30:>8.2f} GiB{st / 2**30:>10.2f} GiB")
+    total_w, total_s = sum(r[0] for r in rows.values()), sum(r[1] for r in rows.values())
+    lines.append(f"  {'total':<16}{total_w / 2**30:>8.2f} GiB{total_s / 2**30:>10.2f} GiB  (+ activations)")
+    return lines
+
+
 def _dataset_sizes(recipe: Recipe) -> list[tuple[str, str]]:
     from ..data.records import read_raw_records
 
@@ -75,6 +122,7 @@ def describe_plan(recipe: Recipe) -> str:
         lines.append(f"  {g['group_name']:<26} lr {g['lr']:<9.3g} weight_decay {g['weight_decay']:<5g} "
                      f"{len(g['params']):>5} tensors {n:>15,} params")
     lines.append(f"quantised: {_quantised_summary(model, recipe)}")
+    lines += weight_memory(model, recipe)
     d, t = recipe.distributed, recipe.train
     lines.append(f"processes: {d.nproc_per_node} per node x {d.nnodes} node(s)"
                  f"{', DeepSpeed ' + d.deepspeed if d.deepspeed else ''}")
