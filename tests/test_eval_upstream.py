@@ -143,3 +143,11 @@ def test_score_cli_reads_upstream_result_files(tmp_path):
     assert "Average Score: 12.3750" in res.output
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["upstream"]["average_score"] == approx(12.375)
+
+
+def test_upstream_does_not_need_a_parsable_choice_ground_truth():
+    rec = [{"id": 1, "task": "trajlang_choice", "gt": "The left one", "pred": "I would say: The left one"}]
+    rows, s = score_records(rec, upstream_compatible=True)
+    assert rows[0]["correct"] is True and not s["data_errors"]
+    rows, s = score_records(rec)  # strict needs an option letter in the ground truth
+    assert not rows and s["data_errors"][0]["field"] == "gt"

@@ -226,6 +226,13 @@ def run_eval(model_path: str, data: str, data_root: str | None = None, out_dir: 
 
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
+    from .parse import COORDS
+
+    if coords not in COORDS:
+        raise UserError(f"--coords {coords}: choose one of {', '.join(COORDS)}")
+    if upstream_compatible and coords != "normalized":
+        raise UserError("--coords applies to the strict scorer; --upstream-compatible reads coordinates as upstream "
+                        "does")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if backend == "vllm":

@@ -133,6 +133,15 @@ class _Scorer:
         row.update(pred=_jsonable(pred.value), parse_error=pred.error, skipped=False,
                    accuracy=pointing.mask_accuracy(pred.value, mask) if pred.ok else 0.0)
 
+    def _upstream(self, kind: str, rec: dict, row: dict, pred_text: str, gt_text: str) -> dict:
+        try:
+            row.update(up.score_upstream(kind, pred_text, gt_text, rec))
+        except ValueError as e:
+            raise _DataError("gt", str(e)) from None
+        row.setdefault("gt", gt_text)
+        row.update(pred_text=pred_text, pred=None, parse_error=_upstream_parse_note(row))
+        return row
+
     def record(self, rec: Any) -> dict:
         if not isinstance(rec, dict):
             raise _DataError("-", f"expected an object, got {type(rec).__name__}")
@@ -157,6 +166,8 @@ class _Scorer:
         if not isinstance(gt_text, str):
             raise _DataError("gt", "missing or null" if gt_text is None else f"not a string ({type(gt_text).__name__})")
         kind = tk.kind
+        if self.upstream and kind in up.UPSTREAM_TYPE and tk.source != "guess":
+            return self._upstream(kind, rec, row, pred_text, gt_text)  # upstream does not parse ground truths
         gt = parse_answer(gt_text, kind)
         if not gt.ok and tk.source == "guess":  # a name guess the ground truth contradicts: trust a clear format
             by_format = classify_task(None, gt_text).kind
@@ -167,12 +178,7 @@ class _Scorer:
             raise _DataError("gt", f"does not parse as {kind} ({tk.source}): {gt.error} ({gt_text[:80]!r})")
         row.update(gt=_jsonable(gt.value), pred_text=pred_text)
         if self.upstream and kind in up.UPSTREAM_TYPE:
-            try:
-                row.update(up.score_upstream(kind, pred_text, gt_text, rec))
-            except ValueError as e:
-                raise _DataError("gt", str(e)) from None
-            row["pred"], row["parse_error"] = None, _upstream_parse_note(row)
-            return row
+            return self._upstream(kind, rec, row, pred_text, gt_text)
         if kind in GEOMETRIC and self.coords == "pixels" and not size:
             raise _DataError("w/h", "--coords pixels needs the image size of every grounding record")
         pred = parse_answer(pred_text, kind, self.coords, size)
