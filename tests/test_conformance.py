@@ -216,3 +216,49 @@ def test_zero3_two_processes_half_text_only_batch_one(tiny_model_dir, synth_dir,
     assert (run / "adapter_model.safetensors").is_file()
     _, diff = merge_adapter(str(run), out=str(tmp_path / "merged"))
     assert diff is not None and diff < 1e-3
+
+
+# ------------------------------------------------------------------------------------------- real geometry
+
+def test_real_05b_geometry_trains_merges_and_predicts(tmp_path):
+    """LLaVA-OneVision-0.5B's real widths, 384-px tiles, pinpoints up to 2304, anyres_max_9 and the real Qwen2
+    vocabulary (one layer per tower, random weights, bf16 on disk as on the hub): LoRA on RH20T- and DROID-sized
+    frames -> merge -> predict, through the CLI."""
+    import yaml
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from lora_manip.cli import app
+    from lora_manip.model.processor import image_token_counts, load_processor
+    from lora_manip.model.tiny import write_tiny_model
+
+    from .test_e2e import assert_same_processor_files, safetensors_names
+
+    base = write_tiny_model(tmp_path / "ov05", geometry="ov-0.5b", dtype="bfloat16")
+    processor = load_processor(base)
+    assert processor.image_token_id == 151646 and len(processor.tokenizer) == 151648
+    assert image_token_counts(processor, [(640, 480)]) == [2929]  # as the real processor counts them
+    assert image_token_counts(processor, [(320, 180)]) == [1149]
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    records = []
+    for i, size in enumerate([(640, 480), (320, 180), (640, 480), (320, 180)]):
+        Image.new("RGB", size, (40 * i, 90, 200)).save(data / "img" / f"{i}.png")
+        records.append({"id": f"r{i}", "images": [f"img/{i}.png"], "conversations": [
+            {"from": "human", "value": "<image>\nWhat is the bounding box of the cube?"},
+            {"from": "gpt", "value": '{"current_bbox": [[0.1, 0.2], [0.3, 0.4]]}'}]})
+    (data / "train.json").write_text(json.dumps(records))
+    raw = tiny_recipe_dict(base, data, tmp_path / "run", train__per_device_batch_size=1, train__max_steps=2,
+                           lora__r=4, lora__target_modules=["q_proj", "v_proj"])
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 0, result.output
+    assert_same_processor_files(base, tmp_path / "run")
+    result = runner.invoke(app, ["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    assert safetensors_names(tmp_path / "merged") == safetensors_names(base)
+    assert_same_processor_files(base, tmp_path / "merged")
+    result = runner.invoke(app, ["predict", str(tmp_path / "merged"), str(data / "img" / "1.png"),
+                                 "Where is the cube?"])
+    assert result.exit_code == 0, result.output
