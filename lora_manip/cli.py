@@ -49,11 +49,19 @@ SetOpt = typer.Option(None, "--set", help="Override a recipe key: --set lora.r=8
 @command
 def tiny_model(out: Path = typer.Argument(..., help="Folder to write the checkpoint to."),
                seed: int = typer.Option(0, help="Initialisation seed."),
-               force: bool = typer.Option(False, help="Replace an existing folder.")):
-    """Write a tiny random LLaVA-OneVision (SigLIP + Qwen2 + projector) with tokenizer, chat template and processor."""
+               force: bool = typer.Option(False, help="Replace an existing folder."),
+               template: str = typer.Option("hub", help="hub: the llava-hf checkpoints' list-content chat template; "
+                                            "chatml: lmms-lab's string-content Qwen ChatML."),
+               geometry: str = typer.Option("tiny", help="tiny: seconds per step on a CPU; ov-0.5b: "
+                                            "LLaVA-OneVision-0.5B's widths, tiles and vocabulary, one layer each."),
+               dtype: str = typer.Option("float32", help="Dtype of the saved weights (the hub's are bfloat16).")):
+    """Write a random LLaVA-OneVision (SigLIP + Qwen2 + projector) laid out as the llava-hf hub folders are: hub
+    tensor names, processor files and chat template."""
     from .model.tiny import write_tiny_model
 
-    typer.echo(f"wrote {write_tiny_model(out, seed=seed, force=force)}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    typer.echo(f"wrote {write_tiny_model(out, seed=seed, force=force, template=template, geometry=geometry, dtype=dtype)}")
 
 
 @data_app.command("synth")
