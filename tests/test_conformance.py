@@ -77,6 +77,30 @@ def test_bf16_trained_weights_would_not_move(tiny_model_dir, processor, tmp_path
     assert moved < 0.9
 
 
+@pytest.mark.parametrize("masters", [True, False])
+def test_fp16_trains_with_grad_scaler_thanks_to_fp32_masters(tiny_model_dir, processor, tmp_path, monkeypatch,
+                                                             masters):
+    """precision: fp16 works the same way: GradScaler refuses to unscale fp16 gradients, and gets fp32 ones."""
+    import lora_manip.model.adapters as adapters
+
+    if not masters:
+        monkeypatch.setattr(adapters, "fp32_master_weights", lambda model: 0)
+    recipe = _recipe(tiny_model_dir, tmp_path, model__dtype="float16", train__precision="fp16")
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float16)
+    model = prepare_trainable(model, recipe)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
+    scaler = torch.amp.GradScaler("cpu")
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(**_image_batch(processor)).loss
+    scaler.scale(loss).backward()
+    if masters:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        with pytest.raises(ValueError, match="FP16 gradients"):
+            scaler.step(opt)
+
+
 def test_full_run_saves_in_the_base_dtype_and_names(tiny_model_dir, synth_dir, tmp_path):
     """Trained in fp32 master weights, written as the base was: same dtype and tensor names."""
     from safetensors import safe_open
