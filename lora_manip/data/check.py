@@ -188,6 +188,7 @@ class ScanResult:
     positions: np.ndarray  # int64: positions (in the file's index) of the valid records, in file order
     lengths: np.ndarray  # int32: exact token length of each valid record (image tokens included); -1 if unknown
     n_images: np.ndarray  # int16: images per valid record
+    tiles: np.ndarray | None = None  # int16: vision-tower tiles per valid record (with a processor)
     problems: list[Problem] = field(default_factory=list)
     tasks: Counter = field(default_factory=Counter)  # valid records per task
     scanned: int = 0
@@ -197,7 +198,9 @@ class ScanResult:
     def merge(parts: list["ScanResult"]) -> "ScanResult":
         out = ScanResult(np.concatenate([p.positions for p in parts]) if parts else np.zeros(0, np.int64),
                          np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, np.int32),
-                         np.concatenate([p.n_images for p in parts]) if parts else np.zeros(0, np.int16))
+                         np.concatenate([p.n_images for p in parts]) if parts else np.zeros(0, np.int16),
+                         np.concatenate([p.tiles for p in parts]) if parts and all(
+                             p.tiles is not None for p in parts) else None)
         for p in parts:
             out.problems += p.problems
             out.tasks.update(p.tasks)
@@ -221,7 +224,9 @@ def check_record(index: RecordIndex, pos: int, data_root: str, min_traj_points: 
 def _scan_serial(index, data_root, positions, processor, system_prompt, min_traj_points) -> ScanResult:
     from .dataset import token_lengths
 
-    keep, lens, nimg, problems, tasks, bad = [], [], [], [], Counter(), 0
+    from ..model.processor import image_tiles
+
+    keep, lens, nimg, tiles, problems, tasks, bad = [], [], [], [], [], Counter(), 0
     pending: list = []
 
     def flush():
@@ -239,13 +244,16 @@ def _scan_serial(index, data_root, positions, processor, system_prompt, min_traj
             continue
         keep.append(int(pos))
         nimg.append(len(s.images))
+        if processor is not None:
+            tiles.append(image_tiles(processor, sizes))
         tasks[task_of(s)] += 1
         pending.append((s, sizes))
         if len(pending) >= 256:
             flush()
     flush()
     return ScanResult(np.asarray(keep, np.int64), np.asarray(lens, np.int32), np.asarray(nimg, np.int16),
-                      problems, tasks, len(positions), bad)
+                      np.asarray(tiles, np.int16) if processor is not None else None, problems, tasks,
+                      len(positions), bad)
 
 
 _POOL_STATE: dict = {}

@@ -168,12 +168,14 @@ class ManipDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], processor, system_prompt: str | None, max_length: int,
-                 lengths=None, has_images=None, dropped: Counter | None = None):
+                 lengths=None, has_images=None, dropped: Counter | None = None, tiles=None):
         self.processor = processor
         self.system_prompt = system_prompt
         self.max_length = max_length
         self.dropped = Counter(dropped or {})
         if lengths is None:
+            from ..model.processor import image_tiles
+
             items = [(s, [image_size(p, s) for p in s.images]) for s in samples]
             measured = []
             for lo in range(0, len(items), 256):
@@ -185,9 +187,12 @@ class ManipDataset(torch.utils.data.Dataset):
             samples = [samples[i] for i in keep]
             lengths = [measured[i] for i in keep]
             has_images = [bool(samples[i].images) for i in range(len(samples))]
+            tiles = [image_tiles(processor, items[i][1]) for i in keep]
         self.samples = samples
         self.lengths = np.asarray(lengths, dtype=np.int32)
         self.has_images = np.asarray(has_images, dtype=bool)
+        # vision-tower tiles per sample, for token-budget batches (data/sampler.py)
+        self.tiles = np.asarray(tiles if tiles is not None else self.has_images, dtype=np.int32)
         if len(self.samples) != len(self.lengths) or len(self.lengths) != len(self.has_images):
             raise ValueError("samples, lengths and has_images differ in size")
         if not len(self.samples):
@@ -257,7 +262,7 @@ def _assemble(parts: list[_Part], processor, system_prompt, max_length: int, ski
     if fatal:
         raise UserError(f"{split} data cannot be read:\n" + "\n".join(f"  - {p}" for p in fatal[:20]))
     problems: list[Problem] = []
-    views, lengths, has_images, dropped = [], [], [], Counter()
+    views, lengths, has_images, tiles, dropped = [], [], [], [], Counter()
     for part in parts:
         r = scan(part.index, part.data_root, part.positions, processor, system_prompt, min_traj_points, workers)
         problems += r.problems
@@ -275,6 +280,7 @@ def _assemble(parts: list[_Part], processor, system_prompt, max_length: int, ski
         views.append(IndexedSamples(part.index, part.data_root, r.positions[fits], part.name))
         lengths.append(r.lengths[fits])
         has_images.append(r.n_images[fits] > 0)
+        tiles.append(r.tiles[fits] if r.tiles is not None else r.n_images[fits])
         kept = int(fits.sum())
         log.info("%s %s: %s; %d used%s%s", split, part.label, part.note, kept,
                  f", {n_long} dropped as {too_long_reason(max_length)}" if n_long else "",
@@ -295,7 +301,8 @@ def _assemble(parts: list[_Part], processor, system_prompt, max_length: int, ski
             log.warning("%s: dropped %d sample(s): %s", split, n, reason)
     return ManipDataset(ConcatSamples(views), processor, system_prompt, max_length,
                         lengths=np.concatenate(lengths) if lengths else [],
-                        has_images=np.concatenate(has_images) if has_images else [], dropped=dropped)
+                        has_images=np.concatenate(has_images) if has_images else [], dropped=dropped,
+                        tiles=np.concatenate(tiles) if tiles else [])
 
 
 def build_dataset(datasets: list, processor, system_prompt, max_length: int, seed: int, *,

@@ -82,6 +82,21 @@ def image_token_counts(processor: ImageOnlyOnevisionProcessor, sizes: list[tuple
     return list(processor._get_num_multimodal_tokens(image_sizes=[(h, w)])["num_image_tokens"])
 
 
+def image_tiles(processor, sizes: list[tuple[int, int]]) -> int:
+    """Vision-tower tiles of ONE sample's images, from (width, height) alone: anyres gives a single image its base
+    tile plus the grid of the best-fitting pinpoint; each image of a multi-image sample is one base tile. The
+    vision tower's cost is per tile (the LM's per token), so batching by a token budget counts both."""
+    if len(sizes) != 1:
+        return len(sizes)
+    from transformers.image_processing_utils import select_best_resolution
+
+    ip = processor.image_processor
+    tile = (ip.crop_size or ip.size)["height"]
+    (w, h), = sizes
+    best_h, best_w = select_best_resolution((h, w), ip.image_grid_pinpoints)
+    return 1 + -(-best_h // tile) * -(-best_w // tile)
+
+
 # What a llava-hf OneVision folder holds besides config and weights. Copied verbatim from the base into every output
 # (adapter, trained run, merge, convert) so nothing about the processor differs from the original.
 PROCESSOR_FILES = (
