@@ -109,7 +109,11 @@ def test_resume_after_interruption_redoes_nothing(tiny_model_dir, synth_dir, tmp
     assert calls == []
 
 
-def test_eval_refuses_to_mix_or_overwrite(tiny_model_dir, synth_dir, tmp_path):
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_eval_refuses_to_mix_or_overwrite(tiny_model_dir, synth_dir, tmp_path, monkeypatch):
     out, data = tmp_path / "ev", str(synth_dir / "val.json")
     base = ["eval", "--data", data, "--out", str(out), "--max-new-tokens", "4", "--limit", "3"]
     assert runner.invoke(app, [base[0], str(tiny_model_dir), *base[1:]]).exit_code == 0
@@ -122,6 +126,11 @@ def test_eval_refuses_to_mix_or_overwrite(tiny_model_dir, synth_dir, tmp_path):
     longer = runner.invoke(app, [base[0], str(tiny_model_dir), *base[1:-4], "--max-new-tokens", "9", "--limit", "3",
                                  "--resume"])
     assert longer.exit_code == 2 and "max_new_tokens" in longer.output
+    monkeypatch.setattr(gen, "generate", _interrupt)
+    with pytest.raises(KeyboardInterrupt):  # --force starts over: no metrics of the old run stay beside new answers
+        run_eval(str(other), data, out_dir=str(out), max_new_tokens=4, limit=3, force=True, progress=False)
+    assert not (out / "metrics.json").exists() and not (out / "predictions.jsonl").read_text()
+    monkeypatch.undo()
     assert runner.invoke(app, [base[0], str(other), *base[1:], "--force"]).exit_code == 0
     assert json.loads((out / "predictions.meta.json").read_text())["model"] == str(other.resolve())
     assert "Traceback" not in again.output + mixed.output + longer.output

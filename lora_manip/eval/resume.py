@@ -68,6 +68,8 @@ class PredictionLog:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.path.unlink(missing_ok=True)
             atomic_write_json(self.meta_path, meta)
+        for name in _DERIVED:  # scored from the finished file at the end; until then they would describe another run
+            (self.dir / name).unlink(missing_ok=True)
         self.done = Counter(str(r.get("id")) for r in self.records)
         self._fh = open(self.path, "a", encoding="utf-8")
 
