@@ -266,6 +266,11 @@ def _assemble(parts: list[_Part], processor, system_prompt, max_length: int, ski
     for part in parts:
         r = scan(part.index, part.data_root, part.positions, processor, system_prompt, min_traj_points, workers)
         problems += r.problems
+        for w in r.warnings[:5]:
+            log.warning("%s: %s", split, w)
+        if len(r.warnings) > 5:
+            log.warning("%s: ... and %d more images reached through symlinks leading out of %s", split,
+                        len(r.warnings) - 5, part.data_root)
         fits = r.lengths <= max_length
         n_long = int((~fits).sum())
         if n_long:
@@ -296,6 +301,10 @@ def _assemble(parts: list[_Part], processor, system_prompt, max_length: int, ski
         for reason, n in dropped.items():
             if reason.startswith("bad record"):
                 log.warning("%s: skipped %d %s (data.skip_bad_records is true)", split, n, reason)
+        for p in problems[:20]:  # which records: the counts alone do not say what to fix
+            log.warning("%s: skipped %s", split, p)
+        if len(problems) > 20:
+            log.warning("%s: ... and %d more (`lora-manip data check RECIPE` lists all)", split, len(problems) - 20)
     for reason, n in dropped.items():
         if not reason.startswith("bad record"):
             log.warning("%s: dropped %d sample(s): %s", split, n, reason)
@@ -347,8 +356,11 @@ class Collator:
 
     processor: object
     dummy_image: bool = False
+    packing: bool = False  # one row per batch: samples concatenated, positions restarting at each
 
     def __call__(self, batch: list[dict]) -> dict:
+        if self.packing:
+            return self._packed(batch)
         pad_id = self.processor.tokenizer.pad_token_id
         width = max(len(b["input_ids"]) for b in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -360,7 +372,24 @@ class Collator:
             labels[i, :n] = torch.tensor(b["labels"])
             mask[i, :n] = 1
         out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        with_images = [[_load_rgb(p) for p in b["images"]] for b in batch if b["images"]]
+        return self._add_images(out, batch)
+
+    def _packed(self, batch: list[dict]) -> dict:
+        """Samples back to back in one row. No attention mask: transformers reads the restarting position_ids as
+        packed sequences (a block-diagonal causal mask for sdpa/eager, varlen for flash-attention), so attention
+        never crosses samples. A sample's last token predicts the next sample's first, a prompt token, whose label
+        is IGNORE. Images stay nested per sample (not per row), so each keeps its own anyres tiling; their features
+        fill the row's image tokens in order, i.e. each lands on its own sample."""
+        ids = [t for b in batch for t in b["input_ids"]]
+        labels = [t for b in batch for t in b["labels"]]
+        positions = [i for b in batch for i in range(len(b["input_ids"]))]
+        # use_cache: with a KV cache transformers skips packed-sequence detection and attends across samples.
+        out = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+               "position_ids": torch.tensor([positions]), "use_cache": False}
+        return self._add_images(out, batch)
+
+    def _add_images(self, out: dict, batch: list[dict]) -> dict:
+        with_images = [[_load_rgb(p, b.get("id")) for p in b["images"]] for b in batch if b["images"]]
         if with_images:
             # Nested per sample: the image processor then reports batch_num_images, which tells the model which
             # images belong to multi-image samples (no anyres tiling for those). Text-only samples have no entry.
@@ -376,6 +405,12 @@ class Collator:
         return out
 
 
-def _load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+def _load_rgb(path: str, record_id: str | None = None) -> Image.Image:
+    # The scan decoded every image fully before training; one failing now changed on disk since.
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds (OSError: image file is truncated, ...)
+        raise UserError(f"record id={record_id!r}: cannot decode image {path} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); it changed since the data check at the start "
+                        "of training") from None

@@ -97,3 +97,100 @@ def grouped_sampler(dataset, batch_size: int, seed: int = 0) -> GroupedSampler:
         log.info("padding efficiency (real / all tokens) at batch size %d: %.1f%% length-grouped, %.1f%% in random "
                  "order", batch_size, 100 * grouped, 100 * rand)
     return sampler
+
+
+# ------------------------------------------------------------------------------------------ token budgets
+
+
+def batch_cost(lengths: np.ndarray, tiles: np.ndarray, tile_tokens: int, packing: bool) -> int:
+    """What one micro-batch costs, in tokens: the LM's (each row padded to the longest, or the packed total) plus
+    the vision tower's (each tile is `tile_tokens` patches through every SigLIP layer)."""
+    lm = int(lengths.sum()) if packing else int(lengths.max()) * len(lengths)
+    return lm + int(tiles.sum()) * tile_tokens
+
+
+class TokenBudgetBatchSampler(torch.utils.data.Sampler):
+    """Micro-batches filled up to `budget` tokens (`batch_cost`) instead of a fixed number of samples, so a step's
+    memory is bounded by the budget, not by the worst images a fixed-size batch can draw.
+
+    Samples are shuffled within their kind (image / text-only), cut into mega-chunks, each sorted by length and
+    filled greedily, so batches hold samples of similar length (little padding). A sample that alone exceeds the
+    budget is a batch of its own (it fits model_max_length, so it must train; `over_budget` counts them).
+    Batch order is shuffled, the costliest batch first (an out-of-memory shows at step 1). Seeded by (seed,
+    epoch): a resumed run skips exactly the batches it already trained on. The number of batches is made a
+    multiple of `world_size` by splitting the largest multi-sample batches, so every process runs the same number
+    of micro-batches per step (no process waits at a collective for a batch that never comes)."""
+
+    def __init__(self, lengths, has_images, tiles, budget: int, tile_tokens: int, seed: int = 0,
+                 packing: bool = False, world_size: int = 1, mega: int = 4096):
+        if budget < 1:
+            raise ValueError("budget must be >= 1")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.has_images = np.asarray(has_images, dtype=bool)
+        self.tiles = np.asarray(tiles, dtype=np.int64)
+        self.budget, self.tile_tokens, self.seed, self.packing = budget, tile_tokens, seed, packing
+        self.world_size, self.mega = max(1, world_size), mega
+        self.epoch = 0
+        self._explicit_epoch = False
+        self.over_budget = int(sum(batch_cost(self.lengths[i:i + 1], self.tiles[i:i + 1], tile_tokens, packing)
+                                   > budget for i in range(len(self.lengths))))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._explicit_epoch = epoch, True
+
+    def _fill(self, order: np.ndarray) -> list[np.ndarray]:
+        out, cur, longest, lm_sum, tiles = [], [], 0, 0, 0
+        for i in order:
+            n, t = int(self.lengths[i]), int(self.tiles[i])
+            lm = (lm_sum + n) if self.packing else max(longest, n) * (len(cur) + 1)
+            if cur and lm + (tiles + t) * self.tile_tokens > self.budget:
+                out.append(np.asarray(cur, dtype=np.int64))
+                cur, longest, lm_sum, tiles = [], 0, 0, 0
+            cur.append(int(i))
+            longest, lm_sum, tiles = max(longest, n), lm_sum + n, tiles + t
+        if cur:
+            out.append(np.asarray(cur, dtype=np.int64))
+        return out
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        out: list[np.ndarray] = []
+        for kind in (True, False):
+            idx = np.flatnonzero(self.has_images == kind)
+            idx = idx[rng.permutation(len(idx))]
+            for lo in range(0, len(idx), self.mega):
+                chunk = idx[lo:lo + self.mega]
+                out += self._fill(chunk[np.argsort(-self.lengths[chunk], kind="stable")])
+        while len(out) % self.world_size and any(len(b) > 1 for b in out):
+            k = max((i for i in range(len(out)) if len(out[i]) > 1), key=lambda i: len(out[i]))
+            b = out.pop(k)
+            out += [b[: len(b) // 2], b[len(b) // 2:]]
+        out = [out[i] for i in rng.permutation(len(out))]
+        if out:
+            cost = [batch_cost(self.lengths[b], self.tiles[b], self.tile_tokens, self.packing) for b in out]
+            out.insert(0, out.pop(int(np.argmax(cost))))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch = self.epoch
+        if not self._explicit_epoch:
+            self.epoch += 1
+        for b in self.batches(epoch):
+            yield [int(i) for i in b]
+
+
+def token_budget_sampler(dataset, budget: int, tile_tokens: int, seed: int = 0, packing: bool = False,
+                         world_size: int = 1) -> TokenBudgetBatchSampler:
+    sampler = TokenBudgetBatchSampler(dataset.lengths, dataset.has_images, dataset.tiles, budget, tile_tokens, seed,
+                                      packing, world_size)
+    batches = sampler.batches(0)
+    if batches:
+        sizes = np.asarray([len(b) for b in batches])
+        log.info("token budget %d (%s): %d micro-batches per epoch, %.1f samples each (min %d, max %d)%s", budget,
+                 "packed rows" if packing else "padded rows", len(batches), sizes.mean(), sizes.min(), sizes.max(),
+                 f"; {sampler.over_budget} sample(s) exceed the budget alone and train on their own"
+                 if sampler.over_budget else "")
+    return sampler

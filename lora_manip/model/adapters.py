@@ -106,10 +106,17 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    """adapter_config.json of an adapter folder; not JSON, or not an object, is a UserError naming the file."""
+    from ..checkpoint_io import read_json
+
+    return read_json(Path(path) / "adapter_config.json")
+
+
 def adapter_base(path: str | os.PathLike) -> str:
-    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+    cfg = read_adapter_config(path)
     base = cfg.get("base_model_name_or_path")
-    if not base:
+    if not base or not isinstance(base, str):
         raise UserError(f"{path}/adapter_config.json names no base model; pass --base")
     return base
 
@@ -148,3 +155,21 @@ def load_extras(model, adapter_dir: str | os.PathLike) -> None:
             if name not in params or params[name].shape != t.shape:
                 raise UserError(f"{extra}: tensor {name} {tuple(t.shape)} does not fit the model")
             params[name].copy_(t.to(params[name].dtype))
+
+
+def checkpoint_parts(model, which) -> list[str]:
+    """Gradient checkpointing per tower: `which` is true (both), false, or a list of "lm" / "vision_tower". The
+    Trainer's own switch covers the whole model; a trained vision tower at anyres is the costly one (every SigLIP
+    layer's activations for every tile), the LM the other, so each can be chosen. Non-reentrant, so frozen
+    embeddings need no input gradients."""
+    from transformers import LlavaOnevisionModel
+
+    parts = ["lm", "vision_tower"] if which is True else list(which or [])
+    if not parts:
+        return []
+    inner = next(m for m in model.modules() if isinstance(m, LlavaOnevisionModel))
+    towers = {"lm": inner.language_model, "vision_tower": inner.vision_tower}
+    for part in parts:
+        towers[part].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    log.info("gradient checkpointing: %s", ", ".join(parts))
+    return parts

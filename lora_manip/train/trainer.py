@@ -47,6 +47,23 @@ class ManipTrainer(Trainer):
         return grouped_sampler(train_dataset if train_dataset is not None else self.train_dataset,
                                self.args.per_device_train_batch_size, self.args.data_seed or self.args.seed)
 
+    def get_train_dataloader(self):
+        budget = self.recipe.train.max_tokens_per_batch
+        if not budget:
+            return super().get_train_dataloader()
+        # Variable-size micro-batches need a batch sampler; accelerate then hands each process every
+        # world_size-th batch (the sampler makes their number a multiple of world_size).
+        from torch.utils.data import DataLoader
+
+        from ..data.sampler import token_budget_sampler
+
+        sampler = token_budget_sampler(self.train_dataset, budget, self.processor.num_image_tokens,
+                                       self.args.data_seed or self.args.seed, self.recipe.data.packing,
+                                       self.args.world_size)
+        loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
     def _get_num_items_in_batch(self, batch_samples, device):
         if self.recipe.train.loss_reduction == "token":
             return super()._get_num_items_in_batch(batch_samples, device)
@@ -108,7 +125,8 @@ class ManipTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         dummy = inputs.pop(DUMMY_IMAGE, False)
-        self._tokens += int(inputs["attention_mask"].sum())
+        mask = inputs.get("attention_mask")  # packed rows have none: every position is a real token
+        self._tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         keep = positions_to_keep(labels)
         with image_features_unused(model) if dummy else contextlib.nullcontext():
             outputs = model(**inputs, logits_to_keep=keep)
