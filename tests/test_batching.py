@@ -209,3 +209,29 @@ def test_gradient_checkpointing_per_part(tiny_model_dir, processor, samples, tmp
     _, g2 = _loss_and_grads(ckpt, batch)
     for n in g1:
         torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+# ----------------------------------------------------------------------------------------- image caps
+
+def test_max_image_tiles_caps_measurement_training_and_generation(tiny_model_dir, synth_dir, tmp_path):
+    """data.max_image_tiles limits anyres identically where tokens are counted, where the model places features
+    (its config) and in eval, which reads the run's recipe.yaml."""
+    from lora_manip.eval.generate import load_for_inference
+    from lora_manip.model.processor import image_tiles, image_token_counts, load_processor
+    from lora_manip.train.workflow import build_trainer
+
+    full = load_processor(tiny_model_dir)
+    capped = load_processor(tiny_model_dir, max_image_tiles=2)
+    big = (640, 480)
+    assert image_tiles(full, [big]) == 1 + 9 and image_tiles(capped, [big]) == 1 + 2
+    assert image_token_counts(capped, [big])[0] < image_token_counts(full, [big])[0]
+    recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, synth_dir, tmp_path / "run", train__max_steps=1,
+                                               data__max_image_tiles=2))
+    trainer = build_trainer(recipe)
+    assert trainer.model.config.image_grid_pinpoints == [list(p) for p in capped.image_processor.image_grid_pinpoints]
+    assert max(trainer.train_dataset.tiles) <= 3
+    trainer.train()  # a token-count mismatch between processor and model would raise here
+    trainer.save_final(str(tmp_path / "run"))
+    model, proc = load_for_inference(str(tmp_path / "run"))
+    assert proc.image_processor.image_grid_pinpoints == capped.image_processor.image_grid_pinpoints
+    assert model.config.image_grid_pinpoints == [list(p) for p in capped.image_processor.image_grid_pinpoints]

@@ -54,11 +54,12 @@ _COUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _image_tokens(processor, sizes: list[tuple[int, int]]) -> int:
     """Total image tokens of one sample's images; memoised per processor (a data set has few distinct sizes)."""
     cache = _COUNTS.setdefault(processor, {})
-    key = tuple(tuple(z) for z in sizes)
+    # the grid is part of the key: data.max_image_tiles changes a processor's pinpoints after loading
+    key = (tuple(tuple(z) for z in sizes), tuple(map(tuple, processor.image_processor.image_grid_pinpoints)))
     if key not in cache:
         if len(cache) > 100_000:
             cache.clear()
-        cache[key] = sum(image_token_counts(processor, list(key)))
+        cache[key] = sum(image_token_counts(processor, list(key[0])))
     return cache[key]
 
 

@@ -53,7 +53,7 @@ def load_for_inference(model_path: str, base: str | None = None):
     """(model, processor) for a merged/full checkpoint, an adapter folder or a hub id."""
     from ..model.adapters import is_adapter_dir, load_with_adapter
     from ..model.load import compute_dtype, load_model
-    from ..model.processor import load_processor
+    from ..model.processor import apply_image_grid, cap_image_tiles, load_processor
 
     if is_adapter_dir(model_path):
         model, base = load_with_adapter(model_path, base, dtype="bfloat16")
@@ -62,11 +62,30 @@ def load_for_inference(model_path: str, base: str | None = None):
     else:
         model = load_model(model_path, dtype="bfloat16")
         processor = load_processor(model_path)
+    tiles = run_data_setting(model_path, "max_image_tiles")
+    if tiles:  # trained with capped anyres: generate with the same grid
+        cap_image_tiles(processor, tiles)
+        apply_image_grid(model, processor)
+        log.info("anyres capped at %d tiles per image (data.max_image_tiles of %s/recipe.yaml)", tiles, model_path)
     if torch.cuda.is_available():
         model.to("cuda")
     model.eval()
     log.info("inference dtype %s", compute_dtype("bfloat16"))
     return model, processor
+
+
+def run_data_setting(model_path: str, key: str):
+    """`data.<key>` of the training run's recipe.yaml in the model (or adapter) folder, or None."""
+    import yaml
+
+    recipe = Path(model_path) / "recipe.yaml"
+    if not recipe.is_file():
+        return None
+    try:
+        data = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("data") or {}
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as e:
+        raise UserError(f"{recipe}: not a readable recipe ({str(e).splitlines()[0]})") from None
+    return data.get(key) if isinstance(data, dict) else None
 
 
 def load_images(sample: Sample) -> list:

@@ -48,7 +48,28 @@ class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
-def load_processor(path: str | os.PathLike) -> ImageOnlyOnevisionProcessor:
+def cap_image_tiles(processor, max_tiles: int | None) -> int:
+    """Limit anyres to grids of at most `max_tiles` tiles (the recipe's data.max_image_tiles) by dropping larger
+    pinpoints; returns how many were dropped. The processor counts and makes tiles from its pinpoints and the model
+    places features by its config's: `apply_image_grid` must copy them to the model, so measurement, training and
+    generation agree. LLaVA-OneVision's anyres_max_9 only pools the features of large grids; the vision tower
+    still runs on every tile (up to 36 + 1 at 2304 px), which is what this bounds."""
+    if not max_tiles:
+        return 0
+    ip = processor.image_processor
+    tile = (ip.crop_size or ip.size)["height"]
+    kept = [p for p in ip.image_grid_pinpoints if -(-p[0] // tile) * -(-p[1] // tile) <= max_tiles]
+    dropped = len(ip.image_grid_pinpoints) - len(kept)
+    ip.image_grid_pinpoints = kept
+    return dropped
+
+
+def apply_image_grid(model, processor) -> None:
+    """Give the model the processor's (possibly capped) pinpoints; it reads them from its config at each forward."""
+    model.config.image_grid_pinpoints = [list(p) for p in processor.image_processor.image_grid_pinpoints]
+
+
+def load_processor(path: str | os.PathLike, max_image_tiles: int | None = None) -> ImageOnlyOnevisionProcessor:
     from .load import check_model_path
 
     check_model_path(str(path))
@@ -64,6 +85,7 @@ def load_processor(path: str | os.PathLike) -> ImageOnlyOnevisionProcessor:
     # Generation batches pad on the left so every prompt ends where generation starts; training pads per batch in
     # the collator and does not use this setting.
     processor.tokenizer.padding_side = "left"
+    cap_image_tiles(processor, max_image_tiles)
     return processor
 
 
