@@ -593,9 +593,15 @@ def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from `path`; anything else (missing, a folder, not JSON, a list) is a UserError naming it."""
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} does not exist") from None
-    except ValueError as e:
+    except ValueError as e:  # UnicodeDecodeError included
         raise UserError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object ({{...}}), got a {type(obj).__name__}")
+    return obj

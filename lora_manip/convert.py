@@ -54,7 +54,7 @@ from pathlib import Path
 from .checkpoint_io import (read_json, DEFAULT_SHARD_BYTES, Checkpoint, OutTensor, TensorRef, canonical_tensors,
                             copy_files, copy_tensor, hf_saved_name, listing, parse_size, write_checkpoint)
 from .errors import UserError
-from .fsutil import atomic_dir
+from .fsutil import atomic_dir, cleanup_partials, guard_output, output_lock
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +106,16 @@ def convert_checkpoint(src: str, out: str, src_format: str, dst_format: str, *, 
         raise UserError(f"--from and --to are both {src_format}: nothing to convert")
     if not src.is_dir():
         raise UserError(f"{src} is not a folder")
-    o, s = out.resolve(), src.resolve()
-    if o == s or s in o.parents or o in s.parents:
-        raise UserError(f"{out} would write into (or replace) the source folder {src}; choose another folder")
+    guard_output(out, {"source folder": src, "--processor folder": processor, "--vision-config file": vision_config},
+                 flag="OUT")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
     shard = parse_size(max_shard_size)
-    if dst_format == "llava-next":
-        return _hf_to_next(src, out, force, vision_tower, shard)
-    return _next_to_hf(src, out, force, vision_config, processor, shard)
+    with output_lock(out, "lora-manip convert"):
+        cleanup_partials(out)
+        if dst_format == "llava-next":
+            return _hf_to_next(src, out, force, vision_tower, shard)
+        return _next_to_hf(src, out, force, vision_config, processor, shard)
 
 
 # ---------------------------------------------------------------------------------------------------------------

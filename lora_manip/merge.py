@@ -38,8 +38,9 @@ from .checkpoints.plan import ADAPTER_FILE, MergePlan, plan_merge
 from .checkpoints.quant import resolve_spec
 from .checkpoints.verify import MergeCheckFailed, logits_of, probe_inputs, verify as _verify
 from .errors import UserError
-from .fsutil import atomic_dir
+from .fsutil import atomic_dir, cleanup_partials, guard_output, output_lock
 from .model.adapters import EXTRA_FILE
+from .runinfo import check_complete, record_source
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,9 @@ def merge_adapter(adapter_dir: str, base: str | None = None, out: str | None = N
     `base_as_trained`: fold a QLoRA adapter into the 4-bit weights it was trained against (settings from the
     adapter's recipe.yaml, or `quantization`, e.g. "quant_type=nf4,double_quant=true")."""
     from .model.adapters import adapter_base, is_adapter_dir
-    from .model.processor import copy_processor_files
 
     adapter_dir = Path(adapter_dir)
+    run_id = check_complete(adapter_dir)  # an unfinished or mixed run folder is refused first, naming the run
     if not is_adapter_dir(adapter_dir):
         hint = " (it holds a full model: nothing to merge)" if (adapter_dir / "config.json").is_file() else ""
         raise UserError(f"{adapter_dir} is not an adapter folder: no adapter_config.json{hint}")
@@ -68,9 +69,18 @@ def merge_adapter(adapter_dir: str, base: str | None = None, out: str | None = N
     base_name = base or adapter_base(adapter_dir)
     base_dir = resolve_base(base_name, from_adapter=base is None, adapter_dir=adapter_dir)
     out = Path(out) if out else adapter_dir.with_name(adapter_dir.name + "-merged")
-    _check_out(out, {"adapter": adapter_dir, "base": base_dir})
+    guard_output(out, {"adapter folder": adapter_dir, "base folder": base_dir})
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it or --out to choose another folder")
+    with output_lock(out, "lora-manip merge"):
+        cleanup_partials(out)
+        return _merge_locked(adapter_dir, base_dir, base_name, out, dtype, force, verify, max_shard_size,
+                             verify_max_bytes, quant, run_id)
+
+
+def _merge_locked(adapter_dir: Path, base_dir: Path, base_name: str, out: Path, dtype, force: bool, verify: bool,
+                  max_shard_size, verify_max_bytes, quant, run_id: str | None) -> tuple[Path, float | None]:
+    from .model.processor import copy_processor_files
 
     plan = plan_merge(adapter_dir, base_dir, dtype, quant)  # every check that can fail on the inputs happens here
     log.info("merging %s into %s: %d LoRA-adapted tensors, %d replaced, %d copied; output %s (%s)", adapter_dir,
@@ -91,6 +101,7 @@ def merge_adapter(adapter_dir: str, base: str | None = None, out: str | None = N
         if (adapter_dir / RECIPE_FILE).is_file():  # eval reads the run's system prompt and template from it
             shutil.copyfile(adapter_dir / RECIPE_FILE, tmp / RECIPE_FILE)
         _write_card(tmp, base_name, adapter_dir, plan)
+        record_source(tmp, run_id, adapter_dir, "merge")  # eval can tell which run the checkpoint came from
         diff = None
         if verify:
             diff = _verify(tmp, adapter_dir, base_dir, plan, verify_max_bytes)
@@ -129,14 +140,6 @@ def resolve_base(base: str, from_adapter: bool = False, adapter_dir: Path | None
             raise UserError(f"base model {base}{where} is neither a local folder nor in the local Hugging Face "
                             "cache; download it first (huggingface-cli download) or pass --base PATH") from None
     raise UserError(f"base model {base}{where} does not exist")
-
-
-def _check_out(out: Path, protected: dict[str, Path]) -> None:
-    o = out.resolve()
-    for what, p in protected.items():
-        p = p.resolve()
-        if o == p or p in o.parents or o in p.parents:
-            raise UserError(f"--out {out} would write into (or replace) the {what} folder {p}; choose another folder")
 
 
 def _write_config(folder: Path, plan: MergePlan) -> None:

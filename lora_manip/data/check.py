@@ -2,11 +2,14 @@
 code: training refuses broken data unless the recipe says `skip_bad_records: true`).
 
 Per record: the structural checks of `records.to_sample` (malformed JSON, placeholders, alternation, empty
-answers, paths escaping the data root), then the images (opened for their header only, which also gives the sizes
-the image token counts need), then the grounding answers: a gpt answer that parses as JSON and has keys ending in
-bbox/box/point/traj must hold coordinates in [0, 1] (values above 1 get a hint that they look like pixels), and a
-trajectory needs at least `min_traj_points` points. Then, with a processor, the exact token length of the sample,
-image tokens included.
+answers, paths escaping the data root), then the images (decoded in full, so a truncated or corrupt file is caught
+here rather than in the middle of training; the sizes feed the image token counts; an image reached through a
+symlink that leads out of the data root is a warning), then the grounding answers: a gpt answer that parses as
+JSON and has keys ending in bbox/box/point/traj must hold finite coordinates in [0, 1] (values above 1 get a hint
+that they look like pixels; NaN/inf get their own message), and a trajectory needs at least `min_traj_points`
+points. Then, with a processor, the exact token length of the sample, image tokens included.
+
+`data check` also reports ids used by more than one record of a file.
 
 Large files are scanned by a pool of forked processes (each reads its own slice of the index), so a million records
 cost minutes of CPU spread over the cores, not of one core.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -36,7 +40,7 @@ COORD_KEY = re.compile(r"(bbox|box|boxes|point|points|traj|trajectory)$", re.IGN
 TRAJ_KEY = re.compile(r"traj(ectory)?$", re.IGNORECASE)
 PIXEL_HINT = ("; values above 1 look like pixel coordinates: convert the file with `lora-manip data normalize` "
               "(answers must be normalised to [0, 1])")
-POOL_THRESHOLD = 20_000  # records; fewer are scanned in-process (forking costs more than it saves)
+POOL_THRESHOLD = 5_000  # records; fewer are scanned in-process (forking costs more than decoding them saves)
 _CHUNK = 4096  # records per pool task and per tokenizer batch
 
 
@@ -46,14 +50,16 @@ _SIZE_CACHE: OrderedDict = OrderedDict()  # records about the same frame are usu
 
 
 def read_image_size(path: str) -> tuple[int, int] | str:
-    """(width, height) from the image header, or the reason it cannot be read."""
+    """(width, height) of an image that decodes in full, or the reason it does not. A header-only read would pass
+    a truncated file that then stops training in the collator."""
     hit = _SIZE_CACHE.get(path)
     if hit is not None:
         _SIZE_CACHE.move_to_end(path)
         return hit
     try:
-        with Image.open(path) as im:  # parses the header only
+        with Image.open(path) as im:
             size = im.size
+            im.load()
     except FileNotFoundError:
         return "missing"
     except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, DecompressionBombError, OSError...)
@@ -64,6 +70,19 @@ def read_image_size(path: str) -> tuple[int, int] | str:
     if len(_SIZE_CACHE) > 4096:
         _SIZE_CACHE.popitem(last=False)
     return size
+
+
+def symlink_warnings(sample: Sample, file: str, where: str, data_root: str) -> list[Problem]:
+    """Images that a symlink inside the data root leads out of it: followed (roots assembled from links to other
+    disks are common), but never silently."""
+    root = os.path.realpath(data_root)
+    out = []
+    for k, path in enumerate(sample.images):
+        real = os.path.realpath(path)
+        if real != path and not real.startswith(root.rstrip(os.sep) + os.sep) and os.path.exists(real):
+            out.append(Problem(file, where, sample.id, f"images[{k}]", f"image {path} is a symlink (or lies under "
+                               f"one) that leads out of the data root, to {real}", "symlink_outside_root"))
+    return out
 
 
 def image_problems(sample: Sample, file: str, where: str) -> tuple[list[tuple[int, int]], list[Problem]]:
@@ -147,6 +166,10 @@ def answer_problems(sample: Sample, file: str, where: str, min_traj_points: int 
             nums = _numbers(value)
             if nums is None:
                 continue
+            if not all(map(math.isfinite, nums)):
+                problems.append(Problem(file, where, sample.id, fld, f"`{key}` has NaN/inf coordinate(s); every "
+                                        "coordinate must be a finite number in [0, 1]", "coords_not_finite"))
+                continue
             bad = [x for x in nums if not 0.0 <= x <= 1.0]
             if bad:
                 shown = ", ".join(f"{x:g}" for x in bad[:3]) + (", ..." if len(bad) > 3 else "")
@@ -193,6 +216,8 @@ class ScanResult:
     tasks: Counter = field(default_factory=Counter)  # valid records per task
     scanned: int = 0
     bad_records: int = 0  # records with at least one problem
+    ids: list = field(default_factory=list)  # ids of the valid records, aligned with positions
+    warnings: list[Problem] = field(default_factory=list)  # reported, not disqualifying
 
     @staticmethod
     def merge(parts: list["ScanResult"]) -> "ScanResult":
@@ -206,6 +231,8 @@ class ScanResult:
             out.tasks.update(p.tasks)
             out.scanned += p.scanned
             out.bad_records += p.bad_records
+            out.ids += p.ids
+            out.warnings += p.warnings
         return out
 
 
@@ -227,6 +254,7 @@ def _scan_serial(index, data_root, positions, processor, system_prompt, min_traj
     from ..model.processor import image_tiles
 
     keep, lens, nimg, tiles, problems, tasks, bad = [], [], [], [], [], Counter(), 0
+    ids, warnings = [], []
     pending: list = []
 
     def flush():
@@ -243,6 +271,8 @@ def _scan_serial(index, data_root, positions, processor, system_prompt, min_traj
             bad += 1
             continue
         keep.append(int(pos))
+        ids.append(s.id)
+        warnings += symlink_warnings(s, str(index.path), index.where(int(pos)), data_root)
         nimg.append(len(s.images))
         if processor is not None:
             tiles.append(image_tiles(processor, sizes))
@@ -253,7 +283,7 @@ def _scan_serial(index, data_root, positions, processor, system_prompt, min_traj
     flush()
     return ScanResult(np.asarray(keep, np.int64), np.asarray(lens, np.int32), np.asarray(nimg, np.int16),
                       np.asarray(tiles, np.int16) if processor is not None else None, problems, tasks,
-                      len(positions), bad)
+                      len(positions), bad, ids, warnings)
 
 
 _POOL_STATE: dict = {}
@@ -328,7 +358,7 @@ def check_entries(entries: list[Entry], processor=None, system_prompt: str | Non
     """The machine-readable report of `data check` (format_report prints it)."""
     from .sampler import GroupedSampler, padding_efficiency, random_batches
 
-    datasets, problems = [], []
+    datasets, problems, warnings = [], [], []
     all_lengths, all_images = [], []
     for e in entries:
         row: dict = {"name": e.name, "split": e.split, "annotation_path": e.annotation_path,
@@ -345,7 +375,8 @@ def check_entries(entries: list[Entry], processor=None, system_prompt: str | Non
                                     f"data root {e.data_path} is not a folder", "missing_file"))
         problems += index.problems
         r = scan(index, e.data_path, None, processor, system_prompt, min_traj_points, workers)
-        problems += r.problems
+        problems += r.problems + duplicate_ids(index, r)
+        warnings += r.warnings
         row.update(records=len(index), valid=len(r.positions), bad_records=r.bad_records,
                    complete=index.complete, tasks=dict(sorted(r.tasks.items())),
                    images_per_record={str(k): int(v) for k, v in sorted(Counter(r.n_images.tolist()).items())})
@@ -362,6 +393,7 @@ def check_entries(entries: list[Entry], processor=None, system_prompt: str | Non
         "problem_count": len(problems),
         "problem_counts": {k: counts[k] for k in sorted(counts)},
         "problems": [p.to_dict() for p in problems],
+        "warnings": [w.to_dict() for w in warnings],
         "datasets": datasets,
         "model_max_length": max_length,
         "tokens_computed": processor is not None,
@@ -404,6 +436,10 @@ def format_report(report: dict, show: int = 5) -> str:
         pe = report["padding_efficiency"]
         lines.append(f"padding efficiency (real tokens / all tokens), batch size {pe['batch_size']}: "
                      f"random order {100 * pe['random']:.1f}%, length-grouped {100 * pe['grouped']:.1f}%")
+    for w in report.get("warnings", [])[:show]:
+        lines.append("warning: " + str(Problem(**w)))
+    if len(report.get("warnings", [])) > show:
+        lines.append(f"warning: ... and {len(report['warnings']) - show} more (--json lists all)")
     if report["ok"]:
         lines.append("no problems found")
         return "\n".join(lines)
@@ -418,6 +454,19 @@ def format_report(report: dict, show: int = 5) -> str:
         if len(items) > show:
             lines.append(f"    ... and {len(items) - show} more (--json lists all)")
     return "\n".join(lines)
+
+
+def duplicate_ids(index: RecordIndex, r: ScanResult) -> list[Problem]:
+    """One problem per record whose id an earlier valid record of the same file already has."""
+    first: dict[str, int] = {}
+    out = []
+    for rid, pos in zip(r.ids, r.positions.tolist()):
+        if rid in first:
+            out.append(Problem(str(index.path), index.where(pos), rid, "id",
+                               f"duplicate id: {index.where(first[rid])} has the same id", "duplicate_id"))
+        else:
+            first[rid] = pos
+    return out
 
 
 def entries_from_recipe(recipe) -> list[Entry]:

@@ -44,6 +44,9 @@ PROBLEM_KINDS = {
     "missing_image": "image file missing",
     "unreadable_image": "image file unreadable",
     "coords_out_of_range": "grounding coordinates outside [0, 1]",
+    "coords_not_finite": "grounding coordinates that are NaN or infinite",
+    "duplicate_id": "id used by more than one record",
+    "symlink_outside_root": "image reached through a symlink leading out of the data root",
     "short_trajectory": "trajectory with too few points",
 }
 
@@ -319,7 +322,8 @@ def to_sample(raw: object, file: str, where: str, data_root: str | os.PathLike) 
         return problem("conversations", f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} "
                        f"image(s) in `{key}`", "placeholder_mismatch")
     # Lexical check (`..`, absolute paths): symlinks inside the root are followed when reading, so a data root
-    # assembled from symlinks to other disks works. No file system access here (that is data/check.py's job).
+    # assembled from symlinks to other disks works; data/check.py warns about each one that leads out of the root.
+    # No file system access here.
     root = os.path.abspath(data_root)
     paths = []
     for rel in images:

@@ -48,6 +48,8 @@ def load_registry(path: str | os.PathLike) -> dict[str, dict[str, str]]:
         raise ValueError(f"registry file {path} not found")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"registry file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ValueError(f"registry file {path} is not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("datasets"), dict):
@@ -56,6 +58,9 @@ def load_registry(path: str | os.PathLike) -> dict[str, dict[str, str]]:
     unknown = set(raw) - {"root", "datasets"}
     if unknown:
         raise ValueError(f"registry file {path}: unknown top-level key(s) {sorted(unknown)} (expected root, datasets)")
+    if raw.get("root") is not None and not isinstance(raw["root"], str):
+        raise ValueError(f"registry file {path}: root must be a folder path (a string), not "
+                         f"{type(raw['root']).__name__} {raw['root']!r}")
     root = Path(raw["root"]) if raw.get("root") else path.parent
     if not root.is_absolute():
         root = path.parent / root
@@ -64,7 +69,10 @@ def load_registry(path: str | os.PathLike) -> dict[str, dict[str, str]]:
         if not isinstance(entry, dict) or not {"annotation_path", "data_path"} <= set(entry) \
                 or set(entry) - {"annotation_path", "data_path"}:
             raise ValueError(f"registry file {path}: datasets.{name} must have exactly annotation_path and data_path")
-        out[str(name)] = {k: str(root / str(entry[k])) for k in ("annotation_path", "data_path")}
+        bad = [k for k in ("annotation_path", "data_path") if not isinstance(entry[k], str) or not entry[k]]
+        if bad:
+            raise ValueError(f"registry file {path}: datasets.{name}.{bad[0]} must be a path (a string)")
+        out[str(name)] = {k: str(root / entry[k]) for k in ("annotation_path", "data_path")}
     return out
 
 

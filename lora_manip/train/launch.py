@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from ..errors import UserError
 from ..recipe import Recipe
@@ -23,12 +24,49 @@ def in_distributed_run() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+# First components that name a local folder, not a hub organisation (`runs/tiny-llava-ov` on a fresh clone).
+_LOCAL_ROOTS = {"runs", "run", "outputs", "output", "out", "models", "model", "checkpoints", "checkpoint", "ckpt",
+                "ckpts", "data", "tmp", "exp", "experiments", "work", "results", "weights", "saves"}
+
+
+def looks_local(path: str) -> bool:
+    """A path no one would mean as a hub id (org/name): absolute, ./ ../ ~, more than one /, a first component
+    that is a folder here or a usual local folder name (runs/, outputs/, checkpoints/...)."""
+    p = path.strip()
+    first = p.split("/")[0]
+    return (os.path.isabs(p) or p.startswith((".", "~")) or p.count("/") != 1 or "\\" in p
+            or first.lower() in _LOCAL_ROOTS or os.path.isdir(first))
+
+
+def check_model_source(recipe: Recipe) -> None:
+    """A model.path that is no local folder and no cached hub model is refused here, naming the folder and how to
+    create the demo's, instead of after a minute of hub retries ending in a connection error."""
+    from ..model.load import _HUB_ID, local_folder
+
+    path, m = recipe.model.path, recipe.model
+    if m.create_tiny_if_missing or local_folder(path) is not None:
+        return
+    create = (f"for the offline demo create it with `lora-manip tiny-model {path}` (or set "
+              "model.create_tiny_if_missing: true)")
+    if Path(path).expanduser().exists():
+        raise UserError(f"model.path {path} is not a folder; point it at a checkpoint folder or a hub id")
+    if looks_local(path) or not _HUB_ID.match(path):
+        raise UserError(f"model.path {path} does not exist (no such local folder); {create}, or point model.path at "
+                        "a checkpoint "
+                        "folder or a hub id like llava-hf/llava-onevision-qwen2-7b-ov-hf")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise UserError(f"model.path {path} does not exist locally, and is not in the local Hugging Face cache "
+                        f"(HF_HUB_OFFLINE is set, so the hub is not asked); {create}, or download it first "
+                        "(huggingface-cli download)")
+
+
 def preflight(recipe: Recipe) -> None:
     """Everything that can be refused before data or model are touched."""
     import torch
 
     from ..model.load import resolve_attention
 
+    check_model_source(recipe)
     resolve_attention(recipe.model.attn_implementation)
     n = recipe.distributed.nproc_per_node
     if torch.cuda.is_available() and n > torch.cuda.device_count():

@@ -18,12 +18,22 @@ def _meta_model(recipe: Recipe):
 
     from ..errors import UserError
     from ..model.load import check_model_path
+    from .launch import check_model_source
 
+    check_model_source(recipe)
+    if recipe.model.create_tiny_if_missing and not Path(recipe.model.path).exists():
+        # Plan from the config the tiny writer would write: a dry run writes nothing, the model included.
+        from ..model.tiny import build_config, build_tokenizer
+
+        config = build_config(build_tokenizer())
+        with init_empty_weights():
+            return LlavaOnevisionForConditionalGeneration._from_config(config)
     check_model_path(recipe.model.path)
     try:
         config = AutoConfig.from_pretrained(recipe.model.path)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the config of {recipe.model.path}: {str(e).splitlines()[0]}") from None
+        where = "" if Path(recipe.model.path).exists() else " (no such local folder; asked the hub)"
+        raise UserError(f"cannot read the config of {recipe.model.path}{where}: {str(e).splitlines()[0]}") from None
     with init_empty_weights():
         return LlavaOnevisionForConditionalGeneration._from_config(config)
 
@@ -91,6 +101,34 @@ def weight_memory(model, recipe: Recipe) -> list[str]:
     return lines
 
 
+def activation_memory(model, recipe: Recipe) -> list[str]:
+    """A rough bound on one micro-batch's activations at train.max_tokens_per_batch (16-bit, flash/sdpa attention:
+    linear in the tokens). Per token and LM layer a decoder layer keeps ~16 x hidden + 3 x intermediate values;
+    with checkpointing only the layer inputs stay (hidden per layer) plus one layer's worth while it is recomputed.
+    The vision tower keeps activations only when it trains; it is costed per 729-token tile the same way. An
+    estimate to size the budget against, not a measurement (benchmarks/throughput.py measures)."""
+    budget = recipe.train.max_tokens_per_batch
+    if not budget:
+        return [f"batch: {recipe.train.per_device_batch_size} samples per micro-batch (no token budget: memory "
+                "follows the largest images a batch draws)"]
+    cfg = model.config
+    gc = recipe.train.gradient_checkpointing
+    gc = ["lm", "vision_tower"] if gc is True else list(gc or [])
+
+    def tower(c, tokens: int, checkpointed: bool) -> float:
+        per_layer = 16 * c.hidden_size + 3 * c.intermediate_size
+        if checkpointed:
+            return 2 * tokens * (c.num_hidden_layers * c.hidden_size + per_layer)
+        return 2 * tokens * c.num_hidden_layers * per_layer
+
+    lm = tower(cfg.text_config, budget, "lm" in gc)
+    vision = tower(cfg.vision_config, budget, "vision_tower" in gc) if recipe.parts.vision_tower.train != "frozen" \
+        else 0.0
+    return [f"token budget: {budget} tokens per micro-batch (train.max_tokens_per_batch); expected activations "
+            f"~{(lm + vision) / 2**30:.1f} GiB (LM {lm / 2**30:.1f}, vision tower {vision / 2**30:.1f}; "
+            f"checkpointing: {', '.join(gc) or 'none'})"]
+
+
 def _dataset_sizes(recipe: Recipe) -> list[tuple[str, str]]:
     from ..data.records import read_raw_records
 
@@ -112,7 +150,9 @@ def describe_plan(recipe: Recipe) -> str:
     attn = resolve_attention(recipe.model.attn_implementation)
     model = prepare_trainable(_meta_model(recipe), recipe)
     total = sum(p.numel() for n, p in model.named_parameters() if "original_module" not in n)
-    lines = [f"model: {recipe.model.path} ({total:,} parameters), method {recipe.method}, "
+    later = " (created on first train)" if recipe.model.create_tiny_if_missing and \
+        not Path(recipe.model.path).exists() else ""
+    lines = [f"model: {recipe.model.path}{later} ({total:,} parameters), method {recipe.method}, "
              f"attention {attn}", "trainable parameters per part:"]
     for part, n in trainable_summary(model).items():
         lines.append(f"  {part:<16}{n:>15,}  ({getattr(recipe.parts, part).train})")
@@ -123,6 +163,7 @@ def describe_plan(recipe: Recipe) -> str:
                      f"{len(g['params']):>5} tensors {n:>15,} params")
     lines.append(f"quantised: {_quantised_summary(model, recipe)}")
     lines += weight_memory(model, recipe)
+    lines += activation_memory(model, recipe)
     d, t = recipe.distributed, recipe.train
     lines.append(f"processes: {d.nproc_per_node} per node x {d.nnodes} node(s)"
                  f"{', DeepSpeed ' + d.deepspeed if d.deepspeed else ''}")
