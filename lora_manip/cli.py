@@ -142,7 +142,8 @@ def data_normalize(src: Path = typer.Argument(..., help="Annotation file (.json 
 @command
 def train(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
           set_: Optional[List[str]] = SetOpt,
-          overwrite: bool = typer.Option(False, help="Train into an output folder that already holds a run."),
+          overwrite: bool = typer.Option(False, help="Replace the run in the output folder (it is deleted first, "
+                                         "never mixed with the new one)."),
           resume: bool = typer.Option(False, help="Continue from the newest checkpoint in the output folder."),
           dry_run: bool = typer.Option(False, help="Validate, build the model on the meta device, print the plan.")):
     """Train as the recipe says: full fine-tuning, LoRA or QLoRA; relaunches under torchrun for N > 1 processes."""
@@ -154,15 +155,23 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/).")
 
         typer.echo(describe_plan(r))
         return
+    from .fsutil import output_lock
     from .train.launch import in_distributed_run, preflight, relaunch
-    from .train.workflow import check_output_dir, prepare_demo_inputs, run_training
+    from .train.workflow import RUN_ID_ENV, prepare_demo_inputs, prepare_output_dir, run_training
 
     if r.distributed.nproc_per_node * r.distributed.nnodes > 1 and not in_distributed_run():
         preflight(r)
-        check_output_dir(r, overwrite, resume)
-        prepare_demo_inputs(r)  # once, here, not racing in every rank
-        argv = [f"--set={s}" for s in set_ or []] + ["--overwrite"] * overwrite + ["--resume"] * resume
-        raise typer.Exit(relaunch(str(recipe), argv, r))
+        # The launcher owns the folder for the whole run and prepares it once; the processes it starts inherit
+        # the lock (environment) and the run id.
+        with output_lock(r.train.output_dir, "lora-manip train"):
+            os.environ[RUN_ID_ENV] = prepare_output_dir(r, overwrite, resume)
+            try:
+                prepare_demo_inputs(r)  # once, here, not racing in every rank
+                argv = [f"--set={s}" for s in set_ or []] + ["--overwrite"] * overwrite + ["--resume"] * resume
+                code = relaunch(str(recipe), argv, r)
+            finally:
+                os.environ.pop(RUN_ID_ENV, None)
+        raise typer.Exit(code)
     out = run_training(r, overwrite=overwrite, resume=resume)
     typer.echo(f"saved to {out}")
 
