@@ -44,13 +44,14 @@ def mark_complete(output_dir: str, step: int) -> None:
         atomic_write_text(folder / COMPLETE_MARKER, f"step {step}\n")
 
 
-def plot_loss(log_path: Path, png_path: Path) -> Path | None:
-    """A plain PIL line plot of training loss over steps (no matplotlib dependency)."""
+def plot_loss(log_path: Path, png_path: Path, key: str = "loss", title: str = "training loss") -> Path | None:
+    """A plain PIL line plot of training loss (or another logged `key`) over steps (no matplotlib dependency)."""
     from PIL import Image, ImageDraw
 
     if not Path(log_path).exists():
         return None
-    pts = [(r["step"], r["loss"]) for r in map(json.loads, Path(log_path).read_text().splitlines()) if "loss" in r]
+    pts = [(r["step"], r[key]) for r in map(json.loads, Path(log_path).read_text().splitlines())
+           if isinstance(r.get(key), (int, float))]
     if len(pts) < 2:
         return None
     w, h, m = 640, 360, 48
@@ -63,7 +64,7 @@ def plot_loss(log_path: Path, png_path: Path) -> Path | None:
     line = [(m + (x - x0) * sx, h - m - (y - y0) * sy) for x, y in pts]
     d.rectangle([m, m, w - m, h - m], outline="black")
     d.line(line, fill=(31, 119, 180), width=2)
-    d.text((m, 10), f"training loss: {ys[0]:.3f} -> {ys[-1]:.3f} over {x1} steps", fill="black")
+    d.text((m, 10), f"{title}: {ys[0]:.3f} -> {ys[-1]:.3f} over {x1} steps", fill="black")
     d.text((4, m - 4), f"{y1:.2f}", fill="black")
     d.text((4, h - m - 8), f"{y0:.2f}", fill="black")
     d.text((w - m - 20, h - m + 6), f"step {x1}", fill="black")
@@ -71,3 +72,8 @@ def plot_loss(log_path: Path, png_path: Path) -> Path | None:
     img.save(tmp)
     tmp.replace(png_path)
     return Path(png_path)
+
+
+def plot_reward(log_path: Path, png_path: Path) -> Path | None:
+    """GRPO: the mean reward of the training rollouts over steps (TRL logs it as `reward`), beside loss.png."""
+    return plot_loss(log_path, png_path, key="reward", title="mean reward (GRPO rollouts)")

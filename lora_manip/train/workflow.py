@@ -170,6 +170,10 @@ def build_trainer(recipe: Recipe, overwrite: bool = False, resume: bool = False)
 def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
     from .callbacks import plot_loss
 
+    if recipe.objective == "grpo":
+        from .grpo import run_grpo
+
+        return run_grpo(recipe, overwrite, resume)
     out = Path(recipe.train.output_dir)
     trainer = build_trainer(recipe, overwrite, resume)
     trainer.train(resume_from_checkpoint=latest_checkpoint(out) if resume else None)
