@@ -57,7 +57,7 @@ def test_qlora_trains_on_cpu_with_4bit_language_model(tiny_model_dir, synth_dir,
     assert four_bit and all(n.startswith("model.language_model.") for n in four_bit)
     assert not any(n.startswith(("model.vision_tower", "model.multi_modal_projector", "lm_head")) for n in four_bit)
     trainer.train()
-    trainer.save_model(str(tmp_path / "run"))
+    trainer.save_final(str(tmp_path / "run"))  # writes run_complete.json, which merge checks
     cfg = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(tiny_model_dir)
     merged, diff = merge_adapter(str(tmp_path / "run"), out=str(tmp_path / "merged"))
@@ -118,6 +118,7 @@ def test_dry_run_qlora_plan(tmp_path):
         next(x for x in out.splitlines() if x.startswith("expected memory"))) + 1:][:4]}
     assert memory["language_model"][1] == "5.77" and memory["vision_tower"][1] == "0.77"
     assert memory["vision_tower"][3] == "0.00"  # frozen: no gradient, no optimizer state
+    assert "token budget: 8192 tokens per micro-batch" in out and "activations ~3.3 GiB" in out
 
 
 # ---------------------------------------------------------------------------------------------------------------
