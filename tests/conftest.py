@@ -4,10 +4,13 @@ list-content template, one with lmms-lab's string ChatML) and one small syntheti
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the scan cache of this test session only (a user's ~/.cache stays untouched)
+os.environ.setdefault("LORA_MANIP_CACHE", tempfile.mkdtemp(prefix="lora-manip-cache-"))
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")

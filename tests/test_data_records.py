@@ -114,3 +114,41 @@ def test_structure_problems_name_field_and_kind():
     assert p.field == "id" and p.reason == "missing"
     p = check({"id": "x", "images": [3], "conversations": []})
     assert p.field == "images"
+
+
+def test_the_pre_training_scan_is_cached_and_invalidated(tmp_path, processor, synth_dir, monkeypatch):
+    """A restart reads lengths from the cache; a changed annotation file or processor setting scans again."""
+    import copy
+    import shutil
+
+    import lora_manip.data.scan_cache as sc
+    from lora_manip.data.dataset import build_dataset
+    from lora_manip.model.processor import cap_image_tiles
+    from lora_manip.recipe import DatasetCfg
+
+    monkeypatch.setenv("LORA_MANIP_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "d"
+    shutil.copytree(synth_dir, data)
+    calls = []
+    real = sc.scan
+    monkeypatch.setattr(sc, "scan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = [DatasetCfg(annotation_path=str(data / "train.json"), data_path=str(data))]
+
+    def build():
+        return build_dataset(cfg, processor, "You are a helpful assistant.", 4096, seed=0)
+
+    first = build()
+    assert len(calls) == 1 and list((tmp_path / "cache" / "scan").glob("*.npz"))
+    again = build()
+    assert len(calls) == 1  # from the cache
+    assert np.array_equal(again.lengths, first.lengths) and np.array_equal(again.tiles, first.tiles)
+    records = json.loads((data / "train.json").read_text())
+    (data / "train.json").write_text(json.dumps(records[:-1]))  # the file's content changed
+    assert len(build()) == len(first) - 1 and len(calls) == 2
+    capped = copy.deepcopy(processor)
+    cap_image_tiles(capped, 1)
+    build_dataset(cfg, capped, "You are a helpful assistant.", 4096, seed=0)
+    assert len(calls) == 3  # the processor's grid changed
+    for f in (tmp_path / "cache" / "scan").glob("*.npz"):
+        f.write_bytes(b"not an npz")  # a corrupt entry is scanned again, never trusted
+    assert len(build()) == len(first) - 1 and len(calls) == 4

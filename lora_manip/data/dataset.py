@@ -257,7 +257,8 @@ def _parts_of(datasets: list, seed: int, role: str) -> tuple[list[_Part], list[_
 
 def _assemble(parts: list[_Part], processor, system_prompt, max_length: int, skip_bad_records: bool,
               min_traj_points: int, workers: int | None, split: str) -> ManipDataset:
-    from .check import problem_summary, scan
+    from .check import problem_summary
+    from .scan_cache import cached_scan
 
     fatal = [p for part in parts for p in part.index.problems]
     if fatal:
@@ -265,7 +266,8 @@ def _assemble(parts: list[_Part], processor, system_prompt, max_length: int, ski
     problems: list[Problem] = []
     views, lengths, has_images, tiles, dropped = [], [], [], [], Counter()
     for part in parts:
-        r = scan(part.index, part.data_root, part.positions, processor, system_prompt, min_traj_points, workers)
+        r = cached_scan(part.index, part.data_root, part.positions, processor, system_prompt, min_traj_points,
+                        workers)
         problems += r.problems
         for w in r.warnings[:5]:
             log.warning("%s: %s", split, w)
