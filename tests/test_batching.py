@@ -235,3 +235,20 @@ def test_max_image_tiles_caps_measurement_training_and_generation(tiny_model_dir
     model, proc = load_for_inference(str(tmp_path / "run"))
     assert proc.image_processor.image_grid_pinpoints == capped.image_processor.image_grid_pinpoints
     assert model.config.image_grid_pinpoints == [list(p) for p in capped.image_processor.image_grid_pinpoints]
+
+
+def test_data_check_reports_capped_images_and_tokens_before_after(tiny_model_dir, synth_dir, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from lora_manip.cli import app
+
+    raw = tiny_recipe_dict(tiny_model_dir, synth_dir, tmp_path / "run", data__max_image_tiles=2)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["data", "check", str(tmp_path / "r.yaml"), "--json"])
+    assert result.exit_code in (0, 1), result.output
+    cap = json.loads(result.output[result.output.index("{"):])["image_cap"]
+    assert cap["max_image_tiles"] == 2 and 0 < cap["capped_records"] <= cap["records"]
+    assert cap["tokens_after"]["max"] < cap["tokens_before"]["max"]
+    text = CliRunner().invoke(app, ["data", "check", str(tmp_path / "r.yaml")]).output
+    assert f"data.max_image_tiles 2: {cap['capped_records']} of {cap['records']} records have an image capped" in text

@@ -400,6 +400,7 @@ def check_entries(entries: list[Entry], processor=None, system_prompt: str | Non
     }
     if all_lengths:
         lengths, n_images = np.concatenate(all_lengths), np.concatenate(all_images)
+        report["_lengths"] = lengths  # for run_check's before/after comparison; popped before printing
         fits = lengths <= max_length
         lengths, has_images = lengths[fits], n_images[fits] > 0
         if len(lengths):
@@ -430,6 +431,15 @@ def format_report(report: dict, show: int = 5) -> str:
                          f"p99 {t['p99']}  max {t['max']}  mean {t['mean']}")
             lines.append(f"  over model_max_length {report['model_max_length']}: {d['over_max_length']} "
                          f"({100 * d['over_max_length_share']:.1f}%, dropped at training)")
+    if report.get("image_cap"):
+        c = report["image_cap"]
+        lines.append(f"data.max_image_tiles {c['max_image_tiles']}: {c['capped_records']} of {c['records']} records "
+                     "have an image capped")
+        for when in ("before", "after"):
+            t = c[f"tokens_{when}"]
+            if t:
+                lines.append(f"  tokens {when}: p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  max {t['max']}  "
+                             f"mean {t['mean']}")
     if not report["tokens_computed"]:
         lines.append("token lengths not computed: " + report.get("tokens_note", "no processor (pass --model)"))
     if "padding_efficiency" in report:
@@ -496,6 +506,7 @@ def run_check(target: str, model: str | None = None, data_root: str | None = Non
         min_traj_points = min_traj_points or d.min_traj_points
         seed = recipe.train.seed if d.seed is None else d.seed
         model = model or recipe.model.path
+        cap = d.max_image_tiles
     else:
         if overrides:
             raise UserError("--set applies to recipes; checking a single annotation file takes no overrides")
@@ -505,6 +516,7 @@ def run_check(target: str, model: str | None = None, data_root: str | None = Non
         max_length, batch_size = max_length or 32768, batch_size or 8
         system_prompt = system_prompt if system_prompt is not None else "You are a helpful assistant."
         min_traj_points, seed = min_traj_points or 2, 0
+        cap = None
     processor = None
     if model and not Path(model).is_dir():
         # A hub id would mean network look-ups (and minutes of retries offline); lengths need a local checkpoint.
@@ -513,11 +525,20 @@ def run_check(target: str, model: str | None = None, data_root: str | None = Non
         try:
             from ..model.processor import load_processor
 
-            processor = load_processor(model)
+            processor = load_processor(model, cap)
         except (UserError, OSError, ValueError) as e:
             note = f"cannot load a processor from {model} ({str(e).splitlines()[0]})"
     report = check_entries(entries, processor, system_prompt, max_length, batch_size, min_traj_points, seed,
                            workers)
+    after = report.pop("_lengths", None)
+    if cap and processor is not None and after is not None:
+        # data.max_image_tiles: measure again without the cap; only image tokens differ, so a record whose length
+        # changed had an image capped
+        before = check_entries(entries, load_processor(model), system_prompt, max_length, batch_size,
+                               min_traj_points, seed, workers).pop("_lengths")
+        report["image_cap"] = {"max_image_tiles": cap, "capped_records": int((before != after).sum()),
+                               "records": int(len(after)), "tokens_before": _distribution(before),
+                               "tokens_after": _distribution(after)}
     if note:
         report["tokens_note"] = note
     report["target"] = str(target)
