@@ -133,15 +133,16 @@ def test_packed_row_attends_within_samples_only(tiny_model_dir, processor, sampl
 
 # ------------------------------------------------------------------------------------ through the Trainer
 
-def test_token_budget_training_with_accumulation_is_exact(tiny_model_dir, synth_dir, tmp_path):
+@pytest.mark.parametrize("reduction", ["token", "sample"])
+def test_token_budget_training_with_accumulation_is_exact(tiny_model_dir, synth_dir, tmp_path, reduction):
     """Variable-size micro-batches under gradient accumulation: the summed gradient equals that of all their
-    samples in one batch (token mean over the whole accumulated batch)."""
+    samples in one batch (token or sample mean over the whole accumulated batch)."""
     from lora_manip.data.sampler import token_budget_sampler
     from lora_manip.train.workflow import build_trainer
 
     recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, synth_dir, tmp_path / "run",
                                                train__max_tokens_per_batch=900, train__gradient_accumulation_steps=2,
-                                               train__max_steps=2))
+                                               train__max_steps=2, train__loss_reduction=reduction))
     trainer = build_trainer(recipe)
     ds, collate = trainer.train_dataset, trainer.data_collator
     sizes = [len(b["input_ids"]) for b, _ in zip(trainer.get_train_dataloader(), range(6))]
