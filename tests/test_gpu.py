@@ -43,7 +43,7 @@ def test_qlora_nf4_trains_on_cuda_then_merges_and_generates(tiny_model_dir, synt
     trainer.train()
     losses = _losses(trainer)
     assert losses[-1] < losses[0] * 0.7, losses
-    trainer.save_model(str(run))
+    trainer.save_final(str(run))  # writes run_complete.json, which merge checks
 
     merged, diff = merge_adapter(str(run), out=str(tmp_path / "merged"))
     assert diff is not None and diff < 1e-2
@@ -78,3 +78,27 @@ def test_auto_attention_picks_flash_attention_2(tiny_model_dir):
 
     model = load_model(str(tiny_model_dir), dtype="bfloat16", attn="auto")
     assert model.config._attn_implementation == "flash_attention_2"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs flash-attn")
+def test_packed_row_with_flash_attention_varlen_equals_padded(tiny_model_dir, processor, synth_dir):
+    """On a GPU, packing runs flash-attention's variable-length kernels from the restarting position_ids."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from lora_manip.data.dataset import Collator, ManipDataset
+    from lora_manip.data.records import load_samples
+
+    samples, _ = load_samples(synth_dir / "train.json", synth_dir)
+    ds = ManipDataset(samples[:4], processor, "You are a helpful assistant.", max_length=10_000)
+    items = [ds[i] for i in range(len(ds))]
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        tiny_model_dir, dtype=torch.bfloat16, attn_implementation="flash_attention_2").cuda()
+
+    def loss(batch):
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+        with torch.no_grad():
+            return model(**batch).loss.float()
+
+    torch.testing.assert_close(loss(Collator(processor, packing=True)(items)), loss(Collator(processor)(items)),
+                               rtol=2e-2, atol=2e-2)
