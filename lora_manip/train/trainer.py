@@ -169,10 +169,15 @@ class ManipTrainer(Trainer):
         load_dtype = compute_dtype(self.recipe.model.dtype)
         if isinstance(self.model, PeftModel) or self.is_deepspeed_enabled or load_dtype == torch.float32:
             self.save_model(output_dir)
-            return
-        state = {k: (v.to(load_dtype) if v.is_floating_point() and v.dtype == torch.float32 else v)
-                 for k, v in self.model.state_dict().items()}
-        self._save(output_dir, state_dict=state)
+        else:
+            state = {k: (v.to(load_dtype) if v.is_floating_point() and v.dtype == torch.float32 else v)
+                     for k, v in self.model.state_dict().items()}
+            self._save(output_dir, state_dict=state)
+        if self.args.should_save:
+            # The final save writes in place: only this marker says it completed (merge checks it).
+            from ..runinfo import finish_run
+
+            finish_run(output_dir, self.state.global_step)
 
     def _save_checkpoint(self, model, trial):
         # Mark the new checkpoint complete before older ones are rotated away: the Trainer rotates inside
