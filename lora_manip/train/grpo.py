@@ -161,6 +161,11 @@ def build_policy(recipe):
                 continue  # the adapter's own LoRA weights train, whatever parts says
             p.requires_grad_(modes[part_of(name)] == "full" and "original_module" not in name
                              and ("modules_to_save" in name or "image_newline" in name))
+        trained = {part_of(n) for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+        missing = [part for part, mode in modes.items() if mode == "full" and part not in trained]
+        if missing:
+            raise UserError(f"parts.{missing[0]}.train: full, but model.adapter {recipe.model.adapter} does not "
+                            f"carry {missing[0]} (it was frozen in SFT); set it to frozen")
         log.info("continuing SFT adapter %s (its LoRA settings are kept; recipe lora.* is not used)",
                  recipe.model.adapter)
         if not recipe.distributed.deepspeed:
