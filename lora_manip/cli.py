@@ -281,21 +281,15 @@ def score(predictions: List[Path] = typer.Argument(..., help="JSON/JSONL files o
     """Score predictions made elsewhere (vLLM, upstream scripts) with the same metrics as `eval`. Exit 1 when some
     records could not be scored (listed with id, field and reason)."""
     from .eval.parse import parse_task_map
-    from .eval.report import check_outputs
-    from .eval.score import format_table, load_predictions, score_records, write_outputs
+    from .eval.score import format_table, score_files
 
-    if out:
-        check_outputs(out, force, inputs=predictions)
-    records = [r for p in predictions for r in load_predictions(p)]
-    roots = ([data_root] if data_root else []) + list(dict.fromkeys(p.parent for p in predictions))
     try:
-        rows, summary = score_records(records, upstream_compatible, point_threshold, parse_task_map(task_map),
-                                      coords, roots)
+        tmap = parse_task_map(task_map)
     except ValueError as e:
         raise UserError(str(e)) from None
+    summary = score_files(predictions, out, force, upstream_compatible, point_threshold, tmap, coords, data_root)
     typer.echo(format_table(summary))
     if out:
-        write_outputs(out, rows, summary)
         typer.echo(f"wrote {out}/metrics.json and {out}/scores.jsonl")
     _exit_on_data_errors(summary)
 

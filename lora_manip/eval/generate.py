@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 UNSET = object()  # "no system prompt given": take the run's own (None means: no system turn at all)
 BACKENDS = ("hf", "vllm")
+EVAL_OUTPUTS = ("predictions.jsonl", "predictions.meta.json", "metrics.json", "scores.jsonl")
+_FULL_DISK = ("the answers made so far are kept in predictions.jsonl: free space and continue with --resume (the "
+              "same command plus --resume)")
 
 
 def resolve_system_prompt(model_path: str, explicit=UNSET) -> tuple[str | None, str]:
@@ -56,7 +60,12 @@ def load_for_inference(model_path: str, base: str | None = None):
     from ..model.processor import apply_image_grid, cap_image_tiles, load_processor
 
     if is_adapter_dir(model_path):
-        model, base = load_with_adapter(model_path, base, dtype="bfloat16")
+        from .safety import adapter_fit_error
+
+        try:
+            model, base = load_with_adapter(model_path, base, dtype="bfloat16")
+        except UserError as e:
+            raise adapter_fit_error(e, model_path) from None
         has_proc = (Path(model_path) / "processor_config.json").is_file()
         processor = load_processor(model_path if has_proc else base)
     else:
@@ -238,10 +247,7 @@ def run_eval(model_path: str, data: str, data_root: str | None = None, out_dir: 
     ``scores.jsonl`` and ``overlays/``. An existing eval there is refused unless `resume` (continue it; the model
     and settings must match) or `force` (start over). `system_prompt`: see `resolve_system_prompt`.
     """
-    from .parse import task_from_filename
-    from .report import check_outputs, write_outputs
-    from .resume import PredictionLog, model_identity
-    from .score import score_records
+    from .safety import check_model, check_out_folder, results_folder
 
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
@@ -254,16 +260,41 @@ def run_eval(model_path: str, data: str, data_root: str | None = None, out_dir: 
                         "does")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:  # a slice would drop records (-1) or keep them all (0)
+        raise UserError(f"--limit must be at least 1 (the number of records to evaluate), got {limit}")
     if backend == "vllm":
         from .vllm_backend import require_vllm
 
         require_vllm()
+    check_model(model_path)
+    if out_dir:
+        check_out_folder(out_dir, inputs={"model folder": model_path})
     samples, problems = load_samples(data, data_root or str(Path(data).parent))
     if problems:
         raise UserError(f"{len(problems)} bad record(s) in {data}, first: {problems[0]}")
+    if not samples:
+        raise UserError(f"{data}: no records to evaluate (the annotation file is empty)")
     samples = samples[:limit] if limit else samples
     prompt, prompt_from = resolve_system_prompt(model_path, system_prompt)
     log.info("system prompt (from %s): %r", prompt_from, prompt)
+    owner = results_folder(out_dir, "lora-manip eval", EVAL_OUTPUTS, ("overlays",), _FULL_DISK) if out_dir \
+        else nullcontext()
+    with owner:
+        return _generate_and_score(model_path, data, data_root, out_dir, samples, prompt, prompt_from, limit=limit,
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   upstream_compatible=upstream_compatible, base=base, task_map=task_map,
+                                   coords=coords, point_threshold=point_threshold, backend=backend, resume=resume,
+                                   force=force, progress=progress)
+
+
+def _generate_and_score(model_path, data, data_root, out_dir, samples, prompt, prompt_from, *, limit, batch_size,
+                        max_new_tokens, upstream_compatible, base, task_map, coords, point_threshold, backend,
+                        resume, force, progress):
+    from .parse import task_from_filename
+    from .report import check_outputs, write_outputs
+    from .resume import PredictionLog, model_identity
+    from .score import score_records
+
     dataset, file_task = Path(data).stem, task_from_filename(str(data))
     model_id, fingerprint = model_identity(model_path)
     plog = None

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from ..errors import UserError
+from ..fsutil import disk_errors, normal_mode
 from .generate import UNSET
 
 log = logging.getLogger(__name__)
@@ -21,14 +22,20 @@ def predict_one(model_path: str, image: str, question: str, draw: str | None = N
     from .draw import draw_overlay
     from .generate import generate, load_for_inference, resolve_system_prompt
     from .parse import COORDS, classify_task, parse_answer
+    from .safety import check_model
 
     if coords not in COORDS:
         raise UserError(f"--coords {coords}: choose one of {', '.join(COORDS)}")
+    if draw and Path(draw).expanduser().resolve() == Path(image).expanduser().resolve():
+        raise UserError(f"--draw {draw} is the input image; choose another file (the input is never overwritten)")
+    if draw and Path(draw).is_dir():
+        raise UserError(f"--draw {draw} is a folder; give the image file to write")
     try:
         with Image.open(image) as im:
             img = im.convert("RGB")
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read image {image} ({e})") from None
+    check_model(model_path)
     prompt, source = resolve_system_prompt(model_path, system_prompt)
     log.info("system prompt (from %s): %r", source, prompt)
     model, processor = load_for_inference(model_path)
@@ -42,6 +49,11 @@ def predict_one(model_path: str, image: str, question: str, draw: str | None = N
             raise UserError(f"answer {answer!r} is not a box, point or trajectory; nothing to draw")
         out = draw_overlay(img, kind, None, parsed.value)
         tmp = Path(draw).with_name(f".{Path(draw).name}.tmp.png")
-        out.save(tmp)
-        tmp.replace(draw)
+        try:
+            with disk_errors(draw):
+                out.save(tmp)
+                normal_mode(tmp, folder=False)
+                tmp.replace(draw)
+        finally:
+            tmp.unlink(missing_ok=True)
     return answer

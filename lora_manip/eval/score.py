@@ -44,7 +44,7 @@ from .geometry import coords_above_one
 from . import pointing, upstream as up
 from .report import format_table, load_predictions, write_outputs  # noqa: F401  (the CLI and demo import them here)
 
-__all__ = ["score_records", "load_predictions", "format_table", "write_outputs", "DEFAULT_DATASET"]
+__all__ = ["score_records", "score_files", "load_predictions", "format_table", "write_outputs", "DEFAULT_DATASET"]
 
 DEFAULT_DATASET = "default"
 _TRAJ_METRICS = ("dtw", "frechet", "hausdorff", "endpoint_error")
@@ -300,3 +300,34 @@ def score_records(records: list[dict], upstream_compatible: bool = False, point_
     if upstream_compatible:
         summary["upstream"] = up.summarise_files(rows)
     return rows, summary
+
+
+def score_files(predictions: list[str | os.PathLike], out: str | os.PathLike | None = None, force: bool = False,
+                upstream_compatible: bool = False, point_threshold: float = 0.05, task_map: dict | None = None,
+                coords: str = "normalized", data_root: str | os.PathLike | None = None) -> dict:
+    """`lora-manip score`: read and score prediction files; with `out`, write metrics.json and scores.jsonl there
+    (never over an input, nor over earlier results unless `force`). Returns the summary."""
+    from ..errors import UserError
+    from .report import OUTPUT_FILES, check_outputs
+    from .safety import check_out_folder, results_folder
+
+    paths = [Path(p) for p in predictions]
+    if out is not None:
+        check_out_folder(out)
+        check_outputs(out, force, inputs=paths)  # before any work; checked again below, holding the folder
+    records = []
+    for p in paths:
+        got = load_predictions(p)
+        if not got:  # an empty table with exit 0 would read as "scored, all fine"
+            raise UserError(f"{p}: no records (the predictions file is empty); nothing to score")
+        records += got
+    roots = ([Path(data_root)] if data_root else []) + list(dict.fromkeys(p.parent for p in paths))
+    try:
+        rows, summary = score_records(records, upstream_compatible, point_threshold, task_map, coords, roots)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if out is not None:
+        with results_folder(out, "lora-manip score", OUTPUT_FILES):
+            check_outputs(out, force, inputs=paths)
+            write_outputs(out, rows, summary)
+    return summary
