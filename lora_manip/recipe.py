@@ -21,7 +21,8 @@ PartMode = Literal["frozen", "full", "lora"]
 
 class _Strict(BaseModel):
     # Misspelt keys must fail, not be silently ignored (the torchtune/LLaMA-Factory lesson).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `lr: .inf` would train to a NaN adapter and exit 0.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelCfg(_Strict):
@@ -61,7 +62,7 @@ class PartCfg(_Strict):
     train: PartMode | None = Field(
         None, description="frozen | full | lora. None follows `method`: language model lora (full under "
         "method: full), projector full, vision tower frozen.")
-    lr: float = Field(2e-5, gt=0, description="Learning rate of this part's trainable parameters.")
+    lr: float = Field(2e-5, gt=0, le=1, description="Learning rate of this part's trainable parameters.")
 
 
 class PartsCfg(_Strict):
@@ -99,7 +100,7 @@ class DatasetCfg(_Strict):
 
 class SynthCfg(_Strict):
     n: int = Field(400, gt=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
 
 
 class DataCfg(_Strict):
@@ -120,7 +121,8 @@ class DataCfg(_Strict):
         False, description="false: training refuses to start on broken records (all listed). true: they are "
         "skipped and counted per reason in the log.")
     min_traj_points: int = Field(2, ge=1, description="A trajectory answer with fewer points is a bad record.")
-    seed: int | None = Field(None, description="Seed of dataset sampling and validation splits; default train.seed.")
+    seed: int | None = Field(None, ge=0, lt=2**32,
+                             description="Seed of dataset sampling and validation splits; default train.seed.")
     create_synthetic_if_missing: SynthCfg | None = Field(
         None, description="Demo only: generate the synthetic data set into the first train dataset's "
         "data_path when its annotation file does not exist.")
@@ -128,6 +130,14 @@ class DataCfg(_Strict):
     group_by_length: bool = Field(
         True, description="Batch samples of similar length, images and text-only apart (less padding); false: "
         "random order.")
+    packing: bool = Field(
+        False, description="Concatenate samples into rows of up to train.max_tokens_per_batch tokens, positions "
+        "restarting per sample so attention never crosses samples (flash-attention varlen on a GPU, a "
+        "block-diagonal mask otherwise). Needs train.max_tokens_per_batch.")
+    max_image_tiles: int | None = Field(
+        None, ge=1, le=36, description="Cap anyres at this many grid tiles per image (LLaVA-OneVision's "
+        "anyres_max_N is 9 for the features; this also caps the vision tower's tiles): the pinpoints are limited "
+        "to grids of at most N tiles, identically in length measurement, training and generation.")
 
     @model_validator(mode="before")
     @classmethod
@@ -145,7 +155,7 @@ class TrainCfg(_Strict):
     per_device_batch_size: int = Field(1, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="> 0 overrides epochs.")
+    max_steps: int = Field(-1, ge=-1, description="> 0 overrides epochs; -1: train.epochs decides.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
@@ -156,14 +166,30 @@ class TrainCfg(_Strict):
     loss_reduction: Literal["token", "sample"] = Field(
         "token", description="token: mean over all answer tokens of the batch (LLaVA, transformers). sample: mean "
         "of each sample's token mean, so a one-letter answer weighs as much as a 40-token box answer.")
-    gradient_checkpointing: bool = False
+    max_tokens_per_batch: int | None = Field(
+        None, gt=0, description="Fill each micro-batch up to this many tokens (LM tokens incl. padding + "
+        "vision-tower tiles x tokens per tile) instead of per_device_batch_size samples: a step's memory is bounded "
+        "by the budget. Loss normalisation stays exact (it counts tokens or samples, not batches).")
+    gradient_checkpointing: bool | list[Literal["lm", "vision_tower"]] = Field(
+        False, description="true: both towers; or a list of the parts to checkpoint, e.g. [lm] or [lm, "
+        "vision_tower] (a trained vision tower at anyres holds every layer's activations for every tile).")
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     tf32: bool = False
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32)  # numpy and torch seeds are 32-bit
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(500, gt=0)
     save_total_limit: int | None = Field(2, gt=0)
     report_to: list[Literal["none", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["none"])
+    eval_steps: int | None = Field(
+        None, gt=0, description="Every N steps and at the last, generate answers (greedy) for eval_limit validation "
+        "samples with the model being trained and log the manipulation metrics (eval_box.acc@0.1, "
+        "eval_choice.accuracy, ...) to train_log.jsonl and report_to. Needs validation data. None: off.")
+    eval_limit: int = Field(64, gt=0, description="Validation samples per eval: a seeded subset, the same each time.")
+    eval_max_new_tokens: int = Field(256, gt=0, description="Longest answer generated during eval, in tokens.")
+    best_metric: str | None = Field(
+        None, description="kind.metric (box.acc@0.1, choice.accuracy, trajectory.dtw, ...): each eval that improves "
+        "it saves the model to OUTPUT_DIR/best_checkpoint (never rotated away). Lower is better for distances "
+        "and parse_failure_rate, higher for the rest (train/best_metric.py). Needs eval_steps.")
 
 
 class DistributedCfg(_Strict):
@@ -171,7 +197,7 @@ class DistributedCfg(_Strict):
     nnodes: int = Field(1, gt=0)
     node_rank: int = Field(0, ge=0)
     master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    master_port: int = Field(29500, ge=1, le=65535)
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config, relative to the recipe file.")
 
 
@@ -246,10 +272,23 @@ class Recipe(_Strict):
                           "remove it or use method: lora")
         errors += _check_deepspeed_config(self.distributed.deepspeed)
         errors += _check_grpo(self)
+        if self.train.eval_steps or self.train.best_metric is not None:
+            from .train.best_metric import check_train_eval
+
+            errors += check_train_eval(self)
         if self.train.optimizer == "mezo" and (self.distributed.deepspeed or
                                                self.distributed.nproc_per_node * self.distributed.nnodes > 1):
             errors.append("train.optimizer: mezo runs in one process (its updates are not all-reduced); set "
                           "distributed.nproc_per_node: 1 and no deepspeed")
+        if self.data.packing and not self.train.max_tokens_per_batch:
+            errors.append("data.packing: true needs train.max_tokens_per_batch (the length of a packed row)")
+        if self.data.packing and self.train.loss_reduction == "sample":
+            errors.append("data.packing with train.loss_reduction: sample is not supported; use token")
+        if self.train.max_steps == 0:
+            errors.append("train.max_steps: 0 would train nothing; use -1 (train.epochs decides) or a positive count")
+        if self.distributed.node_rank >= self.distributed.nnodes:
+            errors.append(f"distributed.node_rank: {self.distributed.node_rank} but nnodes is "
+                          f"{self.distributed.nnodes} (ranks 0..{self.distributed.nnodes - 1})")
         if self.train.precision == "fp16" and self.model.dtype == "bfloat16":
             errors.append("train.precision: fp16 with model.dtype bfloat16 mixes formats; use bf16 or float16")
         if errors:
@@ -299,6 +338,10 @@ def _check_deepspeed_config(path: str | None) -> list[str]:
         cfg = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         return [f"distributed.deepspeed: {path} line {e.lineno}: not valid JSON ({e.msg})"]
+    except UnicodeDecodeError as e:
+        return [f"distributed.deepspeed: {path} is not UTF-8 text ({e.reason} at byte {e.start})"]
+    if not isinstance(cfg, dict):
+        return [f"distributed.deepspeed: {path} must hold a JSON object ({{...}}), not a {type(cfg).__name__}"]
     # An optimizer/scheduler block makes DeepSpeed build its own, silently replacing the per-part learning rates.
     return [f"distributed.deepspeed: {path} has a `{k}` block; remove it (the kit's optimizer carries one learning "
             "rate per model part, and the recipe's train section sets the schedule)"
@@ -346,20 +389,55 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         path, value = parse_override(item)
         node = raw
         for i, k in enumerate(path[:-1]):
-            if isinstance(node, list) and k.isdigit() and int(k) < len(node):
-                node = node[int(k)]
+            if isinstance(node, list):
+                node = node[_list_index(item, path[:i], node, k)]
                 continue
             if not isinstance(node, dict):
-                raise UserError(f"--set {item!r}: {'.'.join(path[:i])} is not a mapping")
+                raise UserError(f"--set {item!r}: {'.'.join(path[:i])} is a value ({node!r}), not a mapping")
             node = node.setdefault(k, {})
         last = path[-1]
-        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-            node[int(last)] = value
+        if isinstance(node, list):
+            node[_list_index(item, path[:-1], node, last)] = value
         elif isinstance(node, dict):
             node[last] = value
         else:
-            raise UserError(f"--set {item!r}: {'.'.join(path[:-1])} is not a mapping")
+            raise UserError(f"--set {item!r}: {'.'.join(path[:-1])} is a value ({node!r}), not a mapping")
     return raw
+
+
+def _list_index(item: str, at: list[str], node: list, k: str) -> int:
+    where = ".".join(at)
+    if not k.isdigit():
+        raise UserError(f"--set {item!r}: {where} is a list; address an entry by its index ({where}.0)")
+    if int(k) >= len(node):
+        raise UserError(f"--set {item!r}: {where} has {len(node)} entr{'y' if len(node) == 1 else 'ies'} "
+                        f"(indices 0..{len(node) - 1}); index {k} is out of range")
+    return int(k)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: construct_mapping reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
+def safe_load_unique(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:
@@ -372,10 +450,17 @@ def _resolve_paths(raw: dict, base: Path) -> None:
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"recipe {path} is a folder, not a recipe file; pass a .yaml file (e.g. "
+                        "recipes/tiny_cpu.yaml)")
     if not path.is_file():
         raise UserError(f"recipe {path} not found; shipped recipes are in recipes/ (e.g. recipes/tiny_cpu.yaml)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = safe_load_unique(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"recipe {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"recipe {path}: cannot read it ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

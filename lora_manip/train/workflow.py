@@ -6,14 +6,17 @@ train_log.jsonl, checkpoints, and at the end the adapter (LoRA/QLoRA) or full mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
 
 from ..errors import UserError
-from ..fsutil import atomic_write_text
+from ..fsutil import (atomic_write_text, cleanup_partials, disk_errors, guard_output, move_aside, normal_mode,
+                      output_lock)
 from ..recipe import Recipe, dump_recipe
+from ..runinfo import read_run, start_run
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +37,67 @@ def prepare_demo_inputs(recipe: Recipe) -> None:
         write_synth_dataset(first.data_path, n=synth.n, seed=synth.seed)
 
 
+RUN_ID_ENV = "LORA_MANIP_RUN_ID"  # set by the launcher for the torchrun children: the folder is prepared
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
 def check_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> None:
+    """Every refusal about train.output_dir, before anything is loaded or written."""
+    from ..model.load import local_folder
+
     out = Path(recipe.train.output_dir)
     if overwrite and resume:
         raise UserError("--overwrite and --resume contradict each other; choose one")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"train.output_dir {out} is a file, not a folder; choose another output folder")
+    inputs = {"base model folder": local_folder(recipe.model.path) or recipe.model.path}
+    for split in ("train", "val"):
+        for i, d in enumerate(getattr(recipe.data, split)):
+            inputs[f"data.{split}.{i}.annotation_path file"] = d.annotation_path
+            inputs[f"data.{split}.{i}.data_path folder"] = d.data_path
+    if recipe.distributed.deepspeed:
+        inputs["distributed.deepspeed file"] = recipe.distributed.deepspeed
+    # A run inside its data root is odd but harmless; one that holds (and --overwrite would delete) it is not.
+    guard_output(out, inputs, "train.output_dir", may_nest_in=tuple(k for k in inputs if k.startswith("data.")))
     if resume:
         latest_checkpoint(out)  # refuse now, not after minutes of loading
-    elif out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"train.output_dir {out} already holds a run; pass --resume to continue it, --overwrite "
-                            "to train into it anyway, or choose another folder (--set train.output_dir=...)")
-        if int(os.environ.get("RANK", 0)) == 0:
-            # The old run's checkpoints would be rotated against (or resumed instead of) the new ones, and its log
-            # would be appended to: --overwrite removes exactly those, nothing else in the folder.
-            import shutil
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"train.output_dir {out} already holds a run; pass --resume to continue it, --overwrite "
+                        "to replace it (the old run is deleted first), or choose another folder "
+                        "(--set train.output_dir=...)")
 
-            for p in [*out.glob("checkpoint-*"), out / "train_log.jsonl", out / "loss.png"]:
-                log.warning("--overwrite: removing %s of the previous run", p)
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+def prepare_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> str | None:
+    """Checks, then (rank 0, holding the folder's lock in run_training) clears leftovers, takes an --overwrite'd
+    run out of the way in one rename before anything new is written, and writes run.json first. Returns the run
+    id (None on other ranks)."""
+    out = Path(recipe.train.output_dir)
+    prepared = os.environ.get(RUN_ID_ENV)
+    if prepared and (read_run(out) or {}).get("run_id") == prepared:
+        return prepared  # the launcher did all of this before starting the processes
+    if _rank() != 0:
+        return None  # rank 0 checks and prepares; the others never write into the folder themselves
+    check_output_dir(recipe, overwrite, resume)
+    cleanup_partials(out)
+    if overwrite and out.exists() and any(out.iterdir()):
+        # The old run's adapter, recipe or log must never sit beside the new run's: all of it goes, in one rename.
+        move_aside(out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = read_run(out) if resume else None
+    return start_run(out, "train", previous["run_id"] if previous else None)
+
+
+@contextlib.contextmanager
+def run_lock(recipe: Recipe):
+    """One run per output folder: rank 0 (or the launcher) owns train.output_dir while the run lasts."""
+    if _rank() != 0:
+        yield
+        return
+    with output_lock(recipe.train.output_dir, "lora-manip train"):
+        yield
 
 
 def training_arguments(recipe: Recipe):
@@ -78,8 +124,7 @@ def training_arguments(recipe: Recipe):
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim="sgd" if t.optimizer == "mezo" else t.optimizer,  # MeZO updates weights itself (trainer.py)
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # Checkpointing is enabled per part on the model itself (model/adapters.checkpoint_parts), not here.
         bf16=half and t.precision == "bf16",
         fp16=half and t.precision == "fp16",
         tf32=gpu and t.tf32 or None,
@@ -122,31 +167,39 @@ def load_data(recipe: Recipe, processor):
 
 
 def build_model(recipe: Recipe):
-    from ..model.adapters import prepare_trainable
+    from ..model.adapters import checkpoint_parts, prepare_trainable
     from ..model.load import load_model
 
     model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.attn_implementation,
                        recipe.quantization if recipe.method == "qlora" else None)
     model.config.use_cache = False  # no KV cache while training (it only costs memory)
-    return prepare_trainable(model, recipe)
+    model = prepare_trainable(model, recipe)
+    checkpoint_parts(model, recipe.train.gradient_checkpointing)
+    return model
 
 
-def build_trainer(recipe: Recipe, overwrite: bool = False, resume: bool = False):
+def build_trainer(recipe: Recipe, overwrite: bool = False, resume: bool = False, checked: bool = False):
     """Everything up to the first step: checks, inputs, processor, data, model, Trainer."""
     from ..data.dataset import Collator
     from ..model.adapters import trainable_summary
     from ..model.load import local_folder
-    from ..model.processor import load_processor
+    from ..model.processor import apply_image_grid, load_processor
     from .callbacks import JsonlLogCallback
     from .launch import preflight
     from .trainer import ManipTrainer
 
     out = Path(recipe.train.output_dir)
-    preflight(recipe)
-    check_output_dir(recipe, overwrite, resume)
+    if not checked:
+        preflight(recipe)
+    prepare_output_dir(recipe, overwrite, resume)
     prepare_demo_inputs(recipe)
-    processor = load_processor(recipe.model.path)
+    processor = load_processor(recipe.model.path, recipe.data.max_image_tiles)
     train_ds, val_ds = load_data(recipe, processor)
+    gen_eval = None
+    if recipe.train.eval_steps:  # before the model: a best_metric these samples cannot produce is refused now
+        from .evaluate import GenerationEval
+
+        gen_eval = GenerationEval.from_recipe(recipe, val_ds)
     args = training_arguments(recipe)  # before the model: under ZeRO-3 it makes from_pretrained partition
     # Reading world_size sets up the process group (and DeepSpeed's), which ZeRO-3's partitioned init needs.
     log.info("processes: %d", args.world_size)
@@ -154,6 +207,7 @@ def build_trainer(recipe: Recipe, overwrite: bool = False, resume: bool = False)
 
     set_seed(recipe.train.seed)  # LoRA and any new weights initialise from the recipe's seed, not from chance
     model = build_model(recipe)
+    apply_image_grid(model, processor)  # data.max_image_tiles: the model tiles as the processor measured
     if args.should_save:
         atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
     log.info("trainable parameters per part: %s", json.dumps(trainable_summary(model)))
@@ -161,10 +215,14 @@ def build_trainer(recipe: Recipe, overwrite: bool = False, resume: bool = False)
              ", ".join(f"dropped {n}: {r}" for r, n in train_ds.dropped.items()) or "none dropped",
              recipe.effective_batch_size)
     # Several processes: text-only batches carry a dummy image so every process runs the same modules each step.
-    collator = Collator(processor, dummy_image=args.world_size > 1)
-    return ManipTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=collator,
-                        recipe=recipe, processor=processor, base_folder=local_folder(recipe.model.path),
-                        callbacks=[JsonlLogCallback(out / "train_log.jsonl")])
+    collator = Collator(processor, dummy_image=args.world_size > 1, packing=recipe.data.packing)
+    trainer = ManipTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                           data_collator=collator, recipe=recipe, processor=processor,
+                           base_folder=local_folder(recipe.model.path),
+                           callbacks=[JsonlLogCallback(out / "train_log.jsonl")])
+    if gen_eval is not None:
+        gen_eval.attach(trainer)
+    return trainer
 
 
 def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
@@ -175,13 +233,17 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) 
 
         return run_grpo(recipe, overwrite, resume)
     out = Path(recipe.train.output_dir)
-    trainer = build_trainer(recipe, overwrite, resume)
-    trainer.train(resume_from_checkpoint=latest_checkpoint(out) if resume else None)
-    if trainer.eval_dataset is not None:
-        trainer.evaluate()
-    trainer.save_final(str(out))
-    if trainer.args.should_save:
-        plot_loss(out / "train_log.jsonl", out / "loss.png")
+    with run_lock(recipe), disk_errors(out):
+        trainer = build_trainer(recipe, overwrite, resume)
+        trainer.train(resume_from_checkpoint=latest_checkpoint(out) if resume else None)
+        if trainer.eval_dataset is not None:
+            trainer.evaluate()
+        trainer.save_final(str(out))  # in place: the run_complete.json it writes last says it finished
+        if trainer.args.should_save:
+            plot_loss(out / "train_log.jsonl", out / "loss.png")
+            for f in out.iterdir():  # some writers (safetensors) leave 0600; results get the umask's mode
+                if f.is_file():
+                    normal_mode(f, folder=False)
     return out
 
 
