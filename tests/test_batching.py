@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from lora_manip.data.dataset import Collator, ManipDataset

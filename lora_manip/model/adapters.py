@@ -3,7 +3,6 @@ trainable and saved with the adapter. One code path for full, LoRA and QLoRA."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 from transformers import ProcessorMixin
@@ -132,15 +131,12 @@ HUB_PROCESSOR_CLASS = "LlavaOnevisionProcessor"
 def copy_processor_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     """Copy the processor files of `src` (a folder with processor_config.json) to `dst` byte for byte; [] when
     `src` has no processor."""
+    from ..checkpoint_io import copy_files
+
     src, dst = Path(src), Path(dst)
     if not (src / "processor_config.json").is_file():
         return []
-    done = []
-    for name in PROCESSOR_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-            done.append(name)
-    return done
+    return copy_files(src, dst, PROCESSOR_FILES)
 
 
 def save_processor(processor, folder: str | os.PathLike, source: str | os.PathLike | None = None) -> list[str]:
