@@ -323,7 +323,15 @@ def scan(index: RecordIndex, data_root: str, positions: np.ndarray | None = None
         bounds = [(lo, min(lo + step, len(positions))) for lo in range(0, len(positions), step)]
         # fork: the children inherit the index and the processor instead of unpickling them
         with multiprocessing.get_context("fork").Pool(workers, initializer=_pool_init, initargs=(state,)) as pool:
-            result = ScanResult.merge(list(pool.imap(_pool_scan, bounds)))
+            # a large file takes minutes on a first run (later runs read data/scan_cache.py's copy): show it
+            from tqdm.auto import tqdm
+
+            parts = []
+            with tqdm(total=len(positions), desc=f"checking {index.path.name}", unit="rec") as bar:
+                for part in pool.imap(_pool_scan, bounds):
+                    parts.append(part)
+                    bar.update(part.scanned)
+            result = ScanResult.merge(parts)
     took = time.time() - start
     if len(positions) >= POOL_THRESHOLD:
         log.info("read %d records of %s in %.1f s (%d process(es), %.0f records/s)", len(positions), index.path,
