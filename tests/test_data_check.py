@@ -187,5 +187,6 @@ def test_process_pool_scan_equals_serial(synth_dir, processor, monkeypatch):
     monkeypatch.setattr(check, "_CHUNK", 10)  # several tasks, merged in order
     pooled = check.scan(RecordIndex(path), str(synth_dir), None, processor, "S", workers=2)
     assert np.array_equal(serial.positions, pooled.positions) and np.array_equal(serial.lengths, pooled.lengths)
+    assert np.array_equal(serial.tiles, pooled.tiles) and (serial.tiles >= 1).all()
     assert serial.problems == pooled.problems and len(serial.problems) == 1 and serial.tasks == pooled.tasks
     assert len(serial.positions) == len(lines) - 1 and (serial.lengths > 0).all()
