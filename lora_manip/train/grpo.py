@@ -280,19 +280,9 @@ def _trainer_class():
             self.save_model(output_dir)
 
         def _save_checkpoint(self, model, trial):
-            from transformers.trainer import rotate_checkpoints
+            from .trainer import save_marked_checkpoint
 
-            from .callbacks import mark_complete
-
-            limit, self.args.save_total_limit = self.args.save_total_limit, None
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self.args.save_total_limit = limit
-            if self.args.should_save:
-                mark_complete(self.args.output_dir, self.state.global_step)
-                rotate_checkpoints(output_dir=self.args.output_dir, save_total_limit=limit,
-                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            save_marked_checkpoint(self, super()._save_checkpoint, model, trial)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -180,21 +180,7 @@ class ManipTrainer(Trainer):
             finish_run(output_dir, self.state.global_step)
 
     def _save_checkpoint(self, model, trial):
-        # Mark the new checkpoint complete before older ones are rotated away: the Trainer rotates inside
-        # _save_checkpoint, before on_save, so a crash in between would leave nothing marked to resume from.
-        from transformers.trainer import rotate_checkpoints
-
-        from .callbacks import mark_complete
-
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        if self.args.should_save:
-            mark_complete(self.args.output_dir, self.state.global_step)
-            rotate_checkpoints(output_dir=self.args.output_dir, save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        save_marked_checkpoint(self, super()._save_checkpoint, model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -244,3 +230,23 @@ def image_features_unused(model):
         yield
     finally:
         del inner.get_image_features
+
+
+def save_marked_checkpoint(trainer, save, model, trial) -> None:
+    """`save` (a Trainer's own _save_checkpoint), with the new checkpoint marked complete before older ones are
+    rotated away: the Trainer rotates inside _save_checkpoint, before on_save, so a crash in between would leave
+    nothing marked to resume from. Shared by the SFT and the GRPO trainer."""
+    from transformers.trainer import rotate_checkpoints
+
+    from .callbacks import mark_complete
+
+    args = trainer.args
+    limit, args.save_total_limit = args.save_total_limit, None
+    try:
+        save(model, trial)
+    finally:
+        args.save_total_limit = limit
+    if args.should_save:
+        mark_complete(args.output_dir, trainer.state.global_step)
+        rotate_checkpoints(output_dir=args.output_dir, save_total_limit=limit,
+                           best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
