@@ -157,7 +157,9 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/).")
         return
     from .fsutil import output_lock
     from .train.launch import in_distributed_run, preflight, relaunch
-    from .train.workflow import RUN_ID_ENV, prepare_demo_inputs, prepare_output_dir, run_training
+    from .train.build import prepare_demo_inputs
+    from .train.run_folder import RUN_ID_ENV, prepare_output_dir
+    from .train.workflow import run_training
 
     if r.distributed.nproc_per_node * r.distributed.nnodes > 1 and not in_distributed_run():
         preflight(r)
@@ -244,7 +246,7 @@ def eval_(model: str = typer.Argument(..., help="Merged/full checkpoint, adapter
     """Generate answers with MODEL on --data and score them (boxes, points, trajectories, choice, yes/no, BLEU,
     pointing). Exit 1 when some records could not be scored (listed)."""
     from .eval.generate import UNSET, run_eval
-    from .eval.parse import parse_task_map
+    from .answers.kinds import parse_task_map
     from .eval.score import format_table
 
     if resume and not out:
@@ -280,7 +282,7 @@ def score(predictions: List[Path] = typer.Argument(..., help="JSON/JSONL files o
           force: bool = typer.Option(False, help="Replace metrics.json / scores.jsonl in --out.")):
     """Score predictions made elsewhere (vLLM, upstream scripts) with the same metrics as `eval`. Exit 1 when some
     records could not be scored (listed with id, field and reason)."""
-    from .eval.parse import parse_task_map
+    from .answers.kinds import parse_task_map
     from .eval.score import format_table, score_files
 
     try:

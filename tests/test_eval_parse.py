@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_manip.eval.parse import (KINDS, TASK_KINDS, Parsed, classify_task, infer_task, parse_answer,
-                                   parse_task_map, task_from_filename)
+from lora_manip.answers.kinds import KINDS, TASK_KINDS, classify_task, parse_task_map, task_from_filename
+from lora_manip.answers.parse import parse_answer
+from lora_manip.answers.parsed import Parsed
 
 BOX = (0.1, 0.2, 0.3, 0.4)
 
@@ -154,8 +155,8 @@ def test_unknown_kind_and_non_string():
      ("trajectory", "trajectory"), ("choice", "choice"), ("yesno", "yesno"), ("planning", "planning"),
      ("traj_choice", "choice"), ("rh20t_traj_direction_choice", "choice"), ("droid_gripper_det", "box")],
 )
-def test_infer_task_from_name(task, kind):
-    assert infer_task("whatever", task) == kind
+def test_classify_task_from_name(task, kind):
+    assert classify_task(task, "whatever").kind == kind
 
 
 @pytest.mark.parametrize(
@@ -166,9 +167,9 @@ def test_infer_task_from_name(task, kind):
      ("[[0.1, 0.2]]", "point"), ("[[0, 0], [0.1, 0.1], [0.2, 0.2]]", "trajectory"),
      ("Pick up the red cube and place it in the bowl.", "planning")],
 )
-def test_infer_task_from_gt(gt, kind):
-    assert infer_task(gt) == kind
-    assert infer_task(gt, "unrecognised_task_name") == kind  # unknown names fall back to the format
+def test_classify_task_from_gt(gt, kind):
+    assert classify_task(None, gt).kind == kind
+    assert classify_task("unrecognised_task_name", gt).kind == kind  # unknown names fall back to the format
 
 
 # ----------------------------------------------------------------------------------------- RoboInter task names

@@ -285,7 +285,8 @@ def test_contact_sheet_sizes():
 
 def test_eval_modules_do_not_import_torch():
     code = (
-        "import sys; import lora_manip.eval.parse, lora_manip.eval.metrics, lora_manip.eval.score, "
+        "import sys; import lora_manip.answers.kinds, lora_manip.answers.parse, lora_manip.eval.metrics, "
+        "lora_manip.eval.score, "
         "lora_manip.eval.draw, lora_manip.eval.upstream, lora_manip.eval.pointing, lora_manip.eval.report; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -76,7 +76,7 @@ def test_metric_table_matches_the_scorer(synth_dir):
     """Every metric the scorer reports for these kinds is named in best_metric.METRICS and the other way round:
     a renamed scorer metric fails here, not as a best_metric nobody can choose."""
     from lora_manip.data.records import load_samples
-    from lora_manip.eval.parse import KINDS
+    from lora_manip.answers.kinds import KINDS
     from lora_manip.train.evaluate import flat_metrics, score_answers
 
     samples, _ = load_samples(str(synth_dir / "train.json"), str(synth_dir))

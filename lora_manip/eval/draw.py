@@ -1,6 +1,6 @@
 """Draw ground truth and predictions over images for a visual check (PIL only, no torch).
 
-Values are the parsed ones (see `lora_manip.eval.parse`) in normalised [0, 1] coordinates: a box
+Values are the parsed ones (see `lora_manip.answers.parse`) in normalised [0, 1] coordinates: a box
 ``(x1, y1, x2, y2)``, a list of ``(x, y)`` points or trajectory waypoints; lists from ``predictions.jsonl`` work too.
 Ground truth is green, the prediction red.
 """

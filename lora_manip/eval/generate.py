@@ -251,7 +251,7 @@ def run_eval(model_path: str, data: str, data_root: str | None = None, out_dir: 
 
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
-    from .parse import COORDS
+    from ..answers.geometry import COORDS
 
     if coords not in COORDS:
         raise UserError(f"--coords {coords}: choose one of {', '.join(COORDS)}")
@@ -290,7 +290,7 @@ def run_eval(model_path: str, data: str, data_root: str | None = None, out_dir: 
 def _generate_and_score(model_path, data, data_root, out_dir, samples, prompt, prompt_from, *, limit, batch_size,
                         max_new_tokens, upstream_compatible, base, task_map, coords, point_threshold, backend,
                         resume, force, progress):
-    from .parse import task_from_filename
+    from ..answers.kinds import task_from_filename
     from .report import check_outputs, write_outputs
     from .resume import PredictionLog, model_identity
     from .score import score_records

@@ -6,7 +6,7 @@ a point off the image scores 0.
 
 Two ways of reading the answer:
 
-- strict (the kit's): the kit's parser (any format geometry.py reads, units from ``--coords``); an answer with no
+- strict (the kit's): the kit's parser (any format answers/geometry.py reads, units from ``--coords``); an answer with no
   point scores 0 and counts as a parse failure. Pixel index = floor(coordinate), so -0.2 px is off the image.
 - upstream (`robopoint_accuracy`, RoboPoint's ``robopoint/eval/summarize_vqa.py``): only parenthesised tuples
   ``(x, y)`` / ``(x0, y0, x1, y1)``; a number with a "." is a fraction of the image, one without is a pixel, decided

@@ -21,7 +21,9 @@ def predict_one(model_path: str, image: str, question: str, draw: str | None = N
     from ..data.encode import prompt_text
     from .draw import draw_overlay
     from .generate import generate, load_for_inference, resolve_system_prompt
-    from .parse import COORDS, classify_task, parse_answer
+    from ..answers.geometry import COORDS
+    from ..answers.kinds import classify_task
+    from ..answers.parse import parse_answer
     from .safety import check_model
 
     if coords not in COORDS:

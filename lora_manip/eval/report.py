@@ -9,7 +9,7 @@ from typing import Any, Iterable
 
 from ..errors import UserError
 from ..fsutil import atomic_write_json, atomic_write_text
-from .parse import task_from_filename
+from ..answers.kinds import task_from_filename
 from .upstream import format_files
 
 __all__ = ["load_predictions", "format_table", "check_outputs", "write_outputs", "OUTPUT_FILES"]

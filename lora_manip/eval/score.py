@@ -39,8 +39,10 @@ from .metrics import (
     to_pixels,
     trace_rmse_mae,
 )
-from .parse import COORDS, GEOMETRIC, KINDS, Parsed, classify_task, parse_answer
-from .geometry import coords_above_one
+from ..answers.geometry import COORDS, coords_above_one
+from ..answers.kinds import GEOMETRIC, KINDS, classify_task
+from ..answers.parse import parse_answer
+from ..answers.parsed import Parsed
 from . import pointing, upstream as up
 from .report import format_table, load_predictions, write_outputs  # noqa: F401  (the CLI and demo import them here)
 

@@ -64,7 +64,7 @@ def pick_samples(samples, limit: int, seed: int) -> list:
 def eval_records(samples: list, answers: list[str]) -> list[dict]:
     """The records `lora-manip eval` writes to predictions.jsonl (and `lora-manip score` reads)."""
     from ..eval.generate import eval_record
-    from ..eval.parse import task_from_filename
+    from ..answers.kinds import task_from_filename
 
     records = []
     for s, a in zip(samples, answers):

@@ -35,7 +35,8 @@ from functools import lru_cache
 from typing import Callable
 
 from ..eval.metrics import bleu, box_iou, discrete_frechet, dtw_distance, point_distance
-from ..eval.parse import Parsed, parse_answer
+from ..answers.parse import parse_answer
+from ..answers.parsed import Parsed
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def mean_rewards(records: list[dict], table: dict[str, dict[str, float]], scale:
     """Mean weighted reward per task kind (and "all") of `lora-manip eval` predictions (records with `pred`, `gt`,
     `task`): the held-out reward of greedy answers, comparable before and after GRPO. Kinds without rewards in
     `table` are left out."""
-    from ..eval.parse import classify_task
+    from ..answers.kinds import classify_task
 
     sums: dict[str, list[float]] = {}
     for r in records:

@@ -1,30 +1,18 @@
-"""Task kinds, the task classifier, and the strict answer parser (pure Python, no torch).
+"""Task kinds and the one task classifier: the kind a record is scored as, for scoring, GRPO rewards and `data
+check` alike (pure Python, no torch).
 
 Kinds: "box", "point", "trajectory", "choice", "yesno", "planning", and "pointing" (points scored against a mask
 image, as Where2Place / RoboPoint do). Ground truths look like ``{"current_bbox": [[x1, y1], [x2, y2]]}``,
 ``{"contact_point": [[x, y], ...]}``, ``{"future_traj": [[x, y], ...]}``, ``B`` or ``Yes``; coordinates are
-normalised to [0, 1], x first.
-
-`classify_task` is the one place that decides a record's kind (data checks import it too, so it stays free of
-torch and of the scorer). `parse_answer` never raises; values it returns:
-
-- box: ``(x1, y1, x2, y2)`` floats in [0, 1] units with ``x1 <= x2`` and ``y1 <= y2``
-- point / trajectory / pointing: list of ``(x, y)`` float tuples in [0, 1] units
-- choice: an upper-case letter ``"A"``-``"F"``; yesno: ``bool``; planning: the stripped text
-
-The upstream scorers' own rules live in upstream.py (RoboInter) and pointing.py (RoboPoint).
+normalised to [0, 1], x first. parse.py reads an answer once its kind is known.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
-from .geometry import COORDS, first_points, parse_geometry
-from .parsed import Parsed, fail
-
-__all__ = ["KINDS", "CHOICE_LETTERS", "COORDS", "TASK_KINDS", "Parsed", "TaskKind", "classify_task", "infer_task",
-           "parse_task_map", "task_from_filename", "parse_answer"]
+from .geometry import first_points
 
 KINDS = ("box", "point", "trajectory", "choice", "yesno", "planning", "pointing")
 GEOMETRIC = ("box", "point", "trajectory", "pointing")
@@ -151,11 +139,6 @@ def classify_task(task: str | None, gt: str | None, task_map: dict[str, str] | N
     return found
 
 
-def infer_task(gt: str, task: str | None = None, task_map: dict[str, str] | None = None) -> str:
-    """Just the kind of `classify_task` (the ground truth first, as older callers pass it)."""
-    return classify_task(task, gt, task_map).kind
-
-
 def task_from_filename(path: str) -> str | None:
     """The task a file of one task is named for ("results/eval_details_traj_choice.json" -> "traj_choice",
     "rh20t_contact_box_qa.json" -> "rh20t_contact_box_qa"), or None when the name is not a known task."""
@@ -177,108 +160,3 @@ def parse_task_map(items: list[str] | None) -> dict[str, str]:
                              f"(or {', '.join(sorted(_KIND_ALIASES))})")
         out[name.strip()] = k
     return out
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Choice and yes/no
-
-_L = CHOICE_LETTERS
-_CHOICE_EXACT_RE = re.compile(rf"[(\[]?([{_L}{_L.lower()}])[)\]]?[.:]?")
-# "answer is B", "answer: (B)", "option B", "choice B", "correct one is B"
-_CHOICE_PHRASE_RE = re.compile(
-    rf"(?i:answer|option|choice|correct(?: one)?)\s*(?:(?i:is|would be|should be)\s*)?[:=]?\s*[(\[]?([{_L}])(?![\w])"
-)
-# "B. red cube", "(B) red cube", "B) red", "B: red" at the start
-_CHOICE_START_RE = re.compile(rf"(?:\(([{_L}])\)|\[([{_L}])\]|([{_L}])[.):](?!\w))")
-# option markers anywhere: "(B)", "B." / "B)" / "B:" followed by a space or the end
-_CHOICE_MARKER_RE = re.compile(rf"(?:\(([{_L}])\)|(?<![\w])([{_L}])[.):](?=\s|$))")
-_CHOICE_LONE_RE = re.compile(rf"(?<![\w'])([{_L}])(?![\w'])")
-
-
-def _letters(regex: re.Pattern, text: str) -> set[str]:
-    out = set()
-    for m in regex.finditer(text):
-        out.update(g for g in m.groups() if g)
-    return out
-
-
-def _parse_choice(text: str) -> Parsed:
-    s = text.strip().strip("*_`\"'").strip()
-    if not s:
-        return fail("empty")
-    m = _CHOICE_EXACT_RE.fullmatch(s)
-    if m:
-        return Parsed(m.group(1).upper(), None)
-    phrase = _letters(_CHOICE_PHRASE_RE, s)
-    start_m = _CHOICE_START_RE.match(s)
-    start = {g for g in start_m.groups() if g} if start_m else set()
-    if phrase or start:
-        letters = phrase | start | _letters(_CHOICE_MARKER_RE, s)
-        if len(letters) == 1:
-            return Parsed(letters.pop(), None)
-        return fail("ambiguous choice: " + ", ".join(sorted(letters)))
-    lone = _letters(_CHOICE_LONE_RE, s)
-    if len(lone) == 1:
-        return Parsed(lone.pop(), None)
-    if lone:
-        return fail("ambiguous choice: " + ", ".join(sorted(lone)))
-    return fail("no option letter found")
-
-
-_WORD_RE = re.compile(r"[a-z]+")
-
-
-def _parse_yesno(text: str) -> Parsed:
-    words = _WORD_RE.findall(text.lower())
-    if not words:
-        return fail("no yes/no found")
-    if words[0] in ("yes", "no"):
-        return Parsed(words[0] == "yes", None)
-    found = {w for w in words if w in ("yes", "no")}
-    if len(found) == 1:
-        return Parsed(found.pop() == "yes", None)
-    if found:
-        return fail("ambiguous: both yes and no")
-    return fail("no yes/no found")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Public parser
-
-
-def _guard(fn: Callable[..., Parsed]) -> Callable[..., Parsed]:
-    """Common checks, plus a last-resort guard so that parsing never raises."""
-
-    def wrapper(text: str, kind: str, *args, **kwargs) -> Parsed:
-        if kind not in KINDS:
-            return fail(f"unknown task kind {kind!r} (expected one of {', '.join(KINDS)})")
-        if not isinstance(text, str):
-            return fail(f"not a string ({type(text).__name__})")
-        try:
-            return fn(text.replace("\u2212", "-"), kind, *args, **kwargs)  # U+2212 MINUS SIGN, as some tokenizers emit
-        except Exception as e:  # pragma: no cover - a bug; report it as a parse failure rather than crash a run
-            return fail(f"internal parser error: {type(e).__name__}: {e}")
-
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
-    return wrapper
-
-
-@_guard
-def parse_answer(text: str, kind: str, coords: str = "normalized", size: tuple[float, float] | None = None) -> Parsed:
-    """Parse `text` as an answer of task `kind`; never raises. Empty or whitespace-only text gives error "empty".
-
-    Geometry (box / point / trajectory / pointing): see `geometry.parse_geometry`; `coords` says the units of the
-    answer (normalized, thousand, pixels; pixels need `size` = (width, height)) and values come back in [0, 1].
-    Choice: "B", "b", "B.", "(B)", "The answer is B", "B. red cube" -> "B"; several candidate letters ("A or B") ->
-    failure. Yes/no: a case-insensitive yes/no as the first word, or the only yes/no word.
-    """
-    if not text.strip():
-        return fail("empty")
-    if kind in GEOMETRIC:
-        return parse_geometry(text, kind, coords, size)
-    if kind == "choice":
-        return _parse_choice(text)
-    if kind == "yesno":
-        return _parse_yesno(text)
-    return Parsed(text.strip(), None)  # planning

@@ -1,4 +1,4 @@
-"""The result type every answer parser returns (kept apart so parse.py and geometry.py can share it)."""
+"""The result type every answer parser returns (its own module so parse.py and geometry.py can share it)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,6 @@ COORDS = ("normalized", "thousand", "pixels")
 # A number not glued to a word or another number: keeps its sign ("-0.5"), allows "3", ".5", "1e-3", "2.".
 _NUM = r"(?<![\w.])[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?(?![\w])"
 _TOKEN_RE = re.compile(rf"(?P<num>{_NUM})|(?P<open>[\[(])|(?P<close>[\])])|(?P<skip>[\s,;'\"`]+)|(?P<other>.)", re.S)
-_NUM_RE = re.compile(_NUM)
 
 # Keys whose value is the answer; "bbox_2d" / "point_2d" are Qwen2.5-VL's.
 _KIND_KEY_RE = {
@@ -189,8 +188,6 @@ def _find(text: str, kind: str) -> Parsed:
     if scan.loose_numbers and len(scan.loose_numbers) % 2:
         return fail("odd number of coordinates")
     return fail("no coordinates found")
-
-
 
 
 def _molmo_points(text: str) -> list[tuple[float, float]]:
