@@ -33,14 +33,14 @@ def chatml_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def processor(tiny_model_dir):
-    from lora_manip.model.processor import load_processor
+    from lora_manip.data.processor import load_processor
 
     return load_processor(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")
 def chatml_processor(chatml_model_dir):
-    from lora_manip.model.processor import load_processor
+    from lora_manip.data.processor import load_processor
 
     return load_processor(chatml_model_dir)
 
@@ -101,4 +101,6 @@ def tiny_recipe_dict(model_dir, data_dir, out_dir, **over) -> dict:
         for k in path:
             node = node.setdefault(k, {})
         node[last] = value
+    if raw["method"] == "full" and "lora" not in {k.split("__")[0] for k in over}:
+        del raw["lora"]  # the schema refuses a lora block that method: full would not read
     return raw

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lora_manip.data.dataset import build_datasets, choose_subset, seeded_rng, split_validation
-from lora_manip.data.registry import load_registry, split_percent
+from lora_manip.recipe import load_registry, split_percent
 from lora_manip.errors import UserError
 from lora_manip.recipe import dump_recipe, recipe_from_dict
 

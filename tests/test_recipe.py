@@ -109,3 +109,37 @@ def test_shipped_zero3_config_gathers_weights_and_has_no_optimizer():
     assert cfg["zero_optimization"]["stage"] == 3
     assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert "optimizer" not in cfg and "scheduler" not in cfg
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"quantization": {"bits": 4}}, "quantization: only read with method: qlora (method is lora); remove the block "
+     "or set method: qlora"),
+    ({"method": "full", "quantization": {}}, "quantization: only read with method: qlora (method is full)"),
+    ({"method": "full", "lora": {"r": 128}}, "lora: only read with method: lora or qlora (method is full, which "
+     "trains no adapter); remove the block or set method: lora"),
+])
+def test_blocks_the_method_does_not_read_are_refused(patch, message):
+    with pytest.raises(UserError) as e:
+        recipe_from_dict({**BASE, **patch})
+    assert message in str(e.value)
+
+
+def test_blocks_the_method_reads_are_accepted_and_round_trip():
+    for raw in ({**BASE, "method": "qlora", "quantization": {"quant_type": "fp4"}, "lora": {"r": 8}},
+                {**BASE, "lora": {"r": 8}}, {**BASE, "method": "full"}):
+        r = recipe_from_dict(raw)
+        assert recipe_from_dict(yaml.safe_load(dump_recipe(r))) == r
+    # the defaults of an unwritten block are no block: the full recipe's dump has neither, the qlora one both
+    assert "lora" not in yaml.safe_load(dump_recipe(recipe_from_dict({**BASE, "method": "full"})))
+    assert recipe_from_dict({**BASE, "method": "qlora"}).quantization.quant_type == "nf4"
+    with pytest.raises(UserError, match="lora: only read with method: lora or qlora"):
+        recipe_from_dict(apply_overrides(yaml.safe_load(yaml.safe_dump({**BASE, "method": "full"})), ["lora.r=8"]))
+
+
+def test_reward_names_match_the_rewards_training_computes():
+    """The schema's reward table (what a recipe may name) and train/rewards.py (what runs) list the same rewards
+    for the same kinds: a reward added on one side only fails here."""
+    from lora_manip.recipe import REWARD_KINDS
+    from lora_manip.train.rewards import REWARDS
+
+    assert REWARD_KINDS == {name: kinds for name, (_, kinds) in REWARDS.items()}

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from lora_manip.errors import UserError
 from lora_manip.recipe import recipe_from_dict
-from lora_manip.train.best_metric import METRICS, check_metric_name, higher_is_better
+from lora_manip.recipe import METRICS, check_metric_name, higher_is_better
 
 from .conftest import tiny_recipe_dict
 

@@ -44,7 +44,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..errors import UserError
-from .best_metric import POINT_THRESHOLD, higher_is_better
+from ..recipe import POINT_THRESHOLD, higher_is_better
 
 log = logging.getLogger(__name__)
 

@@ -1,20 +1,18 @@
-"""The recipe: one typed schema for a training run, loaded from YAML with `--set a.b=c` overrides.
+"""The recipe schema: one typed model of a training run. Defaults live only here; `lora-manip eval`, `predict` and
+`data check` read theirs from these fields.
 
-Everything is validated here, before any model is loaded: unknown keys, wrong types and impossible combinations
-are reported together, each naming its key path (`lora.r: must be > 0`). Defaults live only in this file.
+Everything is validated before any model is loaded: unknown keys, wrong types and impossible combinations (checks.py)
+are reported together, each naming its key path (`lora.r: must be > 0`).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .errors import UserError
+from .checks import cross_check
+from .registry import resolve_data_section
 
 PartMode = Literal["frozen", "full", "lora"]
 
@@ -84,19 +82,6 @@ class DatasetCfg(_Strict):
         None, gt=0, lt=1, description="Seeded share of this dataset's records held out for validation (disjoint "
         "from train; split before `sample` is applied).")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _split_percent(cls, raw: Any) -> Any:
-        # data.registry.resolve_data_section does this with key paths for recipes; this covers direct construction
-        if isinstance(raw, dict) and isinstance(raw.get("name"), str) and "%" in raw["name"]:
-            from .data.registry import split_percent
-
-            name, fraction = split_percent(raw["name"])
-            if raw.get("sample") is not None:
-                raise ValueError(f"name {raw['name']!r} and sample both set; use one")
-            raw = {**raw, "name": name, "sample": fraction}
-        return raw
-
 
 class SynthCfg(_Strict):
     n: int = Field(400, gt=1)
@@ -106,7 +91,7 @@ class SynthCfg(_Strict):
 class DataCfg(_Strict):
     registry: str | None = Field(
         None, description="Dataset registry YAML (name -> annotation_path, data_path), set once per machine; "
-        "default: the LORA_MANIP_REGISTRY environment variable. See lora_manip/data/registry.py.")
+        "default: the LORA_MANIP_REGISTRY environment variable. See lora_manip/recipe/registry.py.")
     train: list[DatasetCfg] = Field(min_length=1)
     val: list[DatasetCfg] = Field(default_factory=list, description="Validation datasets, in addition to the "
                                   "records train entries hold out with val_fraction.")
@@ -144,8 +129,6 @@ class DataCfg(_Strict):
     def _resolve_datasets(cls, raw: Any) -> Any:
         # Registry names and name%NN resolved before field validation, so the recipe saved with a run lists paths.
         if isinstance(raw, dict):
-            from .data.registry import resolve_data_section
-
             raw = resolve_data_section(raw)
         return raw
 
@@ -189,7 +172,7 @@ class TrainCfg(_Strict):
     best_metric: str | None = Field(
         None, description="kind.metric (box.acc@0.1, choice.accuracy, trajectory.dtw, ...): each eval that improves "
         "it saves the model to OUTPUT_DIR/best_checkpoint (never rotated away). Lower is better for distances "
-        "and parse_failure_rate, higher for the rest (train/best_metric.py). Needs eval_steps.")
+        "and parse_failure_rate, higher for the rest (recipe/names.py). Needs eval_steps.")
 
 
 class DistributedCfg(_Strict):
@@ -253,44 +236,9 @@ class Recipe(_Strict):
             p.projector.train = "full"
         if p.vision_tower.train is None:
             p.vision_tower.train = "frozen"
-        errors = []
-        modes = {name: getattr(p, name).train for name in ("language_model", "projector", "vision_tower")}
-        if self.method == "full":
-            errors += [f"parts.{n}.train: 'lora' needs method: lora or qlora (method is full)"
-                       for n, m in modes.items() if m == "lora"]
-        elif modes["language_model"] == "full":
-            errors.append(f"parts.language_model.train: 'full' needs method: full (method is {self.method}); "
-                          "use 'lora' or 'frozen'")
-        if modes["projector"] == "lora":
-            errors.append("parts.projector.train: must be 'full' or 'frozen' (a 2-layer MLP gains nothing from LoRA)")
-        if all(m == "frozen" for m in modes.values()):
-            errors.append("parts: every part is frozen, nothing would train")
-        if self.method != "full" and "lora" not in modes.values():
-            errors.append(f"method: {self.method} but no part has train: lora (no adapter would be trained)")
-        if self.method == "qlora" and self.distributed.deepspeed:
-            errors.append("distributed.deepspeed: QLoRA's 4-bit weights cannot be partitioned by DeepSpeed; "
-                          "remove it or use method: lora")
-        errors += _check_deepspeed_config(self.distributed.deepspeed)
-        errors += _check_grpo(self)
-        if self.train.eval_steps or self.train.best_metric is not None:
-            from .train.best_metric import check_train_eval
-
-            errors += check_train_eval(self)
-        if self.train.optimizer == "mezo" and (self.distributed.deepspeed or
-                                               self.distributed.nproc_per_node * self.distributed.nnodes > 1):
-            errors.append("train.optimizer: mezo runs in one process (its updates are not all-reduced); set "
-                          "distributed.nproc_per_node: 1 and no deepspeed")
-        if self.data.packing and not self.train.max_tokens_per_batch:
-            errors.append("data.packing: true needs train.max_tokens_per_batch (the length of a packed row)")
-        if self.data.packing and self.train.loss_reduction == "sample":
-            errors.append("data.packing with train.loss_reduction: sample is not supported; use token")
-        if self.train.max_steps == 0:
-            errors.append("train.max_steps: 0 would train nothing; use -1 (train.epochs decides) or a positive count")
-        if self.distributed.node_rank >= self.distributed.nnodes:
-            errors.append(f"distributed.node_rank: {self.distributed.node_rank} but nnodes is "
-                          f"{self.distributed.nnodes} (ranks 0..{self.distributed.nnodes - 1})")
-        if self.train.precision == "fp16" and self.model.dtype == "bfloat16":
-            errors.append("train.precision: fp16 with model.dtype bfloat16 mixes formats; use bf16 or float16")
+        if self.objective == "grpo" and self.grpo is None:
+            self.grpo = GrpoCfg()
+        errors = cross_check(self)
         if errors:
             raise ValueError("\n".join(errors))
         return self
@@ -299,186 +247,3 @@ class Recipe(_Strict):
     def effective_batch_size(self) -> int:
         t, d = self.train, self.distributed
         return t.per_device_batch_size * t.gradient_accumulation_steps * d.nproc_per_node * d.nnodes
-
-
-def _check_grpo(r: "Recipe") -> list[str]:
-    if r.objective == "sft":
-        errors = ["grpo: set, but objective is sft; add `objective: grpo` or remove the grpo block"] if r.grpo else []
-        if r.model.adapter:
-            errors.append("model.adapter: only used with objective: grpo (for SFT, merge the adapter and start "
-                          "from the merged folder)")
-        return errors
-    from .train.rewards import check_reward_table
-
-    if r.grpo is None:
-        r.grpo = GrpoCfg()
-    g, t, d = r.grpo, r.train, r.distributed
-    errors = check_reward_table(g.rewards)
-    if not any(g.rewards.values()):
-        errors.append("grpo.rewards: no reward for any task kind; nothing would be rewarded")
-    batch = t.per_device_batch_size * t.gradient_accumulation_steps * d.nproc_per_node * d.nnodes
-    if batch % g.num_generations:
-        errors.append(f"grpo.num_generations: {g.num_generations} must divide the batch of completions "
-                      f"(per_device_batch_size x gradient_accumulation_steps x processes = {batch})")
-    if t.optimizer == "mezo":
-        errors.append("train.optimizer: mezo does not apply to objective: grpo (the policy gradient needs backward)")
-    if r.method == "full" and r.model.adapter:
-        errors.append("model.adapter: needs method lora or qlora (method is full)")
-    return errors
-
-
-def _check_deepspeed_config(path: str | None) -> list[str]:
-    if path is None:
-        return []
-    p = Path(path)
-    if not p.is_file():
-        return [f"distributed.deepspeed: {path} not found (relative paths: from the working directory or the "
-                "recipe's folder)"]
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        return [f"distributed.deepspeed: {path} line {e.lineno}: not valid JSON ({e.msg})"]
-    except UnicodeDecodeError as e:
-        return [f"distributed.deepspeed: {path} is not UTF-8 text ({e.reason} at byte {e.start})"]
-    if not isinstance(cfg, dict):
-        return [f"distributed.deepspeed: {path} must hold a JSON object ({{...}}), not a {type(cfg).__name__}"]
-    # An optimizer/scheduler block makes DeepSpeed build its own, silently replacing the per-part learning rates.
-    return [f"distributed.deepspeed: {path} has a `{k}` block; remove it (the kit's optimizer carries one learning "
-            "rate per model part, and the recipe's train section sets the schedule)"
-            for k in ("optimizer", "scheduler") if k in cfg]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def _format_errors(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        elif msg.startswith("Value error, "):
-            # Cross-checks raise one ValueError listing every failure, each already prefixed by its key path.
-            lines += msg[len("Value error, "):].splitlines()
-            continue
-        lines.append(f"{loc}: {msg}" if loc else msg)
-    return "\n".join(f"  - {line}" for line in lines)
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b=c` -> (['a', 'b'], c), the value parsed as YAML so numbers, booleans, lists and null work."""
-    if "=" not in item:
-        raise UserError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set lora.r=8")
-    key, raw = item.split("=", 1)
-    path = [k for k in key.strip().split(".") if k]
-    if not path:
-        raise UserError(f"--set {item!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise UserError(f"--set {item!r}: value is not valid YAML ({e.problem})") from None
-    return path, value
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        path, value = parse_override(item)
-        node = raw
-        for i, k in enumerate(path[:-1]):
-            if isinstance(node, list):
-                node = node[_list_index(item, path[:i], node, k)]
-                continue
-            if not isinstance(node, dict):
-                raise UserError(f"--set {item!r}: {'.'.join(path[:i])} is a value ({node!r}), not a mapping")
-            node = node.setdefault(k, {})
-        last = path[-1]
-        if isinstance(node, list):
-            node[_list_index(item, path[:-1], node, last)] = value
-        elif isinstance(node, dict):
-            node[last] = value
-        else:
-            raise UserError(f"--set {item!r}: {'.'.join(path[:-1])} is a value ({node!r}), not a mapping")
-    return raw
-
-
-def _list_index(item: str, at: list[str], node: list, k: str) -> int:
-    where = ".".join(at)
-    if not k.isdigit():
-        raise UserError(f"--set {item!r}: {where} is a list; address an entry by its index ({where}.0)")
-    if int(k) >= len(node):
-        raise UserError(f"--set {item!r}: {where} has {len(node)} entr{'y' if len(node) == 1 else 'ies'} "
-                        f"(indices 0..{len(node) - 1}); index {k} is out of range")
-    return int(k)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                first = seen.get(key)
-            except TypeError:  # an unhashable key: construct_mapping reports it
-                continue
-            if first is not None:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first at line {first + 1})", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
-
-
-def safe_load_unique(text: str):
-    return yaml.load(text, Loader=_UniqueKeyLoader)
-
-
-def _resolve_paths(raw: dict, base: Path) -> None:
-    """Relative paths are relative to the directory the command runs in, like any CLI's. The DeepSpeed config is
-    also looked up beside the recipe, because the shipped ones live there."""
-    ds = raw.get("distributed", {}).get("deepspeed") if isinstance(raw.get("distributed"), dict) else None
-    if isinstance(ds, str) and not os.path.isabs(ds) and not os.path.exists(ds) and (base / ds).exists():
-        raw["distributed"]["deepspeed"] = str(base / ds)
-
-
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"recipe {path} is a folder, not a recipe file; pass a .yaml file (e.g. "
-                        "recipes/tiny_cpu.yaml)")
-    if not path.is_file():
-        raise UserError(f"recipe {path} not found; shipped recipes are in recipes/ (e.g. recipes/tiny_cpu.yaml)")
-    try:
-        raw = safe_load_unique(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise UserError(f"recipe {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-    except OSError as e:
-        raise UserError(f"recipe {path}: cannot read it ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"recipe {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"recipe {path}: expected a mapping of sections (model, method, data, train, ...)")
-    raw = apply_overrides(raw, overrides or [])
-    _resolve_paths(raw, path.parent)
-    return recipe_from_dict(raw, source=str(path))
-
-
-def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as e:
-        raise UserError(f"{source} is invalid:\n{_format_errors(e)}") from None
-
-
-def dump_recipe(recipe: Recipe) -> str:
-    """The fully resolved recipe as YAML (every default spelt out), written into the run folder."""
-    return yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False)
