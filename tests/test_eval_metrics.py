@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from lora_manip.eval.metrics import (
     bleu,
     box_iou,
-    box_to_pixels,
     discrete_frechet,
     dtw_distance,
     endpoint_error,
@@ -132,7 +131,6 @@ def test_frechet_and_endpoint():
 
 def test_to_pixels():
     assert to_pixels([(0.5, 0.25), (1, 1)], 640, 480) == [(320.0, 120.0), (640.0, 480.0)]
-    assert box_to_pixels((0.1, 0.5, 0.2, 1.0), 100, 10) == approx((10.0, 5.0, 20.0, 10.0))
 
 
 # ----------------------------------------------------------------------------------------------------------- BLEU

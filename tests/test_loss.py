@@ -35,13 +35,32 @@ def test_same_loss_and_gradients_as_stock_forward(tiny_model_dir):
 
 
 def test_num_items_in_batch_reduction(tiny_model_dir):
-    logits = torch.randn(1, 3, 7)
-    labels = torch.tensor([[IGNORE, 1, 2, 3]])
-    keep = positions_to_keep(labels)
-    assert keep.tolist() == [0, 1, 2]
-    mean = loss_at_positions(logits, labels, keep)
-    summed_over_6 = loss_at_positions(logits, labels, keep, num_items_in_batch=6)
-    torch.testing.assert_close(summed_over_6 * 2, mean)
+    """Gradient accumulation: each micro-batch's loss is its token sum over the token count of the whole accumulated
+    batch (num_items_in_batch), as the stock forward computes it, so the micro-batches add up to the full batch's
+    token mean instead of weighing a 3-token row like a 9-token one."""
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model_dir)
+    ids = torch.randint(0, 500, (2, 24))
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 5:8] = ids[0, 5:8]
+    labels[1, 10:19] = ids[1, 10:19]
+    n = int((labels[:, 1:] != IGNORE).sum())
+    assert n == 12
+    with torch.no_grad():
+        full = model(input_ids=ids, labels=labels).loss
+        micro, own_means = [], []
+        for i in (0, 1):
+            row_ids, row_labels = ids[i:i + 1], labels[i:i + 1]
+            stock = model(input_ids=row_ids, labels=row_labels, num_items_in_batch=torch.tensor(n)).loss
+            keep = positions_to_keep(row_labels)
+            logits = model(input_ids=row_ids, logits_to_keep=keep).logits
+            ours = loss_at_positions(logits, row_labels, keep, num_items_in_batch=n)
+            torch.testing.assert_close(ours, stock, rtol=1e-6, atol=1e-6)
+            micro.append(ours)
+            own_means.append(loss_at_positions(logits, row_labels, keep))
+    torch.testing.assert_close(sum(micro), full, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(micro[0] * n / 3, own_means[0])  # the same tokens, over the accumulated count
+    assert not torch.isclose(sum(own_means) / 2, full)  # averaging micro-batch means is the bug this guards
 
 
 def test_sample_reduction_weighs_each_sample_once():

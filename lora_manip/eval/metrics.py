@@ -27,7 +27,6 @@ __all__ = [
     "TRACE_SCALE",
     "bleu",
     "to_pixels",
-    "box_to_pixels",
 ]
 
 Point = Sequence[float]
@@ -36,12 +35,6 @@ Point = Sequence[float]
 def to_pixels(points: Iterable[Point], w: float, h: float) -> list[tuple[float, float]]:
     """Scale normalised ``(x, y)`` points to pixels of a ``w`` x ``h`` image."""
     return [(float(x) * w, float(y) * h) for x, y in points]
-
-
-def box_to_pixels(box: Sequence[float], w: float, h: float) -> tuple[float, float, float, float]:
-    """Scale a normalised ``(x1, y1, x2, y2)`` box to pixels."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    return (x1 * w, y1 * h, x2 * w, y2 * h)
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:

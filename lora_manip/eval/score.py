@@ -44,9 +44,9 @@ from ..answers.kinds import GEOMETRIC, KINDS, classify_task
 from ..answers.parse import parse_answer
 from ..answers.parsed import Parsed
 from . import pointing, upstream as up
-from .report import format_table, load_predictions, write_outputs  # noqa: F401  (the CLI and demo import them here)
+from .report import load_predictions, write_outputs
 
-__all__ = ["score_records", "score_files", "load_predictions", "format_table", "write_outputs", "DEFAULT_DATASET"]
+__all__ = ["score_records", "score_files", "DEFAULT_DATASET"]
 
 DEFAULT_DATASET = "default"
 _TRAJ_METRICS = ("dtw", "frechet", "hausdorff", "endpoint_error")
@@ -65,11 +65,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _as_text(value: Any) -> Any:
-    """Ground truths / predictions stored as JSON objects or arrays are scored as their JSON text."""
+def _answer_text(rec: dict, field: str) -> tuple[str | None, str | None]:
+    """(text, None), or (None, why not) for a missing or non-text `pred` / `gt`. Answers stored as JSON objects or
+    arrays are scored as their JSON text."""
+    value = rec.get(field)
     if isinstance(value, (dict, list)):
-        return json.dumps(value)
-    return value
+        value = json.dumps(value)
+    if isinstance(value, str):
+        return value, None
+    return None, "missing or null" if value is None else f"not a string ({type(value).__name__})"
 
 
 def _size(record: dict) -> tuple[float, float] | None:
@@ -147,14 +151,12 @@ class _Scorer:
     def record(self, rec: Any) -> dict:
         if not isinstance(rec, dict):
             raise _DataError("-", f"expected an object, got {type(rec).__name__}")
-        if rec.get("pred") is None:
-            raise _DataError("pred", "missing or null")
-        pred_text, gt_text = _as_text(rec["pred"]), _as_text(rec.get("gt"))
-        if not isinstance(pred_text, str):
-            raise _DataError("pred", f"not a string ({type(pred_text).__name__})")
+        pred_text, problem = _answer_text(rec, "pred")
+        if problem:
+            raise _DataError("pred", problem)
+        gt_text, gt_problem = _answer_text(rec, "gt")  # pointing needs none: decided once the kind is known
         task = rec.get("task") if isinstance(rec.get("task"), str) and rec.get("task") else None
-        tk = classify_task(task, gt_text if isinstance(gt_text, str) else None, self.task_map,
-                           has_mask=bool(rec.get("mask")))
+        tk = classify_task(task, gt_text, self.task_map, has_mask=bool(rec.get("mask")))
         dataset = rec.get("dataset")
         row: dict[str, Any] = {"id": rec.get("id"), "dataset": str(dataset) if dataset not in (None, "") else
                                DEFAULT_DATASET, "task": task or tk.kind, "kind": tk.kind, "kind_from": tk.source}
@@ -165,8 +167,8 @@ class _Scorer:
             row.update(gt=rec.get("mask"), pred_text=pred_text)
             self._pointing(rec, row, pred_text)
             return row
-        if not isinstance(gt_text, str):
-            raise _DataError("gt", "missing or null" if gt_text is None else f"not a string ({type(gt_text).__name__})")
+        if gt_problem:
+            raise _DataError("gt", gt_problem)
         kind = tk.kind
         if self.upstream and kind in up.UPSTREAM_TYPE and tk.source != "guess":
             return self._upstream(kind, rec, row, pred_text, gt_text)  # upstream does not parse ground truths

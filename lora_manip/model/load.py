@@ -6,16 +6,16 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 from pathlib import Path
 
 import torch
 
+from ..dtypes import TORCH_DTYPES
 from ..errors import UserError
+from ..hub import check_model_path
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Full prefixes: transformers 5.x matches llm_int8_skip_modules by prefix/suffix, so bare "vision_tower" would
 # match nothing and the projector would be quantised (then PEFT cannot train it). A custom list replaces the
 # default lm_head skip, hence lm_head here too.
@@ -26,38 +26,11 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def check_model_path(path: str) -> None:
-    """A path must exist locally or at least have the shape of a hub id (org/name)."""
-    if not Path(path).expanduser().exists() and not _HUB_ID.match(path):
-        raise UserError(f"model path {path} does not exist and is not a hub id like "
-                        "llava-hf/llava-onevision-qwen2-7b-ov-hf; for the offline demo run "
-                        f"`lora-manip tiny-model {path}`")
-
-
-def local_folder(path: str) -> Path | None:
-    """The local folder of a model: the path itself, or a hub id's snapshot in the local cache (never downloads);
-    None when neither exists."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        return p
-    if _HUB_ID.match(path):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(path, local_files_only=True))
-        except Exception:  # noqa: BLE001 - any failure means: not in the cache
-            return None
-    return None
-
-
 def compute_dtype(name: str) -> torch.dtype:
     """The recipe's dtype on a GPU; float32 on CPU, where bf16 matmuls are unusably slow (measured: a 0.5B-shaped
     LoRA step did not finish in 15 minutes in bf16, ~50 s in fp32)."""
     if has_cuda():
-        return _DTYPES[name]
+        return TORCH_DTYPES[name]
     if name != "float32":
         log.info("no CUDA GPU: computing in float32 instead of %s", name)
     return torch.float32
@@ -73,16 +46,20 @@ def resolve_attention(requested: str) -> str:
     return chosen
 
 
+def require_bitsandbytes() -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("method: qlora needs bitsandbytes (pip install bitsandbytes)")
+
+
 def quantization_config(q, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("method: qlora needs bitsandbytes (pip install bitsandbytes)")
+    require_bitsandbytes()
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NEVER_QUANTISED)
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=dtype if not has_cuda() else _DTYPES[q.compute_dtype],
+        bnb_4bit_compute_dtype=dtype if not has_cuda() else TORCH_DTYPES[q.compute_dtype],
         llm_int8_skip_modules=NEVER_QUANTISED)
 
 

@@ -30,20 +30,6 @@ class JsonlLogCallback(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
-COMPLETE_MARKER = "checkpoint_complete"
-
-
-def mark_complete(output_dir: str, step: int) -> None:
-    """The Trainer writes checkpoint-N in place, so a run killed mid-save leaves a folder that looks like a
-    checkpoint. ManipTrainer calls this once every file of checkpoint-N is written (and before older checkpoints
-    are rotated away); --resume only considers checkpoints carrying the marker."""
-    from ..fsutil import atomic_write_text
-
-    folder = Path(output_dir) / f"checkpoint-{step}"
-    if folder.is_dir():
-        atomic_write_text(folder / COMPLETE_MARKER, f"step {step}\n")
-
-
 def plot_loss(log_path: Path, png_path: Path, key: str = "loss", title: str = "training loss") -> Path | None:
     """A plain PIL line plot of training loss (or another logged `key`) over steps (no matplotlib dependency)."""
     from PIL import Image, ImageDraw

@@ -20,9 +20,9 @@ import time
 import torch
 from transformers import Trainer
 
-from ..data.dataset import DUMMY_IMAGE
+from ..data.collate import DUMMY_IMAGE
 from ..model.adapters import load_extras, save_extras
-from ..model.processor import save_processor
+from ..data.processor import save_processor
 from .loss import IGNORE, loss_at_positions, positions_to_keep, supervised_rows
 from .optim import param_groups
 
@@ -238,7 +238,7 @@ def save_marked_checkpoint(trainer, save, model, trial) -> None:
     nothing marked to resume from. Shared by the SFT and the GRPO trainer."""
     from transformers.trainer import rotate_checkpoints
 
-    from .callbacks import mark_complete
+    from .run_folder import mark_complete
 
     args = trainer.args
     limit, args.save_total_limit = args.save_total_limit, None
