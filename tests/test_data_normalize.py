@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lora_manip.cli import app
-from lora_manip.data.check import Entry, check_entries
+from lora_manip.data.report import Entry, check_entries
 from lora_manip.data.normalize import normalize_file, smart_resize
 from lora_manip.errors import UserError
 

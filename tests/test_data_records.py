@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from lora_manip.data import records as R
-from lora_manip.data.dataset import ConcatSamples, IndexedSamples, build_dataset
+from lora_manip.data.dataset import ConcatSamples, IndexedSamples, build_datasets
 from lora_manip.data.records import RecordIndex, load_samples, to_sample
 from lora_manip.errors import UserError
-from lora_manip.recipe import DatasetCfg
+from lora_manip.recipe import DataCfg, DatasetCfg
 
 RECORDS = [
     {"id": "list", "images": ["a.png", "b.png"], "conversations": [
@@ -75,8 +75,8 @@ def test_json_array_index_across_buffer_boundaries(tmp_path, monkeypatch, chunk)
 
 
 def test_dataset_keeps_lazy_views(synth_dir, processor):
-    ds = build_dataset([DatasetCfg(annotation_path=str(synth_dir / "train.json"), data_path=str(synth_dir))],
-                       processor, "You are a helpful assistant.", 4096, seed=0)
+    train = [DatasetCfg(annotation_path=str(synth_dir / "train.json"), data_path=str(synth_dir))]
+    ds, _ = build_datasets(DataCfg(train=train, model_max_length=4096), processor, seed=0)
     assert isinstance(ds.samples, ConcatSamples)
     assert all(isinstance(p, IndexedSamples) for p in ds.samples.parts)
     assert ds.lengths.dtype == np.int32 and ds.has_images.dtype == bool and ds.has_images.all()
@@ -122,9 +122,7 @@ def test_the_pre_training_scan_is_cached_and_invalidated(tmp_path, processor, sy
     import shutil
 
     import lora_manip.data.scan_cache as sc
-    from lora_manip.data.dataset import build_dataset
-    from lora_manip.model.processor import cap_image_tiles
-    from lora_manip.recipe import DatasetCfg
+    from lora_manip.data.processor import cap_image_tiles
 
     monkeypatch.setenv("LORA_MANIP_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "d"
@@ -132,10 +130,11 @@ def test_the_pre_training_scan_is_cached_and_invalidated(tmp_path, processor, sy
     calls = []
     real = sc.scan
     monkeypatch.setattr(sc, "scan", lambda *a, **k: calls.append(1) or real(*a, **k))
-    cfg = [DatasetCfg(annotation_path=str(data / "train.json"), data_path=str(data))]
+    cfg = DataCfg(train=[DatasetCfg(annotation_path=str(data / "train.json"), data_path=str(data))],
+                  model_max_length=4096)
 
-    def build():
-        return build_dataset(cfg, processor, "You are a helpful assistant.", 4096, seed=0)
+    def build(proc=processor):
+        return build_datasets(cfg, proc, seed=0)[0]
 
     first = build()
     assert len(calls) == 1 and list((tmp_path / "cache" / "scan").glob("*.npz"))
@@ -147,7 +146,7 @@ def test_the_pre_training_scan_is_cached_and_invalidated(tmp_path, processor, sy
     assert len(build()) == len(first) - 1 and len(calls) == 2
     capped = copy.deepcopy(processor)
     cap_image_tiles(capped, 1)
-    build_dataset(cfg, capped, "You are a helpful assistant.", 4096, seed=0)
+    build(capped)
     assert len(calls) == 3  # the processor's grid changed
     for f in (tmp_path / "cache" / "scan").glob("*.npz"):
         f.write_bytes(b"not an npz")  # a corrupt entry is scanned again, never trusted

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lora_manip.data.dataset import Collator, build_datasets
+from lora_manip.data.collate import Collator
+from lora_manip.data.dataset import build_datasets
 from lora_manip.data.sampler import GroupedSampler, grouped_sampler, padding_efficiency, random_batches
 from lora_manip.recipe import recipe_from_dict
 

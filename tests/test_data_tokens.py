@@ -9,10 +9,12 @@ import json
 import pytest
 from PIL import Image
 
-from lora_manip.data.dataset import Collator, ManipDataset, build_dataset, token_lengths
+from lora_manip.data.collate import Collator
+from lora_manip.data.dataset import ManipDataset, build_datasets
+from lora_manip.data.lengths import token_lengths
 from lora_manip.data.encode import IGNORE, encode
 from lora_manip.data.records import load_samples
-from lora_manip.recipe import DatasetCfg
+from lora_manip.recipe import DataCfg, DatasetCfg
 
 from .conftest import assert_ids_match_processor, write_two_images
 
@@ -29,7 +31,7 @@ def qwen2_tokenizer():
 
 
 def real_processor(image_processor=None, num_image_tokens=None, template="hub"):
-    from lora_manip.model.processor import ImageOnlyOnevisionProcessor
+    from lora_manip.data.processor import ImageOnlyOnevisionProcessor
     from lora_manip.model.tiny import TEMPLATES
 
     return ImageOnlyOnevisionProcessor(image_processor=image_processor, tokenizer=qwen2_tokenizer(),
@@ -161,11 +163,13 @@ def test_too_long_samples_are_dropped_never_cut(proc, records):
         assert any(lab != IGNORE for lab in enc["labels"])
 
 
-def test_build_dataset_reports_drops_and_collator_pads_per_batch(proc, records, tmp_path, caplog):
+def test_build_datasets_reports_drops_and_collator_pads_per_batch(proc, records, tmp_path, caplog):
     cfg = DatasetCfg(annotation_path=str(tmp_path / "a.jsonl"), data_path=str(tmp_path))
     lengths = sorted(ManipDataset(records, proc, SYSTEM, max_length=100_000).lengths)
     with caplog.at_level("WARNING"):
-        ds = build_dataset([cfg], proc, SYSTEM, int(lengths[1]), seed=0)
+        ds, val = build_datasets(DataCfg(train=[cfg], system_prompt=SYSTEM, model_max_length=int(lengths[1])), proc,
+                                 seed=0)
+    assert val is None
     assert len(ds) == 2 and sum(ds.dropped.values()) == 1
     assert "dropped 1 sample(s): longer than model_max_length" in caplog.text
     batch = Collator(proc)([ds[0], ds[1]])

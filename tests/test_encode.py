@@ -5,10 +5,11 @@ import json
 import pytest
 from PIL import Image
 
-from lora_manip.data.dataset import Collator, ManipDataset
+from lora_manip.data.collate import Collator
+from lora_manip.data.dataset import ManipDataset
 from lora_manip.data.encode import IGNORE, encode
 from lora_manip.data.records import load_samples
-from lora_manip.model.processor import image_token_counts
+from lora_manip.data.processor import image_token_counts
 
 from .conftest import assert_ids_match_processor, write_two_images
 
@@ -87,7 +88,7 @@ def test_too_long_samples_are_dropped_and_counted(processor, records):
 def test_prompts_hold_question_image_and_answer_with_either_template(any_processor, records):
     """What the hub template silently empties when given strings: question, image and answer must all be there,
     and the measured length (the sampler's) must equal the encoded one."""
-    from lora_manip.data.dataset import token_lengths
+    from lora_manip.data.lengths import token_lengths
 
     processor = any_processor
     s = records[0]
@@ -108,7 +109,7 @@ def test_template_styles_are_detected(processor, chatml_processor):
 
 
 def _with_template(processor, template):
-    from lora_manip.model.processor import ImageOnlyOnevisionProcessor
+    from lora_manip.data.processor import ImageOnlyOnevisionProcessor
 
     return ImageOnlyOnevisionProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer,
                                        num_image_tokens=processor.num_image_tokens,

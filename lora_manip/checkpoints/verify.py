@@ -37,7 +37,7 @@ def probe_inputs(processor):
     from PIL import Image, ImageDraw
 
     from ..data.encode import prompt_text
-    from ..model.processor import image_token_counts
+    from ..data.processor import image_token_counts
 
     img = Image.new("RGB", (320, 180), (120, 90, 60))
     ImageDraw.Draw(img).rectangle([100, 60, 180, 130], fill=(220, 30, 30))
@@ -76,7 +76,7 @@ def verify(tmp: Path, adapter_dir: Path, base_dir: Path, plan, max_bytes: int | 
     MergeCheckFailed over tolerance."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from ..model.processor import load_processor
+    from ..data.processor import load_processor
 
     avail = _mem_available()
     limit = min(VERIFY_MAX_BYTES if max_bytes is None else max_bytes, avail // 3 if avail else VERIFY_MAX_BYTES)

@@ -1,12 +1,11 @@
-"""The recipe's datasets -> a torch Dataset of token ids + labels + images, and the collator that batches them.
+"""The recipe's datasets -> a torch Dataset of token ids + labels + images (collate.py batches them).
 
 Lazy: the dataset holds, per record it trains on, a position in its file's `RecordIndex` (byte offsets), its exact
 length and whether it has images (numpy arrays), never decoded records or pixels. A record is decoded and
 tokenised in `__getitem__`; images are decoded by the collator in the DataLoader workers.
 
-At start every record used is read once (data/check.py: the same checks as `lora-manip data check`) and measured
-exactly: the chat template is rendered and tokenised in the same segments as `encode`, in batches, and each
-`<image>` counts the tokens the processor expands it to for that image size (from the image header). A sample
+At start every record used is read once (scan.py: the same checks as `lora-manip data check`, cached by
+scan_cache.py) and measured exactly (lengths.py: image tokens included, from the image header). A sample
 longer than `model_max_length` is dropped (`on_too_long: drop`), never cut, and counted with its reason.
 Broken records stop the run (all listed) unless the recipe sets `skip_bad_records: true`, which drops them and logs
 a count per reason. Sampling (`sample`, `name%NN`) and validation splits (`val_fraction`) are seeded.
@@ -16,73 +15,26 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import UserError
-from ..model.processor import image_token_counts
-from .encode import IGNORE, encode, supervised_spans, with_system
-from .records import PROBLEM_KINDS, Problem, RecordIndex, Sample, to_sample
+from .encode import encode
+from .images import image_size
+from .lengths import token_lengths
+from .processor import image_tiles
+from .records import PROBLEM_KINDS, Problem, RecordIndex, Sample, problem_summary, to_sample
+from .scan_cache import cached_scan
 
 log = logging.getLogger(__name__)
 
 
-def image_size(path: str, sample: Sample) -> tuple[int, int]:
-    try:
-        with Image.open(path) as im:  # reads the header only
-            return im.size
-    except (OSError, ValueError) as e:
-        raise UserError(f"{sample.source} id={sample.id!r} field `images`: cannot read image {path} ({e})") from None
-
-
 def too_long_reason(max_length: int) -> str:
     return f"longer than model_max_length {max_length}"
-
-
-# ---------------------------------------------------------------------------------------------- exact lengths
-
-
-_COUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _image_tokens(processor, sizes: list[tuple[int, int]]) -> int:
-    """Total image tokens of one sample's images; memoised per processor (a data set has few distinct sizes)."""
-    cache = _COUNTS.setdefault(processor, {})
-    # the grid is part of the key: data.max_image_tiles changes a processor's pinpoints after loading
-    key = (tuple(tuple(z) for z in sizes), tuple(map(tuple, processor.image_processor.image_grid_pinpoints)))
-    if key not in cache:
-        if len(cache) > 100_000:
-            cache.clear()
-        cache[key] = sum(image_token_counts(processor, list(key[0])))
-    return cache[key]
-
-
-def token_lengths(processor, system_prompt: str | None, items: list[tuple[Sample, list[tuple[int, int]]]]
-                  ) -> list[int]:
-    """Exact `len(encode(sample)["input_ids"])` for many (sample, image sizes) at once: the same template render
-    and segmentation as encode, one batched tokenizer call, and each `<image>` token counted as the image tokens
-    the processor expands it to."""
-    tok = processor.tokenizer
-    segments, owner, out = [], [], []
-    for k, (s, sizes) in enumerate(items):
-        full, spans = supervised_spans(processor, with_system(s.messages, system_prompt))
-        cuts = [0] + [c for span in spans for c in span] + [len(full)]
-        for a, b in zip(cuts, cuts[1:]):
-            if b > a:
-                segments.append(full[a:b])
-                owner.append(k)
-        out.append(_image_tokens(processor, sizes))
-    if segments:
-        image_id = processor.image_token_id
-        for k, ids in zip(owner, tok(segments, add_special_tokens=False)["input_ids"]):
-            out[k] += len(ids) - ids.count(image_id)  # each placeholder token is replaced by the image's tokens
-    return out
 
 
 # -------------------------------------------------------------------------------------- sampling and splits
@@ -163,7 +115,7 @@ class ConcatSamples(Sequence):
 class ManipDataset(torch.utils.data.Dataset):
     """Samples -> {"input_ids", "labels", "images", "id"}.
 
-    `samples` is any sequence of Samples: a list (tests, small sets) or the lazy per-file views build_dataset
+    `samples` is any sequence of Samples: a list (tests, small sets) or the lazy per-file views build_datasets
     makes. Without `lengths`, every sample is measured here and the ones over `max_length` are dropped (counted
     in `dropped`). `lengths` (int32) and `has_images` (bool) are what the length-grouped sampler reads.
     """
@@ -175,8 +127,6 @@ class ManipDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.dropped = Counter(dropped or {})
         if lengths is None:
-            from ..model.processor import image_tiles
-
             items = [(s, [image_size(p, s) for p in s.images]) for s in samples]
             measured = []
             for lo in range(0, len(items), 256):
@@ -257,9 +207,6 @@ def _parts_of(datasets: list, seed: int, role: str) -> tuple[list[_Part], list[_
 
 def _assemble(parts: list[_Part], processor, system_prompt, max_length: int, skip_bad_records: bool,
               min_traj_points: int, workers: int | None, split: str) -> ManipDataset:
-    from .check import problem_summary
-    from .scan_cache import cached_scan
-
     fatal = [p for part in parts for p in part.index.problems]
     if fatal:
         raise UserError(f"{split} data cannot be read:\n" + "\n".join(f"  - {p}" for p in fatal[:20]))
@@ -317,15 +264,6 @@ def _assemble(parts: list[_Part], processor, system_prompt, max_length: int, ski
                         tiles=np.concatenate(tiles) if tiles else [])
 
 
-def build_dataset(datasets: list, processor, system_prompt, max_length: int, seed: int, *,
-                  skip_bad_records: bool = False, min_traj_points: int = 2, role: str = "train",
-                  workers: int | None = None) -> ManipDataset:
-    """Concatenate datasets (each optionally sub-sampled; for role "train", minus the records `val_fraction` holds
-    out). Any bad record stops the run with the problems listed, unless `skip_bad_records`."""
-    parts, _ = _parts_of(datasets, seed, role)
-    return _assemble(parts, processor, system_prompt, max_length, skip_bad_records, min_traj_points, workers, role)
-
-
 def build_datasets(data, processor, seed: int, workers: int | None = None
                    ) -> tuple[ManipDataset, ManipDataset | None]:
     """(train, val or None) from a recipe's `data` section: registry names already resolved by the recipe,
@@ -341,79 +279,3 @@ def build_datasets(data, processor, seed: int, workers: int | None = None
     train = _assemble(train_parts, *common, "train")
     val = _assemble(held_out + val_parts, *common, "val") if held_out or val_parts else None
     return train, val
-
-
-# -------------------------------------------------------------------------------------------------- collator
-
-
-DUMMY_IMAGE = "dummy_image"  # batch key: the pixels are a blank stand-in (train/trainer.image_features_unused)
-
-
-@dataclass
-class Collator:
-    """Pads each batch to its own longest sample (not to model_max_length) and runs the image processor.
-
-    `dummy_image` (set when several processes train): a text-only batch gets one blank image (the processor's own
-    pixels for it, no tokens in the text) so the vision tower runs on every process every step; the trainer keeps
-    none of its features."""
-
-    processor: object
-    dummy_image: bool = False
-    packing: bool = False  # one row per batch: samples concatenated, positions restarting at each
-
-    def __call__(self, batch: list[dict]) -> dict:
-        if self.packing:
-            return self._packed(batch)
-        pad_id = self.processor.tokenizer.pad_token_id
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[i, :n] = torch.tensor(b["input_ids"])
-            labels[i, :n] = torch.tensor(b["labels"])
-            mask[i, :n] = 1
-        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        return self._add_images(out, batch)
-
-    def _packed(self, batch: list[dict]) -> dict:
-        """Samples back to back in one row. No attention mask: transformers reads the restarting position_ids as
-        packed sequences (a block-diagonal causal mask for sdpa/eager, varlen for flash-attention), so attention
-        never crosses samples. A sample's last token predicts the next sample's first, a prompt token, whose label
-        is IGNORE. Images stay nested per sample (not per row), so each keeps its own anyres tiling; their features
-        fill the row's image tokens in order, i.e. each lands on its own sample."""
-        ids = [t for b in batch for t in b["input_ids"]]
-        labels = [t for b in batch for t in b["labels"]]
-        positions = [i for b in batch for i in range(len(b["input_ids"]))]
-        # use_cache: with a KV cache transformers skips packed-sequence detection and attends across samples.
-        out = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-               "position_ids": torch.tensor([positions]), "use_cache": False}
-        return self._add_images(out, batch)
-
-    def _add_images(self, out: dict, batch: list[dict]) -> dict:
-        with_images = [[_load_rgb(p, b.get("id")) for p in b["images"]] for b in batch if b["images"]]
-        if with_images:
-            # Nested per sample: the image processor then reports batch_num_images, which tells the model which
-            # images belong to multi-image samples (no anyres tiling for those). Text-only samples have no entry.
-            pixels = self.processor.image_processor(images=with_images, return_tensors="pt")
-            out.update(pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"],
-                       batch_num_images=pixels["batch_num_images"])
-        elif self.dummy_image:
-            crop = self.processor.image_processor.crop_size or self.processor.image_processor.size
-            blank = Image.new("RGB", (crop["width"], crop["height"]))
-            pixels = self.processor.image_processor(images=[[blank]], return_tensors="pt")
-            out.update(pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"],
-                       batch_num_images=pixels["batch_num_images"], **{DUMMY_IMAGE: True})
-        return out
-
-
-def _load_rgb(path: str, record_id: str | None = None) -> Image.Image:
-    # The scan decoded every image fully before training; one failing now changed on disk since.
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - PIL raises many kinds (OSError: image file is truncated, ...)
-        raise UserError(f"record id={record_id!r}: cannot decode image {path} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); it changed since the data check at the start "
-                        "of training") from None

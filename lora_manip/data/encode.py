@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import weakref
 
-from .records import IMAGE_PLACEHOLDER, Sample
 from ..errors import UserError
-from ..model.processor import image_token_counts
+from .processor import image_token_counts
+from .records import IMAGE_PLACEHOLDER, Sample
 
 IGNORE = -100
 END_OF_TURN = "<|im_end|>"

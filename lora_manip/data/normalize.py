@@ -18,15 +18,15 @@ the image is a problem (wrong size?), and any problem means no output is written
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
+from ..answers.coordinates import COORD_KEY, answer_json, numbers
 from ..errors import UserError
-from .check import COORD_KEY, _numbers, parse_answer, read_image_size
+from ..fsutil import atomic_write_text
+from .images import read_image_size
 from .records import Problem, RecordIndex
 
 MODES = ("pixels", "resized", "thousand")
@@ -72,7 +72,7 @@ def _scale(value, sx: float, sy: float, decimals: int, out_of_range: list):
 def _convert(obj, sx: float, sy: float, decimals: int, out_of_range: list):
     if isinstance(obj, dict):
         return {k: (_scale(v, sx, sy, decimals, out_of_range) if isinstance(k, str) and COORD_KEY.search(k)
-                    and _numbers(v) is not None else _convert(v, sx, sy, decimals, out_of_range))
+                    and numbers(v) is not None else _convert(v, sx, sy, decimals, out_of_range))
                 for k, v in obj.items()}
     if isinstance(obj, list):
         return [_convert(v, sx, sy, decimals, out_of_range) for v in obj]
@@ -83,7 +83,7 @@ def _coordinates(obj) -> list[float]:
     if isinstance(obj, dict):
         out = []
         for k, v in obj.items():
-            nums = _numbers(v) if isinstance(k, str) and COORD_KEY.search(k) else None
+            nums = numbers(v) if isinstance(k, str) and COORD_KEY.search(k) else None
             out += nums if nums is not None else _coordinates(v)
         return out
     if isinstance(obj, list):
@@ -135,68 +135,53 @@ def normalize_file(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "
     index = RecordIndex(src)
     problems: list[Problem] = list(index.problems)
     counts = {"records": len(index), "converted": 0, "already_normalised": 0, "no_coordinates": 0}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    jsonl, written = dst.suffix == ".jsonl", 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write("" if jsonl else "[\n")
-            for i in range(len(index)):
-                rec = index.read(i)
-                where = index.where(i)
-                if isinstance(rec, Problem):
-                    problems.append(rec)
-                    continue
-                rid = str(rec.get("id")) if isinstance(rec, dict) and rec.get("id") is not None else None
-                turns = rec.get("conversations") if isinstance(rec, dict) else None
-                answers = []  # (turn, parsed answer) with coordinates
-                for t in turns if isinstance(turns, list) else []:
-                    if isinstance(t, dict) and t.get("from", t.get("role")) in ("gpt", "assistant"):
-                        key = "value" if "value" in t else "content"
-                        obj = parse_answer(t.get(key)) if isinstance(t.get(key), str) else None
-                        if obj is not None and _coordinates(obj):
-                            answers.append((t, key, obj))
-                if not answers:
-                    counts["no_coordinates"] += 1
-                elif all(0 <= x <= 1 for _, _, obj in answers for x in _coordinates(obj)) and mode != "thousand":
-                    counts["already_normalised"] += 1
-                else:
-                    if mode == "thousand":
-                        sx = sy = 1000.0
-                    else:
-                        size = _record_size(rec, root)
-                        if isinstance(size, str):
-                            problems.append(Problem(str(src), where, rid, "images", f"no image size: {size}",
-                                                    "missing_image"))
-                            continue
-                        w, h = size
-                        if mode == "resized":
-                            h, w = smart_resize(h, w, factor, min_pixels, max_pixels)
-                        sx, sy = float(w), float(h)
-                    outside: list = []
-                    for t, key, obj in answers:
-                        t[key] = json.dumps(_convert(obj, sx, sy, decimals, outside), ensure_ascii=False)
-                    if outside:
-                        problems.append(Problem(
-                            str(src), where, rid, "conversations",
-                            f"{len(outside)} coordinate(s) outside the image after dividing by {sx:g} x {sy:g} "
-                            f"(e.g. {outside[0]:.3f}): wrong --from mode or image size?", "coords_out_of_range"))
-                        continue
-                    counts["converted"] += 1
-                text = json.dumps(rec, ensure_ascii=False)
-                if jsonl:
-                    out.write(text + "\n")
-                else:
-                    out.write((",\n" if written else "") + text)
-                written += 1
-            out.write("" if jsonl else "\n]\n")
-        if problems:
-            os.unlink(tmp)
+    texts: list[str] = []  # the output's records; none are kept once a problem means nothing is written
+    for i in range(len(index)):
+        rec = index.read(i)
+        where = index.where(i)
+        if isinstance(rec, Problem):
+            problems.append(rec)
+            continue
+        rid = str(rec.get("id")) if isinstance(rec, dict) and rec.get("id") is not None else None
+        turns = rec.get("conversations") if isinstance(rec, dict) else None
+        answers = []  # (turn, parsed answer) with coordinates
+        for t in turns if isinstance(turns, list) else []:
+            if isinstance(t, dict) and t.get("from", t.get("role")) in ("gpt", "assistant"):
+                key = "value" if "value" in t else "content"
+                obj = answer_json(t.get(key)) if isinstance(t.get(key), str) else None
+                if obj is not None and _coordinates(obj):
+                    answers.append((t, key, obj))
+        if not answers:
+            counts["no_coordinates"] += 1
+        elif all(0 <= x <= 1 for _, _, obj in answers for x in _coordinates(obj)) and mode != "thousand":
+            counts["already_normalised"] += 1
         else:
-            os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+            if mode == "thousand":
+                sx = sy = 1000.0
+            else:
+                size = _record_size(rec, root)
+                if isinstance(size, str):
+                    problems.append(Problem(str(src), where, rid, "images", f"no image size: {size}",
+                                            "missing_image"))
+                    continue
+                w, h = size
+                if mode == "resized":
+                    h, w = smart_resize(h, w, factor, min_pixels, max_pixels)
+                sx, sy = float(w), float(h)
+            outside: list = []
+            for t, key, obj in answers:
+                t[key] = json.dumps(_convert(obj, sx, sy, decimals, outside), ensure_ascii=False)
+            if outside:
+                problems.append(Problem(
+                    str(src), where, rid, "conversations",
+                    f"{len(outside)} coordinate(s) outside the image after dividing by {sx:g} x {sy:g} "
+                    f"(e.g. {outside[0]:.3f}): wrong --from mode or image size?", "coords_out_of_range"))
+                continue
+            counts["converted"] += 1
+        if not problems:
+            texts.append(json.dumps(rec, ensure_ascii=False))
+    if not problems:
+        atomic_write_text(dst, "".join(t + "\n" for t in texts) if dst.suffix == ".jsonl"
+                          else "[\n" + ",\n".join(texts) + "\n]\n")
     return {**counts, "output": None if problems else str(dst), "mode": mode,
             "problems": [p.to_dict() for p in problems]}

@@ -21,6 +21,7 @@ import codecs
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -362,3 +363,13 @@ def load_samples(annotation_path: str | os.PathLike, data_root: str | os.PathLik
         s = to_sample(index.read(i), str(annotation_path), index.where(i), data_root)
         (problems if isinstance(s, Problem) else samples).append(s)
     return samples, problems
+
+
+def problem_summary(problems: list[Problem], limit: int = 20) -> str:
+    """A bounded listing: counts per reason, then the first `limit` problems."""
+    counts = Counter(p.kind for p in problems)
+    lines = ["per reason: " + ", ".join(f"{PROBLEM_KINDS.get(k, k)} {n}" for k, n in counts.most_common())]
+    lines += [f"  - {p}" for p in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"  ... and {len(problems) - limit} more")
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The pre-training scan (every record checked and measured, data/check.py) cached on disk, so a restart of a
+"""The pre-training scan (every record checked and measured, data/scan.py) cached on disk, so a restart of a
 large run starts training in seconds instead of re-reading every record and image header (0.55-0.67 ms a record:
 ~10 minutes per million on 2 cores).
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .check import ScanResult, scan
+from .scan import ScanResult, scan
 from .records import Problem
 
 log = logging.getLogger(__name__)
@@ -57,15 +57,18 @@ def processor_fingerprint(processor) -> dict | None:
 def _code_digest() -> str:
     """The measuring code itself: an upgraded kit (or an edited checkout) never reads an older kit's results."""
     here = Path(__file__).parent
+    answers = here.parent / "answers"
     h = hashlib.blake2b(digest_size=16)
-    for f in (here / "check.py", here / "records.py", here / "encode.py", here / "dataset.py",
-              here.parent / "model" / "processor.py"):
+    for f in (here / "scan.py", here / "validate.py", here / "images.py", here / "lengths.py", here / "records.py",
+              here / "encode.py", here / "processor.py", answers / "coordinates.py", answers / "kinds.py",
+              answers / "geometry.py"):
         h.update(f.read_bytes())
     return h.hexdigest()
 
 
 def scan_key(index, data_root, positions: np.ndarray, processor, system_prompt, min_traj_points) -> str:
-    parts = {"v": _VERSION, "code": _code_digest(), "file": file_digest(index.path), "root": str(Path(data_root).resolve()),
+    parts = {"v": _VERSION, "code": _code_digest(), "file": file_digest(index.path),
+             "root": str(Path(data_root).resolve()),
              "positions": hashlib.blake2b(np.asarray(positions, np.int64).tobytes(), digest_size=16).hexdigest(),
              "system_prompt": system_prompt, "min_traj_points": min_traj_points,
              "processor": processor_fingerprint(processor)}

@@ -14,7 +14,6 @@ number is easier for a tiny model to emit than json.dumps' variable-length float
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from ..errors import UserError
-from ..fsutil import atomic_write_json
+from ..fsutil import atomic_dir, atomic_write_json
 
 TASKS: tuple[str, ...] = (
     "current_bbox", "final_bbox", "contact_bbox", "gripper_bbox", "contact_point", "future_traj", "choice", "yesno",
@@ -45,7 +44,6 @@ RECEPTACLES = {"bowl": (140, 70, 170), "box": (240, 140, 40), "plate": (235, 235
 _HOLLOW = ("bowl", "box")  # things go "in" them; plates and trays are things go "on"
 _TABLE_TONES = ((170, 125, 80), (190, 150, 105), (150, 110, 75))
 _WALL_TONES = ((60, 70, 85), (85, 80, 75), (45, 50, 55))
-_N_TRAJ = 10
 
 Box = tuple[int, int, int, int]  # pixels, half-open: covers x1 <= x < x2, y1 <= y < y2
 
@@ -336,19 +334,15 @@ def write_synth_dataset(out_dir: str | Path, n: int, seed: int = 0, val_fraction
     n_val = min(n_val, n - 1)  # always leave something to train on
     val_ids = set(random.Random(f"lora_manip.synth.split:{seed}").sample(range(n), n_val))
 
-    (out / "images").mkdir(parents=True, exist_ok=True)
     train, val, tasks = [], [], {t: 0 for t in TASKS}
-    for i in range(n):
-        rec, img = _example(i, seed)
-        path = out / rec["images"][0]
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            img.save(tmp, format="PNG")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        (val if i in val_ids else train).append(rec)
-        tasks[rec["task"]] += 1
+    # The images folder appears whole or not at all. Replacing one that is there is safe: without train.json and
+    # val.json (refused above) it is an interrupted run's.
+    with atomic_dir(out / "images", force=True) as images:
+        for i in range(n):
+            rec, img = _example(i, seed)
+            img.save(images / Path(rec["images"][0]).name, format="PNG")
+            (val if i in val_ids else train).append(rec)
+            tasks[rec["task"]] += 1
     # train.json last: its presence marks a complete dataset, so an interrupted run can simply be repeated.
     atomic_write_json(out / "val.json", val)
     atomic_write_json(out / "train.json", train)

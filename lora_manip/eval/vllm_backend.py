@@ -33,7 +33,7 @@ def generate_vllm(model_path: str, samples: list[Sample], system_prompt: str | N
 
     from ..data.encode import prompt_text
     from ..model.adapters import is_adapter_dir
-    from ..model.processor import load_processor
+    from ..data.processor import load_processor
     from .generate import load_images
 
     if is_adapter_dir(model_path):

@@ -19,6 +19,8 @@ from transformers import ProcessorMixin
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
 from ..errors import UserError
+from ..fsutil import copy_files
+from ..hub import check_model_path
 
 
 class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
@@ -69,8 +71,6 @@ def apply_image_grid(model, processor) -> None:
 
 
 def load_processor(path: str | os.PathLike, max_image_tiles: int | None = None) -> ImageOnlyOnevisionProcessor:
-    from .load import check_model_path
-
     check_model_path(str(path))
     try:
         processor = ImageOnlyOnevisionProcessor.from_pretrained(str(path))
@@ -131,8 +131,6 @@ HUB_PROCESSOR_CLASS = "LlavaOnevisionProcessor"
 def copy_processor_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     """Copy the processor files of `src` (a folder with processor_config.json) to `dst` byte for byte; [] when
     `src` has no processor."""
-    from ..checkpoint_io import copy_files
-
     src, dst = Path(src), Path(dst)
     if not (src / "processor_config.json").is_file():
         return []

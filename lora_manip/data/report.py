@@ -1,0 +1,164 @@
+"""The report of `lora-manip data check`: per dataset the records, valid ones, tasks, images per record, token
+length distribution and how many exceed model_max_length; ids used twice in a file; the padding efficiency of
+random vs length-grouped batches; every problem, grouped by kind (format_report prints it, --json dumps it).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..recipe import DataCfg
+from .records import PROBLEM_KINDS, Problem, RecordIndex
+from .sampler import GroupedSampler, padding_efficiency, random_batches
+from .scan import ScanResult, scan
+
+MAX_LENGTH = DataCfg.model_fields["model_max_length"].default
+MIN_TRAJ_POINTS = DataCfg.model_fields["min_traj_points"].default
+
+
+@dataclass
+class Entry:
+    """One dataset to check: a name, its files, and the split it belongs to in the recipe."""
+
+    name: str
+    annotation_path: str
+    data_path: str
+    split: str = "train"
+
+
+def length_distribution(lengths: np.ndarray) -> dict | None:
+    if len(lengths) == 0 or (lengths < 0).any():
+        return None
+    q = np.percentile(lengths, [50, 90, 99])
+    return {"min": int(lengths.min()), "p50": int(q[0]), "p90": int(q[1]), "p99": int(q[2]),
+            "max": int(lengths.max()), "mean": round(float(lengths.mean()), 1)}
+
+
+def check_entries(entries: list[Entry], processor=None, system_prompt: str | None = None,
+                  max_length: int = MAX_LENGTH, batch_size: int = 8, min_traj_points: int = MIN_TRAJ_POINTS,
+                  seed: int = 0, workers: int | None = None) -> dict:
+    """The machine-readable report of `data check` (format_report prints it)."""
+    datasets, problems, warnings = [], [], []
+    all_lengths, all_images = [], []
+    for e in entries:
+        row: dict = {"name": e.name, "split": e.split, "annotation_path": e.annotation_path,
+                     "data_path": e.data_path, "records": 0, "valid": 0, "bad_records": 0}
+        datasets.append(row)
+        try:
+            index = RecordIndex(e.annotation_path)
+        except UserError as err:
+            problems.append(Problem(e.annotation_path, "-", None, "annotation_path", str(err), "missing_file"))
+            row["bad_records"] = None
+            continue
+        if not Path(e.data_path).is_dir():
+            problems.append(Problem(e.annotation_path, "-", None, "data_path",
+                                    f"data root {e.data_path} is not a folder", "missing_file"))
+        problems += index.problems
+        r = scan(index, e.data_path, None, processor, system_prompt, min_traj_points, workers)
+        problems += r.problems + duplicate_ids(index, r)
+        warnings += r.warnings
+        row.update(records=len(index), valid=len(r.positions), bad_records=r.bad_records,
+                   complete=index.complete, tasks=dict(sorted(r.tasks.items())),
+                   images_per_record={str(k): int(v) for k, v in sorted(Counter(r.n_images.tolist()).items())})
+        dist = length_distribution(r.lengths)
+        if dist is not None:
+            over = int((r.lengths > max_length).sum())
+            row.update(token_lengths=dist, over_max_length=over,
+                       over_max_length_share=round(over / max(len(r.lengths), 1), 4))
+            all_lengths.append(r.lengths)
+            all_images.append(r.n_images)
+    counts = Counter(p.kind for p in problems)
+    report = {
+        "ok": not problems,
+        "problem_count": len(problems),
+        "problem_counts": {k: counts[k] for k in sorted(counts)},
+        "problems": [p.to_dict() for p in problems],
+        "warnings": [w.to_dict() for w in warnings],
+        "datasets": datasets,
+        "model_max_length": max_length,
+        "tokens_computed": processor is not None,
+    }
+    if all_lengths:
+        lengths, n_images = np.concatenate(all_lengths), np.concatenate(all_images)
+        report["_lengths"] = lengths  # for run_check's before/after comparison; popped before printing
+        fits = lengths <= max_length
+        lengths, has_images = lengths[fits], n_images[fits] > 0
+        if len(lengths):
+            grouped = GroupedSampler(lengths, has_images, batch_size, seed).batches(0)
+            report["padding_efficiency"] = {
+                "batch_size": batch_size,
+                "random": round(padding_efficiency(lengths, random_batches(len(lengths), batch_size, seed)), 4),
+                "grouped": round(padding_efficiency(lengths, grouped), 4)}
+    return report
+
+
+def format_report(report: dict, show: int = 5) -> str:
+    lines = []
+    for d in report["datasets"]:
+        head = f"{d['name']} [{d['split']}]: {d['annotation_path']}"
+        if d.get("bad_records") is None:
+            lines += [head, "  not readable (see problems)"]
+            continue
+        lines.append(head)
+        lines.append(f"  records: {d['records']}  valid: {d['valid']}  with problems: {d['bad_records']}")
+        if d.get("tasks"):
+            lines.append("  tasks: " + ", ".join(f"{k} {v}" for k, v in d["tasks"].items()))
+        if d.get("images_per_record"):
+            lines.append("  images per record: " + ", ".join(f"{k}: {v}" for k, v in d["images_per_record"].items()))
+        if d.get("token_lengths"):
+            t = d["token_lengths"]
+            lines.append(f"  tokens (images included): min {t['min']}  p50 {t['p50']}  p90 {t['p90']}  "
+                         f"p99 {t['p99']}  max {t['max']}  mean {t['mean']}")
+            lines.append(f"  over model_max_length {report['model_max_length']}: {d['over_max_length']} "
+                         f"({100 * d['over_max_length_share']:.1f}%, dropped at training)")
+    if report.get("image_cap"):
+        c = report["image_cap"]
+        lines.append(f"data.max_image_tiles {c['max_image_tiles']}: {c['capped_records']} of {c['records']} records "
+                     "have an image capped")
+        for when in ("before", "after"):
+            t = c[f"tokens_{when}"]
+            if t:
+                lines.append(f"  tokens {when}: p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  max {t['max']}  "
+                             f"mean {t['mean']}")
+    if not report["tokens_computed"]:
+        lines.append("token lengths not computed: " + report.get("tokens_note", "no processor (pass --model)"))
+    if "padding_efficiency" in report:
+        pe = report["padding_efficiency"]
+        lines.append(f"padding efficiency (real tokens / all tokens), batch size {pe['batch_size']}: "
+                     f"random order {100 * pe['random']:.1f}%, length-grouped {100 * pe['grouped']:.1f}%")
+    for w in report.get("warnings", [])[:show]:
+        lines.append("warning: " + str(Problem(**w)))
+    if len(report.get("warnings", [])) > show:
+        lines.append(f"warning: ... and {len(report['warnings']) - show} more (--json lists all)")
+    if report["ok"]:
+        lines.append("no problems found")
+        return "\n".join(lines)
+    lines.append(f"{report['problem_count']} problem(s):")
+    by_kind: dict[str, list] = {}
+    for p in report["problems"]:
+        by_kind.setdefault(p["kind"], []).append(p)
+    for kind, items in by_kind.items():
+        lines.append(f"  {PROBLEM_KINDS.get(kind, kind)} ({kind}): {len(items)}")
+        for p in items[:show]:
+            lines.append("    - " + str(Problem(**p)))
+        if len(items) > show:
+            lines.append(f"    ... and {len(items) - show} more (--json lists all)")
+    return "\n".join(lines)
+
+
+def duplicate_ids(index: RecordIndex, r: ScanResult) -> list[Problem]:
+    """One problem per record whose id an earlier valid record of the same file already has."""
+    first: dict[str, int] = {}
+    out = []
+    for rid, pos in zip(r.ids, r.positions.tolist()):
+        if rid in first:
+            out.append(Problem(str(index.path), index.where(pos), rid, "id",
+                               f"duplicate id: {index.where(first[rid])} has the same id", "duplicate_id"))
+        else:
+            first[rid] = pos
+    return out
