@@ -8,7 +8,7 @@ image_newline, as `lora-manip train` saves it. Then it measures, each in its own
 peak RSS as the child's own VmHWM):
 
 1. copying the checkpoint's bytes (shutil.copytree, an in-kernel copy): the floor any merge has to pay;
-2. the streaming merge (`lora_manip.merge.merge_adapter`, --no-verify);
+2. the streaming merge (`lora_manip.checkpoints.merge.merge_adapter`, --no-verify);
 3. PEFT's path: from_pretrained (bf16) + PeftModel.from_pretrained + merge_and_unload + save_pretrained. It holds
    the whole model in memory (~16 GB at 28 layers, more while saving), so it runs only up to --peft-max-layers.
 
@@ -58,7 +58,7 @@ def build_config(layers: int):
 def _random_producer(shape, dtype, seed: int, std: float = 0.02):
     import torch
 
-    from lora_manip.checkpoint_io import CHUNK_BYTES
+    from lora_manip.checkpoints.shards import CHUNK_BYTES
 
     def produce(sink):
         g = torch.Generator().manual_seed(seed)
@@ -77,14 +77,16 @@ def build_base(folder: Path, layers: int, shard: str) -> dict:
     import torch
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from lora_manip.checkpoint_io import DTYPE_CODES, OutTensor, hf_saved_name, parse_size, write_checkpoint
+    from lora_manip.checkpoints.shards import OutTensor, parse_size, write_checkpoint
+    from lora_manip.dtypes import TORCH_TO_CODE
+    from lora_manip.model.layouts import hub_name
 
     config = build_config(layers)
     with torch.device("meta"):
         model = LlavaOnevisionForConditionalGeneration(config)
     shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     folder.mkdir(parents=True)
-    tensors = [OutTensor(hf_saved_name(n), DTYPE_CODES[torch.bfloat16], s,
+    tensors = [OutTensor(hub_name(n), TORCH_TO_CODE[torch.bfloat16], s,
                          _random_producer(s, torch.bfloat16, seed=i)) for i, (n, s) in enumerate(shapes.items())]
     write_checkpoint(folder, tensors, parse_size(shard))
     config.save_pretrained(folder)
@@ -128,7 +130,7 @@ STAGES = {
     "stream": (
         "import json, sys, time\n"
         "t = time.perf_counter()\n"
-        "from lora_manip.merge import merge_adapter\n"
+        "from lora_manip.checkpoints.merge import merge_adapter\n"
         "merge_adapter(sys.argv[1], out=sys.argv[2], verify=False)\n"
         "print(json.dumps({'inner_s': time.perf_counter() - t}))\n"),
     "peft": (
@@ -186,7 +188,7 @@ def dir_bytes(folder: Path) -> int:
 
 
 def compare_outputs(a: Path, b: Path, key: str) -> float:
-    from lora_manip.checkpoint_io import Checkpoint, read_tensor
+    from lora_manip.checkpoints.tensors import Checkpoint, read_tensor
 
     def get(folder):
         return next(read_tensor(r) for r in Checkpoint(folder).tensors() if r.name == key).float()

@@ -1,4 +1,4 @@
-"""Output safety: atomic writes, one owner per output folder, no output over an input, no leftovers.
+"""Output safety and small file helpers: atomic writes, one owner per output folder, no output over an input, no leftovers.
 
 - Files and folders are written to a temporary name beside the target and renamed into place, so nothing a user
   wrote is overwritten half-way and nothing half-written is left under the real name. They get the mode an
@@ -6,7 +6,9 @@
 - `output_lock` gives an output folder one owner at a time: a lock file beside it (`.NAME.lock`) holding the
   owner's pid and host, kept under an flock for the owner's lifetime. The kernel drops the flock when the owner
   dies (kill -9 included), so a lock whose flock can be taken is stale: it is taken over with a warning.
-- `guard_output` compares resolved paths (symlinks followed), so no command writes into or over its inputs.
+- `guard_output` compares resolved paths (symlinks followed), so no command writes into or over its inputs;
+  `check_output` adds the rules for a folder a command writes whole (no existing folder without --force, never a
+  file) and is the guard `atomic_dir` and `owned_output` (merge, convert) share.
 - Temporary folders are named `.NAME.XXXXXXXX.partial`; a run killed mid-write leaves one, and the next command
   that locks NAME removes it (`cleanup_partials`), with a message.
 """
@@ -25,7 +27,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .errors import UserError
 
@@ -52,6 +54,35 @@ def current_umask() -> int:
 
 def normal_mode(path: Path, folder: bool) -> None:
     path.chmod((0o777 if folder else 0o666) & ~current_umask())
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from `path`; anything else (missing, a folder, not JSON, a list) is a UserError naming it."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except ValueError as e:  # UnicodeDecodeError included
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object ({{...}}), got a {type(obj).__name__}")
+    return obj
+
+
+def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
+    """Copy the named files that exist in `src` to `dst` (bytes as they are); returns those copied. Processor files
+    go through data.processor.copy_processor_files, the one list of them."""
+    done = []
+    for name in names:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            done.append(name)
+    return done
 
 
 # ---------------------------------------------------------------------------------------------- disk full
@@ -125,10 +156,7 @@ def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     is complete, so a crash never leaves the user with neither. A full disk is a one-line UserError.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; choose another output folder or pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file, not a folder; choose another output folder")
+    check_output(out, force)
     tmp = partial_dir(out)
     try:
         with disk_errors(out):
@@ -200,6 +228,30 @@ def guard_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | N
         if what not in may_nest_in and r.is_dir() and _inside(o, r):
             raise UserError(f"{flag} {out} would write into the {what} {p} (it lies inside it); choose a folder "
                             "outside it")
+
+
+def check_output(out: str | os.PathLike, force: bool = False, inputs: dict[str, str | os.PathLike | None] | None = None,
+                 flag: str = "--out") -> None:
+    """The one guard of a folder a command writes whole: never over or inside one of its `inputs`, never over a
+    file, and never over an existing folder unless `force`."""
+    if inputs:
+        guard_output(out, inputs, flag)
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it or choose another output folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder; choose another output folder")
+
+
+@contextlib.contextmanager
+def owned_output(out: str | os.PathLike, command: str, inputs: dict[str, str | os.PathLike | None],
+                 force: bool = False, flag: str = "--out") -> Iterator[None]:
+    """check_output, then own `out` (output_lock) with the leftovers of an interrupted run removed; write it with
+    atomic_dir inside."""
+    check_output(out, force, inputs, flag)
+    with output_lock(out, command):
+        cleanup_partials(out)
+        yield
 
 
 # -------------------------------------------------------------------------------------------------- locks

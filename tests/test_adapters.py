@@ -4,7 +4,8 @@ import pytest
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from lora_manip.model.adapters import prepare_trainable, trainable_summary
-from lora_manip.model.parts import canonical, part_of
+from lora_manip.model.layouts import unwrap_peft
+from lora_manip.model.parts import part_of
 from lora_manip.recipe import recipe_from_dict
 from lora_manip.train.optim import param_groups
 
@@ -21,11 +22,11 @@ def test_lora_only_on_language_model(tiny_model_dir, tmp_path):
     model, _ = _prepare(tiny_model_dir, tmp_path)
     lora = [n for n, _ in model.named_parameters() if "lora_" in n]
     assert lora, "no LoRA weights attached"
-    assert all(canonical(n).startswith("model.language_model.") for n in lora)
+    assert all(unwrap_peft(n).startswith("model.language_model.") for n in lora)
     assert not any("vision_tower" in n for n, _ in model.named_modules() if n.endswith(("lora_A", "lora_B")))
-    adapted = {canonical(n).split(".lora_")[0].rsplit(".", 1)[-1] for n in lora}
+    adapted = {unwrap_peft(n).split(".lora_")[0].rsplit(".", 1)[-1] for n in lora}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    trainable = {canonical(n): p for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {unwrap_peft(n): p for n, p in model.named_parameters() if p.requires_grad}
     assert "model.image_newline" in trainable
     assert any(n.startswith("model.multi_modal_projector.") for n in trainable)
     assert not any(n.startswith("model.vision_tower.") for n in trainable)

@@ -15,18 +15,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from lora_manip.checkpoint_io import Checkpoint, read_tensor
 from lora_manip.cli import app
-from lora_manip.convert import convert_checkpoint
+from lora_manip.checkpoints.convert import convert_checkpoint
+from lora_manip.checkpoints.tensors import Checkpoint, read_tensor
+from lora_manip.checkpoints.verify import logits_of, probe_inputs
 from lora_manip.errors import UserError
-from lora_manip.merge import logits_of, probe_inputs
 
 runner = CliRunner()
 
 
 def upstream_name(key: str) -> str | None:
     """The tiny model's keys (as transformers saves them) in LLaVA-NeXT's llava_qwen names, written out here
-    independently of lora_manip.convert. LLaVA-NeXT replaces SigLIP's head by Identity: no head tensors."""
+    independently of lora_manip.model.layouts. LLaVA-NeXT replaces SigLIP's head by Identity: no head tensors."""
     if key.startswith("vision_tower.head."):
         return None
     for hf, nxt in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
@@ -87,7 +87,7 @@ def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def test_llava_next_to_hf_gives_the_same_logits(upstream, tiny_model_dir, processor, tmp_path):
     from transformers import LlavaOnevisionForConditionalGeneration as Model
 
-    from lora_manip.model.processor import load_processor
+    from lora_manip.data.processor import load_processor
 
     out = tmp_path / "hf"
     code = runner.invoke(app, ["convert", str(upstream), str(out), "--from", "llava-next", "--to", "hf",
@@ -249,7 +249,7 @@ def test_vision_config_from_a_local_tower_folder(upstream, tiny_model_dir, tmp_p
     tower.mkdir()
     (tower / "config.json").write_text(json.dumps(_siglip_config(kind=kind)))
     out = tmp_path / "hf"
-    with caplog.at_level(logging.INFO, logger="lora_manip.convert"):
+    with caplog.at_level(logging.INFO, logger="lora_manip.checkpoints"):
         convert_checkpoint(str(src), str(out), "llava-next", "hf")
     assert f"vision config from the mm_vision_tower folder {tower}" in caplog.text
     assert "3 layers; LLaVA-NeXT drops the last one" in caplog.text
@@ -272,7 +272,7 @@ def test_vision_config_from_the_hub_cache(upstream, tmp_path, caplog, monkeypatc
     (cache / "models--my-org--siglip-tiny" / "refs" / "main").write_text("a" * 40)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
     src = _with_tower(upstream, tmp_path / "src", "my-org/siglip-tiny")
-    with caplog.at_level(logging.INFO, logger="lora_manip.convert"):
+    with caplog.at_level(logging.INFO, logger="lora_manip.checkpoints"):
         convert_checkpoint(str(src), str(tmp_path / "hf"), "llava-next", "hf")
     assert "vision config from mm_vision_tower my-org/siglip-tiny in the local Hugging Face cache" in caplog.text
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["vision_config"]["num_hidden_layers"] == 2
@@ -297,7 +297,7 @@ def test_tower_folder_that_does_not_fit(upstream, tmp_path, monkeypatch, caplog)
     # neither a folder nor cached: the so400m defaults, and the log says so
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     src2 = _with_tower(upstream, tmp_path / "src2", "google/siglip-so400m-patch14-384")
-    with caplog.at_level(logging.INFO, logger="lora_manip.convert"), pytest.raises(UserError, match="patch_embedding"):
+    with caplog.at_level(logging.INFO, logger="lora_manip.checkpoints"), pytest.raises(UserError, match="patch_embedding"):
         convert_checkpoint(str(src2), str(out), "llava-next", "hf")
     assert "neither a local folder nor in the local Hugging Face cache" in caplog.text
     assert "vision config from SigLIP-so400m defaults" in caplog.text

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lora_manip.model.parts import canonical
+from lora_manip.model.layouts import unwrap_peft
 from lora_manip.recipe import recipe_from_dict
 
 from .conftest import tiny_recipe_dict
@@ -25,7 +25,7 @@ def test_qlora_nf4_trains_on_cuda_then_merges_and_generates(tiny_model_dir, synt
 
     from lora_manip.data.records import load_samples
     from lora_manip.eval.generate import load_for_inference, predict_samples
-    from lora_manip.merge import merge_adapter
+    from lora_manip.checkpoints.merge import merge_adapter
     from lora_manip.train.workflow import build_trainer
 
     run = tmp_path / "run"
@@ -33,7 +33,7 @@ def test_qlora_nf4_trains_on_cuda_then_merges_and_generates(tiny_model_dir, synt
         tiny_model_dir, synth_dir, run, method="qlora", model__dtype="bfloat16", train__precision="bf16",
         train__max_steps=12, train__optimizer="paged_adamw_8bit", train__gradient_checkpointing=True))
     trainer = build_trainer(recipe)
-    four_bit = {canonical(n).removesuffix(".base_layer"): m for n, m in trainer.model.named_modules()
+    four_bit = {unwrap_peft(n).removesuffix(".base_layer"): m for n, m in trainer.model.named_modules()
                 if isinstance(m, bnb.nn.Linear4bit)}
     assert four_bit and all(n.startswith("model.language_model.") for n in four_bit)
     some = next(iter(four_bit.values()))
@@ -85,7 +85,8 @@ def test_packed_row_with_flash_attention_varlen_equals_padded(tiny_model_dir, pr
     """On a GPU, packing runs flash-attention's variable-length kernels from the restarting position_ids."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from lora_manip.data.dataset import Collator, ManipDataset
+    from lora_manip.data.collate import Collator
+    from lora_manip.data.dataset import ManipDataset
     from lora_manip.data.records import load_samples
 
     samples, _ = load_samples(synth_dir / "train.json", synth_dir)

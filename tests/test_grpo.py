@@ -162,7 +162,7 @@ def _log(out):
 
 
 def test_grpo_run_outputs_logs_resume_merge(tmp_path, tiny_model_dir, synth_dir):
-    from lora_manip.merge import merge_adapter
+    from lora_manip.checkpoints.merge import merge_adapter
     from lora_manip.model.adapters import EXTRA_FILE
     from lora_manip.train.workflow import run_training
 
@@ -221,7 +221,7 @@ def test_grpo_raises_heldout_choice_accuracy(tmp_path, tiny_model_dir):
     then GRPO on that adapter with exact match as the reward; held-out answers are generated greedily by
     `lora-manip eval`'s run_eval before and after."""
     from lora_manip.data.synth import write_synth_dataset
-    from lora_manip.eval.generate import run_eval
+    from lora_manip.eval.run import run_eval
     from lora_manip.train.workflow import run_training
 
     data = tmp_path / "data"

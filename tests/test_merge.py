@@ -18,10 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from lora_manip.checkpoint_io import Checkpoint, hf_canonical, read_tensor
+from lora_manip.checkpoints.merge import merge_adapter
+from lora_manip.checkpoints.tensors import Checkpoint, read_tensor
+from lora_manip.checkpoints.verify import MergeCheckFailed, logits_of, probe_inputs
 from lora_manip.cli import app
 from lora_manip.errors import UserError
-from lora_manip.merge import MergeCheckFailed, logits_of, merge_adapter, probe_inputs
+from lora_manip.model.layouts import canonical
 
 LM_TARGETS = r"^(model\.language_model)\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 LM_AND_VISION = r"^(model\.language_model|model\.vision_tower)\..*\.(q_proj|v_proj|down_proj|fc1)$"
@@ -65,10 +67,10 @@ def merged_state(folder: Path) -> dict[str, torch.Tensor]:
 
 def reference_state(pm) -> dict[str, torch.Tensor]:
     """PEFT's merge_and_unload, in the key layout transformers writes."""
-    from lora_manip.checkpoint_io import hf_saved_name
+    from lora_manip.model.layouts import hub_name
 
     merged = pm.merge_and_unload(safe_merge=True)
-    return {hf_saved_name(n): t.detach().clone() for n, t in merged.state_dict().items()}
+    return {hub_name(n): t.detach().clone() for n, t in merged.state_dict().items()}
 
 
 def tree_hash(folder: Path) -> dict[str, str]:
@@ -220,10 +222,10 @@ def test_output_keeps_the_base_layout_in_memory_names(base, lora_adapter, tmp_pa
     got, hub_state = merged_state(out), merged_state(hub)
     assert set(got) == set(state)
     assert set(hub_state) == set(load_file(base / "model.safetensors"))
-    assert {hf_canonical(k) for k in got} == {hf_canonical(k) for k in hub_state}
-    by_canonical = {hf_canonical(k): v for k, v in hub_state.items()}
+    assert {canonical(k) for k in got} == {canonical(k) for k in hub_state}
+    by_canonical = {canonical(k): v for k, v in hub_state.items()}
     for key, t in got.items():
-        assert torch.equal(t, by_canonical[hf_canonical(key)]), key
+        assert torch.equal(t, by_canonical[canonical(key)]), key
     assert_same_processor(out, t5)
 
 
@@ -256,7 +258,7 @@ def test_chatml_template_base(tmp_path):
 
 def test_probe_without_image_tokens_is_an_error(base, lora_adapter, tmp_path):
     """A template that drops the image would make the self-check compare two text-only runs: refused."""
-    from lora_manip.model.processor import load_processor
+    from lora_manip.data.processor import load_processor
 
     drops_images = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% for c in m['content'] %}"
                     "{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>\\n' }}"
@@ -314,7 +316,7 @@ def test_as_trained_weights_equal_bitsandbytes_dequantised(base, tmp_path, quant
 
     pm = _qlora_adapter(base, tmp_path / "a", quant_type, double_quant, recipe=False)
     spec = QuantSpec(quant_type, double_quant, "test")
-    original = {hf_canonical(k): v for k, v in load_file(base / "model.safetensors").items()}
+    original = {canonical(k): v for k, v in load_file(base / "model.safetensors").items()}
     checked = 0
     for name, layer in pm.base_model.model.named_modules():
         if not isinstance(layer, bnb.nn.Linear4bit):  # bitsandbytes' own layer, not PEFT's wrapper of it
@@ -505,7 +507,7 @@ def test_existing_output_and_protected_folders(base, lora_adapter, tmp_path):
 
 
 def test_check_skipped_for_large_models_and_failing_check(lora_adapter, tmp_path, caplog, monkeypatch):
-    with caplog.at_level(logging.WARNING, logger="lora_manip.merge"):
+    with caplog.at_level(logging.WARNING, logger="lora_manip.checkpoints"):
         out, diff = merge_adapter(str(lora_adapter), out=str(tmp_path / "m"), verify_max_bytes=1000)
     assert diff is None and "merge check SKIPPED" in caplog.text
     import lora_manip.checkpoints.verify as merge_verify
@@ -517,14 +519,14 @@ def test_check_skipped_for_large_models_and_failing_check(lora_adapter, tmp_path
 
 
 def test_key_layouts():
-    assert hf_canonical("language_model.model.layers.0.mlp.up_proj.weight") == \
+    assert canonical("language_model.model.layers.0.mlp.up_proj.weight") == \
         "model.language_model.layers.0.mlp.up_proj.weight"
-    assert hf_canonical("language_model.lm_head.weight") == "lm_head.weight"
-    assert hf_canonical("vision_tower.vision_model.encoder.layers.3.mlp.fc1.bias") == \
+    assert canonical("language_model.lm_head.weight") == "lm_head.weight"
+    assert canonical("vision_tower.vision_model.encoder.layers.3.mlp.fc1.bias") == \
         "model.vision_tower.encoder.layers.3.mlp.fc1.bias"
-    assert hf_canonical("model.multi_modal_projector.linear_1.weight") == "model.multi_modal_projector.linear_1.weight"
-    assert hf_canonical("image_newline") == "model.image_newline"
-    assert hf_canonical("model.layers.0.mlp.up_proj.weight") is None
+    assert canonical("model.multi_modal_projector.linear_1.weight") == "model.multi_modal_projector.linear_1.weight"
+    assert canonical("image_newline") == "model.image_newline"
+    assert canonical("model.layers.0.mlp.up_proj.weight") is None
 
 
 def test_nan_in_adapter_is_an_error(lora_adapter, tmp_path):

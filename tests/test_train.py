@@ -12,7 +12,8 @@ import yaml
 from safetensors.torch import load_file
 
 from lora_manip.errors import UserError
-from lora_manip.model.parts import canonical, part_of
+from lora_manip.model.layouts import unwrap_peft
+from lora_manip.model.parts import part_of
 from lora_manip.recipe import recipe_from_dict
 
 from .conftest import tiny_recipe_dict
@@ -30,7 +31,7 @@ def test_trainer_optimizer_has_one_group_per_part_lr(tiny_model_dir, synth_dir, 
         train__max_steps=1, train__weight_decay=0.05))
     trainer = build_trainer(recipe)
     trainer.train()
-    names = {id(p): canonical(n) for n, p in trainer.model.named_parameters()}
+    names = {id(p): unwrap_peft(n) for n, p in trainer.model.named_parameters()}
     want = {"language_model": 1e-3, "projector": 3e-4, "vision_tower": 4e-6}
     covered = set()
     for g in trainer.optimizer.param_groups:
@@ -45,14 +46,14 @@ def test_trainer_optimizer_has_one_group_per_part_lr(tiny_model_dir, synth_dir, 
 def test_qlora_trains_on_cpu_with_4bit_language_model(tiny_model_dir, synth_dir, tmp_path):
     import bitsandbytes as bnb
 
-    from lora_manip.merge import merge_adapter
+    from lora_manip.checkpoints.merge import merge_adapter
     from lora_manip.train.workflow import build_trainer
 
     recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, synth_dir, tmp_path / "run", method="qlora",
                                                train__max_steps=2, train__optimizer="paged_adamw_8bit",
                                                train__gradient_checkpointing=True))
     trainer = build_trainer(recipe)
-    four_bit = {canonical(n).removesuffix(".base_layer") for n, m in trainer.model.named_modules()
+    four_bit = {unwrap_peft(n).removesuffix(".base_layer") for n, m in trainer.model.named_modules()
                 if isinstance(m, bnb.nn.Linear4bit)}
     assert four_bit and all(n.startswith("model.language_model.") for n in four_bit)
     assert not any(n.startswith(("model.vision_tower", "model.multi_modal_projector", "lm_head")) for n in four_bit)
@@ -146,7 +147,7 @@ def _logged_groups(run):
 
 @pytest.mark.slow
 def test_zero3_lora_two_processes_saves_complete_adapter(tiny_model_dir, synth_dir, tmp_path):
-    from lora_manip.merge import merge_adapter
+    from lora_manip.checkpoints.merge import merge_adapter
 
     run = _train_two_processes(tmp_path, synth_dir, tiny_model_dir, 29631)
     weights = load_file(run / "adapter_model.safetensors")

@@ -1,4 +1,4 @@
-"""The arithmetic of a merge, one output tensor at a time, in fp32 row chunks (checkpoint_io.row_producer).
+"""The arithmetic of a merge, one output tensor at a time, in fp32 row chunks (shards.row_producer).
 
 For a base tensor W: LoRA W + s * B @ A (s = alpha / r, alpha / sqrt(r) with rsLoRA); `lora_bias`
 bias + s * lora_B.bias; DoRA m / ||W + s B A|| * (W + s B A) with the norm over each output row (dim 1 of the
@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint_io import TensorRef, read_tensor, row_producer
 from ..errors import UserError
 from .quant import QuantSpec, as_trained
+from .shards import row_producer
+from .tensors import TensorRef, read_tensor
 
 
 def merged_producer(name: str, ref: TensorRef, code: str, kinds: list[str], loras: list, scales: list[float],

@@ -14,21 +14,19 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint_io import (FLOAT_CODES, Checkpoint, OutTensor, TensorRef, cast_tensor, canonical_tensors, dtype_code,
-                             hf_canonical, listing, read_header, read_json)
+from ..dtypes import FLOAT_CODES, TORCH_DTYPES, WEIGHT_CODES, code_of, short_name
 from ..errors import UserError
+from ..fsutil import read_json
 from ..model.adapters import EXTRA_FILE
+from ..model.layouts import DORA_KEY, LORA_KEY, canonical, peft_inner, unwrap_peft
 from .fold import merged_producer
 from .quant import QuantSpec, quantised_in_training
+from .shards import OutTensor, cast_tensor
+from .tensors import Checkpoint, TensorRef, canonical_tensors, listing, read_header
 
 log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter_model.safetensors"
-CODE_TO_NAME = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
-_PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[\w-]+)?\.(?P<param>weight|bias)$")
-_DORA_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[\w-]+)?(?:\.weight)?$")
-_WRAPPER_INFIX = re.compile(r"\.(?:modules_to_save|original_module)\.[^.]+\.")
 
 
 @dataclass
@@ -61,8 +59,8 @@ def plan_merge(adapter_dir: Path, base_dir: Path, dtype: str | None = None,
     base = canonical_tensors(Checkpoint(base_dir), "base checkpoint")
     _check_not_quantised(base_dir, base_config, base)
 
-    out_code = dtype_code(dtype) if dtype else base_dtype(base_config, base)
-    plan = MergePlan(base_dir, base_config, CODE_TO_NAME[out_code], quant=quant)
+    out_code = code_of(dtype) if dtype else base_dtype(base_config, base)
+    plan = MergePlan(base_dir, base_config, short_name(out_code), quant=quant)
 
     adapter_file = adapter_dir / ADAPTER_FILE
     if not adapter_file.is_file():
@@ -75,18 +73,18 @@ def plan_merge(adapter_dir: Path, base_dir: Path, dtype: str | None = None,
     leftovers: list[str] = []
     save_modules = cfg.get("modules_to_save") or []
     for ref in adapter_refs:
-        if not ref.name.startswith(_PEFT_PREFIX):
+        key = peft_inner(ref.name)
+        if key is None:
             leftovers.append(ref.name)
             continue
-        key = ref.name[len(_PEFT_PREFIX):]
-        m = _LORA_KEY.match(key) or _DORA_KEY.match(key)
+        m = LORA_KEY.match(key) or DORA_KEY.match(key)
         if m:
-            module = hf_canonical(m.group("module"))
+            module = canonical(m.group("module"))
             if module is None:
                 leftovers.append(ref.name)
                 continue
             entry = loras.setdefault(module, _Lora(module))
-            slot = "magnitude" if m.re is _DORA_KEY else (
+            slot = "magnitude" if m.re is DORA_KEY else (
                 "bias" if m.group("param") == "bias" else m.group("kind")[-1])
             if slot == "bias" and m.group("kind") == "lora_A":
                 leftovers.append(ref.name)
@@ -96,7 +94,7 @@ def plan_merge(adapter_dir: Path, base_dir: Path, dtype: str | None = None,
                                 f"{ref.name}")
             setattr(entry, slot, ref)
             continue
-        name = hf_canonical(_WRAPPER_INFIX.sub(".", key))
+        name = canonical(unwrap_peft(key))
         if name is None or not any(re.search(rf"(^|\.){re.escape(s)}\.", name) for s in save_modules):
             leftovers.append(ref.name)  # a full tensor of no module the adapter trains in full
             continue
@@ -107,7 +105,7 @@ def plan_merge(adapter_dir: Path, base_dir: Path, dtype: str | None = None,
     extra_file = adapter_dir / EXTRA_FILE
     if extra_file.is_file():
         for ref in read_header(extra_file)[1]:
-            name = hf_canonical(ref.name)
+            name = canonical(ref.name)
             if name is None or name in replace:
                 leftovers.append(f"{EXTRA_FILE}:{ref.name}")
                 continue
@@ -211,7 +209,7 @@ def _check_lora(adapter_file: Path, cfg: dict, lora: _Lora, w: TensorRef, bias: 
                             f"{bias.name} {list(bias.shape)}")
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def peft_pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: the first pattern that matches the end of the module path."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module):
@@ -221,14 +219,12 @@ def _pattern_value(patterns: dict, module: str, default):
 
 def _scaling(cfg: dict, lora: _Lora, alpha: float, r_default: int) -> float:
     r = lora.A.shape[0]
-    a = float(_pattern_value(cfg.get("alpha_pattern") or {}, lora.module, alpha))
+    a = float(peft_pattern_value(cfg.get("alpha_pattern") or {}, lora.module, alpha))
     if cfg.get("rank_pattern"):
-        expect = _pattern_value(cfg["rank_pattern"], lora.module, r_default)
+        expect = peft_pattern_value(cfg["rank_pattern"], lora.module, r_default)
         if expect != r:
             raise UserError(f"{lora.A.name}: rank {r} but adapter_config.json gives {lora.module} rank {expect}")
     return a / math.sqrt(r) if cfg.get("use_rslora") else a / r
-
-
 
 
 def read_base_config(base_dir: Path) -> dict:
@@ -258,10 +254,10 @@ def base_dtype(cfg: dict, base: dict[str, TensorRef]) -> str:
     for node in (cfg, cfg.get("text_config") or {}):
         for key in ("dtype", "torch_dtype"):
             value = node.get(key)
-            if value in ("bfloat16", "float16", "float32"):
-                return dtype_code(value)
+            if isinstance(value, str) and value in TORCH_DTYPES:
+                return code_of(value)
     sizes: dict[str, int] = {}
     for r in base.values():
-        if r.dtype in ("BF16", "F16", "F32"):
+        if r.dtype in WEIGHT_CODES:
             sizes[r.dtype] = sizes.get(r.dtype, 0) + r.nbytes
     return max(sizes, key=sizes.get) if sizes else "F32"

@@ -1,7 +1,7 @@
 """What `eval`, `predict` and `score` check before they load a model or write a result.
 
 Inputs: a model folder written by a training run must hold a finished run (runinfo, as `merge` checks), and the
-adapter's safetensors files are validated by their headers (checkpoint_io.read_header, as `merge` does) before
+adapter's safetensors files are validated by their headers (checkpoints.tensors.read_header, as `merge` does) before
 PEFT or safetensors see them, so a truncated or corrupt file is one line naming it rather than a Rust traceback.
 A pickle adapter is refused by name: loading one can run code. A LoRA rank that disagrees with
 adapter_config.json is named by tensor and shapes, since PEFT's own message is a multi-line list.
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter_model.safetensors"
 PICKLE_ADAPTER = "adapter_model.bin"
-_LORA = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[\w-]+)?\.weight$")
 _SIZE_MISMATCH = re.compile(r"size mismatch for (?P<name>\S+?): copying a param with shape torch\.Size\((?P<got>"
                             r"\[[^\]]*\])\) from checkpoint, the shape in current model is torch\.Size\((?P<want>"
                             r"\[[^\]]*\])\)")
@@ -37,7 +36,7 @@ _SIZE_MISMATCH = re.compile(r"size mismatch for (?P<name>\S+?): copying a param 
 def check_model(model_path: str) -> str | None:
     """Validate a local model or adapter folder before anything loads it; returns its run id (None for a folder
     no run of this kit wrote, or a hub id)."""
-    from ..checkpoint_io import read_header
+    from ..checkpoints.tensors import read_header
     from ..model.adapters import EXTRA_FILE, is_adapter_dir
     from ..runinfo import check_complete
 
@@ -64,17 +63,19 @@ def check_model(model_path: str) -> str | None:
 
 
 def _check_ranks(folder: Path, weights: Path, refs) -> None:
-    from ..checkpoints.plan import _pattern_value
+    from ..checkpoints.plan import peft_pattern_value
     from ..model.adapters import read_adapter_config
+    from ..model.layouts import LORA_KEY, peft_inner
 
     cfg = read_adapter_config(folder)
     r_default = cfg.get("r", 8)
     for ref in refs:
-        m = _LORA.match(ref.name)
-        if not m or len(ref.shape) != 2:
+        key = peft_inner(ref.name)
+        m = LORA_KEY.match(key) if key is not None else None
+        if not m or m.group("param") != "weight" or len(ref.shape) != 2:
             continue
         module = m.group("module")
-        want = _pattern_value(cfg.get("rank_pattern") or {}, module, r_default)
+        want = peft_pattern_value(cfg.get("rank_pattern") or {}, module, r_default)
         got = ref.shape[0] if m.group("kind") == "lora_A" else ref.shape[1]
         if got != want:
             axis = "rows" if m.group("kind") == "lora_A" else "columns"

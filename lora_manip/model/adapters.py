@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .parts import EXTRA_TRAINABLES, MODULES_TO_SAVE, PARTS, canonical, lora_target_regex, part_of
+from .layouts import unwrap_peft
+from .parts import EXTRA_TRAINABLES, MODULES_TO_SAVE, PARTS, lora_target_regex, part_of
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,10 @@ def save_extras(model, out_dir: str | os.PathLike, state_dict: dict | None = Non
     if not isinstance(model, PeftModel):
         return  # a full save already holds every tensor
     want = {n for names in EXTRA_TRAINABLES.values() for n in names}
-    trained = {canonical(n) for n, p in model.named_parameters() if p.requires_grad}
+    trained = {unwrap_peft(n) for n, p in model.named_parameters() if p.requires_grad}
     source = state_dict if state_dict is not None else dict(model.named_parameters())
-    tensors = {canonical(n): t.detach().to("cpu").contiguous() for n, t in source.items()
-               if canonical(n) in want and canonical(n) in trained}
+    tensors = {unwrap_peft(n): t.detach().to("cpu").contiguous() for n, t in source.items()
+               if unwrap_peft(n) in want and unwrap_peft(n) in trained}
     if tensors:
         save_file(tensors, str(Path(out_dir) / EXTRA_FILE))
 
@@ -107,7 +108,7 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
 
 def read_adapter_config(path: str | os.PathLike) -> dict:
     """adapter_config.json of an adapter folder; not JSON, or not an object, is a UserError naming the file."""
-    from ..checkpoint_io import read_json
+    from ..fsutil import read_json
 
     return read_json(Path(path) / "adapter_config.json")
 
@@ -148,7 +149,7 @@ def load_extras(model, adapter_dir: str | os.PathLike) -> None:
     extra = Path(adapter_dir) / EXTRA_FILE
     if not extra.is_file():
         return
-    params = {canonical(n): p for n, p in model.named_parameters()}
+    params = {unwrap_peft(n): p for n, p in model.named_parameters()}
     with torch.no_grad():
         for name, t in load_file(str(extra)).items():
             if name not in params or params[name].shape != t.shape:

@@ -1,13 +1,15 @@
 """Where each part of LLaVA-OneVision lives, as a lookup table that freezing, LoRA targeting, optimizer groups and
 merging all read, instead of each branching on module names of its own.
 
-Names are those transformers (>= 4.52) uses in memory for LlavaOnevisionForConditionalGeneration; older checkpoints
-(`language_model.model.*`) are renamed to these at load time.
+Names are the canonical ones of model/layouts.py (transformers' in-memory names, >= 4.52); older checkpoints
+(`language_model.model.*`) are renamed to these at load time, and PEFT's wrappers are stripped before a lookup.
 """
 
 from __future__ import annotations
 
 import re
+
+from .layouts import unwrap_peft
 
 PARTS: dict[str, tuple[str, ...]] = {
     "language_model": ("model.language_model.", "lm_head."),
@@ -24,17 +26,9 @@ MODULES_TO_SAVE = {"projector": "multi_modal_projector", "vision_tower": "vision
 # Tensors PEFT cannot save (modules_to_save needs a module; image_newline is a parameter).
 EXTRA_TRAINABLES = {"projector": ("model.image_newline",)}
 
-_PEFT_PREFIX = re.compile(r"^(base_model\.model\.)")
-_PEFT_INFIX = re.compile(r"\.(modules_to_save|original_module)\.[^.]+\.")
-
-
-def canonical(name: str) -> str:
-    """Strip PEFT's wrappers from a parameter name: base_model.model.X.modules_to_save.default.Y -> X.Y."""
-    return _PEFT_INFIX.sub(".", _PEFT_PREFIX.sub("", name))
-
 
 def part_of(name: str) -> str:
-    n = canonical(name)
+    n = unwrap_peft(name)
     for part, prefixes in PARTS.items():
         if n.startswith(prefixes):
             return part

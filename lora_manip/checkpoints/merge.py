@@ -30,21 +30,18 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
-from .checkpoint_io import (CODE_TO_CONFIG_DTYPE, DEFAULT_SHARD_BYTES, copy_files, dtype_code, parse_size,
-                            write_checkpoint)
-from .checkpoints.plan import ADAPTER_FILE, MergePlan, plan_merge
-from .checkpoints.quant import resolve_spec
-from .checkpoints.verify import MergeCheckFailed, logits_of, probe_inputs, verify as _verify
-from .errors import UserError
-from .fsutil import atomic_dir, cleanup_partials, guard_output, output_lock
-from .model.adapters import EXTRA_FILE
-from .runinfo import check_complete, record_source
+from ..dtypes import WEIGHT_SHORT_NAMES, code_of, config_name
+from ..errors import UserError
+from ..fsutil import atomic_dir, copy_files, owned_output
+from ..model.adapters import EXTRA_FILE
+from ..runinfo import check_complete, record_source
+from .plan import ADAPTER_FILE, MergePlan, plan_merge
+from .quant import resolve_spec
+from .shards import DEFAULT_SHARD_BYTES, parse_size, write_checkpoint
+from .verify import verify as _verify
 
 log = logging.getLogger(__name__)
 
-_OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RECIPE_FILE = "recipe.yaml"
 
 
@@ -56,31 +53,27 @@ def merge_adapter(adapter_dir: str, base: str | None = None, out: str | None = N
     check did not run). `dtype`: bf16 | fp16 | fp32 (default: the base's). `max_shard_size`: bytes or '5GB'.
     `base_as_trained`: fold a QLoRA adapter into the 4-bit weights it was trained against (settings from the
     adapter's recipe.yaml, or `quantization`, e.g. "quant_type=nf4,double_quant=true")."""
-    from .model.adapters import adapter_base, is_adapter_dir
+    from ..model.adapters import adapter_base, is_adapter_dir
 
     adapter_dir = Path(adapter_dir)
     run_id = check_complete(adapter_dir)  # an unfinished or mixed run folder is refused first, naming the run
     if not is_adapter_dir(adapter_dir):
         hint = " (it holds a full model: nothing to merge)" if (adapter_dir / "config.json").is_file() else ""
         raise UserError(f"{adapter_dir} is not an adapter folder: no adapter_config.json{hint}")
-    if dtype is not None and dtype not in _OUT_DTYPES:
+    if dtype is not None and dtype not in WEIGHT_SHORT_NAMES:
         raise UserError(f"--dtype {dtype}: choose bf16, fp16 or fp32")
     quant = resolve_spec(adapter_dir, base_as_trained, quantization)
     base_name = base or adapter_base(adapter_dir)
     base_dir = resolve_base(base_name, from_adapter=base is None, adapter_dir=adapter_dir)
     out = Path(out) if out else adapter_dir.with_name(adapter_dir.name + "-merged")
-    guard_output(out, {"adapter folder": adapter_dir, "base folder": base_dir})
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it or --out to choose another folder")
-    with output_lock(out, "lora-manip merge"):
-        cleanup_partials(out)
+    with owned_output(out, "lora-manip merge", {"adapter folder": adapter_dir, "base folder": base_dir}, force):
         return _merge_locked(adapter_dir, base_dir, base_name, out, dtype, force, verify, max_shard_size,
                              verify_max_bytes, quant, run_id)
 
 
 def _merge_locked(adapter_dir: Path, base_dir: Path, base_name: str, out: Path, dtype, force: bool, verify: bool,
                   max_shard_size, verify_max_bytes, quant, run_id: str | None) -> tuple[Path, float | None]:
-    from .model.processor import copy_processor_files
+    from ..data.processor import copy_processor_files
 
     plan = plan_merge(adapter_dir, base_dir, dtype, quant)  # every check that can fail on the inputs happens here
     log.info("merging %s into %s: %d LoRA-adapted tensors, %d replaced, %d copied; output %s (%s)", adapter_dir,
@@ -123,7 +116,7 @@ def _readahead(path: Path) -> None:
 
 def resolve_base(base: str, from_adapter: bool = False, adapter_dir: Path | None = None) -> Path:
     """A local folder, or a hub id already in the local Hugging Face cache (never downloads)."""
-    from .model.load import _HUB_ID
+    from ..hub import HUB_ID
 
     where = f" (named by {adapter_dir}/adapter_config.json; pass --base to override)" if from_adapter else ""
     path = Path(base).expanduser()
@@ -131,7 +124,7 @@ def resolve_base(base: str, from_adapter: bool = False, adapter_dir: Path | None
         return path
     if path.exists():
         raise UserError(f"base model {base}{where} is not a folder")
-    if _HUB_ID.match(base):
+    if HUB_ID.match(base):
         try:
             from huggingface_hub import snapshot_download
 
@@ -144,7 +137,7 @@ def resolve_base(base: str, from_adapter: bool = False, adapter_dir: Path | None
 
 def _write_config(folder: Path, plan: MergePlan) -> None:
     cfg = json.loads(json.dumps(plan.base_config))
-    name = CODE_TO_CONFIG_DTYPE[dtype_code(plan.out_dtype)]
+    name = config_name(code_of(plan.out_dtype))
 
     def clean(node: dict) -> None:
         node.pop("quantization_config", None)
@@ -180,5 +173,3 @@ def _write_card(folder: Path, base: str, adapter_dir: Path, plan: MergePlan) -> 
         lines += ["## Training recipe", "", "```yaml", recipe.read_text().rstrip(), "```", ""]
     (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
-
-__all__ = ["merge_adapter", "plan_merge", "resolve_base", "MergeCheckFailed", "probe_inputs", "logits_of"]

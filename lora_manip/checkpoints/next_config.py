@@ -1,21 +1,6 @@
-"""`lora-manip convert`: between the original LLaVA-NeXT `llava_qwen` layout (LlavaQwenForCausalLM: what the
-RoboInter and lmms-lab LLaVA-OneVision checkpoints use) and the transformers LLaVA-OneVision layout this kit trains.
+"""The configs and processor files of `lora-manip convert`: a LLaVA-NeXT `llava_qwen` config.json <-> a transformers
+LLaVA-OneVision config, and the processor a converted checkpoint gets.
 
-Tensors are renamed and streamed byte for byte (no dtype change, no resizing), so a round trip is bit-exact:
-
-    LLaVA-NeXT (llava_qwen)                                transformers (as the llava-hf hub folders hold it)
-    model.embed_tokens / model.layers.* / model.norm  <->  language_model.model.*
-    lm_head.*                                         <->  language_model.lm_head.*
-    model.vision_tower.vision_tower.vision_model.*    <->  vision_tower.vision_model.*
-    model.mm_projector.0.* / model.mm_projector.2.*   <->  multi_modal_projector.linear_1.* / linear_2.*
-    model.image_newline                               <->  image_newline
-
-`--to hf` writes the names transformers' own convert_llava_onevision_weights_to_hf.py writes (the right column);
-`--from hf` reads that layout and transformers 5's in-memory names (model.language_model.*, ...) alike. Any other
-key is an error that lists it. Two derived buffers older checkpoints carry (`rotary_emb.inv_freq`,
-`embeddings.position_ids`) are recomputed by transformers; they are dropped and the log says how many.
-
-Config:
 - Text: LLaVA-NeXT keeps the Qwen2 fields at the top level (hidden_size, num_hidden_layers, rope_theta, ...); they
   become `text_config` and back. The tensors' shapes are checked against them.
 - Vision: LLaVA-NeXT's config names only the tower (`mm_vision_tower`, e.g. google/siglip-so400m-patch14-384).
@@ -51,115 +36,22 @@ import logging
 import re
 from pathlib import Path
 
-from .checkpoint_io import (read_json, DEFAULT_SHARD_BYTES, Checkpoint, OutTensor, TensorRef, canonical_tensors,
-                            copy_files, copy_tensor, hf_saved_name, listing, parse_size, write_checkpoint)
-from .errors import UserError
-from .fsutil import atomic_dir, cleanup_partials, guard_output, output_lock
+from ..dtypes import to_torch
+from ..errors import UserError
+from ..fsutil import copy_files, read_json
+from ..model.layouts import next_name
+from .tensors import TensorRef
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("hf", "llava-next")
-DEFAULT_VISION_TOWER = "google/siglip-so400m-patch14-384"
 SIGLIP_NORM = [0.5, 0.5, 0.5]
-_DERIVED = re.compile(r"(\.rotary_emb\.inv_freq|\.embeddings\.position_ids)$")
-
-# canonical (transformers in-memory) prefix <-> LLaVA-NeXT prefix
-_NEXT_PREFIXES = [
-    ("model.language_model.", "model."),
-    ("lm_head.", "lm_head."),
-    ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
-    ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
-    ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
-    ("model.image_newline", "model.image_newline"),
-]
-# Keys under model.* that are not the LM in a LLaVA-NeXT checkpoint.
-_NEXT_NON_LM = ("model.vision_tower.", "model.mm_projector.", "model.image_newline", "model.vision_resampler.")
-_LM_KEY = re.compile(r"^model\.(embed_tokens|layers\.\d+|norm)\.")
-
-
-def to_llava_next_name(canonical: str) -> str | None:
-    for hf, nxt in _NEXT_PREFIXES:
-        if canonical.startswith(hf):
-            return nxt + canonical[len(hf):]
-    return None
-
-
-def from_llava_next_name(key: str) -> str | None:
-    if key.startswith("model.") and not key.startswith(_NEXT_NON_LM):
-        return "model.language_model." + key[len("model."):] if _LM_KEY.match(key) else None
-    for hf, nxt in _NEXT_PREFIXES[1:]:
-        if key.startswith(nxt):
-            return hf + key[len(nxt):]
-    return None
-
-
-def convert_checkpoint(src: str, out: str, src_format: str, dst_format: str, *, force: bool = False,
-                       vision_config: str | None = None, processor: str | None = None,
-                       vision_tower: str = DEFAULT_VISION_TOWER,
-                       max_shard_size: str | int = DEFAULT_SHARD_BYTES) -> Path:
-    """Convert the checkpoint folder `src` from `src_format` to `dst_format` (hf | llava-next) into `out`."""
-    src, out = Path(src), Path(out)
-    for name, fmt in (("--from", src_format), ("--to", dst_format)):
-        if fmt not in FORMATS:
-            raise UserError(f"{name} {fmt}: choose {' or '.join(FORMATS)}")
-    if src_format == dst_format:
-        raise UserError(f"--from and --to are both {src_format}: nothing to convert")
-    if not src.is_dir():
-        raise UserError(f"{src} is not a folder")
-    guard_output(out, {"source folder": src, "--processor folder": processor, "--vision-config file": vision_config},
-                 flag="OUT")
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it")
-    shard = parse_size(max_shard_size)
-    with output_lock(out, "lora-manip convert"):
-        cleanup_partials(out)
-        if dst_format == "llava-next":
-            return _hf_to_next(src, out, force, vision_tower, shard)
-        return _next_to_hf(src, out, force, vision_config, processor, shard)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # transformers -> LLaVA-NeXT
 
 
-def _hf_to_next(src: Path, out: Path, force: bool, vision_tower: str, shard: int) -> Path:
-    cfg = read_json(src / "config.json")
-    if cfg.get("model_type") != "llava_onevision":
-        raise UserError(f"{src}/config.json: model_type {cfg.get('model_type')!r}; --from hf expects a transformers "
-                        "LLaVA-OneVision checkpoint (model_type llava_onevision)")
-    text, vision = cfg.get("text_config") or {}, cfg.get("vision_config") or {}
-    problems = []
-    if text.get("model_type", "qwen2") != "qwen2":
-        problems.append(f"text model {text.get('model_type')} (llava_qwen is Qwen2)")
-    if vision.get("model_type", "siglip_vision_model") != "siglip_vision_model":
-        problems.append(f"vision model {vision.get('model_type')} (LLaVA-NeXT's tower here is SigLIP)")
-    if cfg.get("projector_hidden_act", "gelu") != "gelu" or cfg.get("multimodal_projector_bias") is False:
-        problems.append("projector is not LLaVA-NeXT's mlp2x_gelu (gelu, with biases)")
-    if cfg.get("vision_feature_select_strategy", "full") != "full":
-        problems.append(f"vision_feature_select_strategy {cfg.get('vision_feature_select_strategy')} (SigLIP in "
-                        "LLaVA-NeXT keeps every patch token: full)")
-    if cfg.get("vision_feature_layer", -1) != -1:
-        problems.append(f"vision_feature_layer {cfg.get('vision_feature_layer')} (LLaVA-NeXT takes the last layer "
-                        "of the tower it keeps: -1)")
-    if problems:
-        raise UserError(f"{src} cannot be expressed in the LLaVA-NeXT llava_qwen layout: {'; '.join(problems)}")
-    tensors = canonical_tensors(Checkpoint(src))
-    unmapped = [r.name for n, r in tensors.items() if to_llava_next_name(n) is None]
-    if unmapped:
-        raise UserError(f"{src}: tensor(s) with no place in the LLaVA-NeXT layout: {listing(unmapped)}")
-    plan = [OutTensor(to_llava_next_name(n), r.dtype, r.shape, copy_tensor(r)) for n, r in tensors.items()]
-    new_cfg = _next_config(cfg, vision_tower, src)
-    with atomic_dir(out, force=force) as tmp:
-        write_checkpoint(tmp, plan, shard)
-        (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
-        copy_files(src, tmp, ["generation_config.json"])
-        _copy_processor(src, tmp)
-        _write_slow_tokenizer_files(tmp)
-    log.info("wrote %d tensors in the LLaVA-NeXT layout to %s", len(plan), out)
-    return out
-
-
-def _next_config(cfg: dict, vision_tower: str, src: Path) -> dict:
+def next_config(cfg: dict, vision_tower: str, src: Path) -> dict:
     text, vision = dict(cfg.get("text_config") or {}), dict(cfg.get("vision_config") or {})
     rope = text.pop("rope_parameters", None) or {}
     for key in ("model_type", "architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path"):
@@ -201,15 +93,15 @@ def _next_config(cfg: dict, vision_tower: str, src: Path) -> dict:
     return out
 
 
-def _copy_processor(src: Path, dst: Path) -> None:
+def copy_processor(src: Path, dst: Path) -> None:
     """The source's processor files as they are; a source with a tokenizer but no processor keeps its tokenizer."""
-    from .model.processor import PROCESSOR_FILES, copy_processor_files
+    from ..data.processor import PROCESSOR_FILES, copy_processor_files
 
     if not copy_processor_files(src, dst):
         copy_files(src, dst, PROCESSOR_FILES)
 
 
-def _write_slow_tokenizer_files(folder: Path) -> None:
+def write_slow_tokenizer_files(folder: Path) -> None:
     """vocab.json + merges.txt from a BPE tokenizer.json, for loaders that want the slow Qwen2 tokenizer."""
     tj = folder / "tokenizer.json"
     if not tj.is_file() or (folder / "vocab.json").is_file():
@@ -226,38 +118,11 @@ def _write_slow_tokenizer_files(folder: Path) -> None:
 # LLaVA-NeXT -> transformers
 
 
-def _next_to_hf(src: Path, out: Path, force: bool, vision_config: str | None, processor_dir: str | None,
-                shard: int) -> Path:
-    import torch
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
-
-    from .model.processor import copy_processor_files, write_hub_processor
-
-    cfg = read_json(src / "config.json")
-    archs = cfg.get("architectures") or []
-    if cfg.get("model_type") not in ("llava", "llava_qwen") and "LlavaQwenForCausalLM" not in archs:
-        raise UserError(f"{src}/config.json: model_type {cfg.get('model_type')!r}, architectures {archs}; --from "
-                        "llava-next expects an original LLaVA-NeXT llava_qwen checkpoint (LlavaQwenForCausalLM)")
-    if cfg.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise UserError(f"{src}/config.json: mm_projector_type {cfg.get('mm_projector_type')}; only mlp2x_gelu "
-                        "(LLaVA-OneVision's projector) converts")
-    # Tensors: rename, drop derived buffers, list what does not map.
-    tensors: dict[str, TensorRef] = {}
-    unknown, dropped = [], []
-    for ref in Checkpoint(src).tensors():
-        if _DERIVED.search(ref.name):
-            dropped.append(ref.name)
-            continue
-        name = from_llava_next_name(ref.name)
-        if name is None:
-            unknown.append(ref.name)
-        else:
-            tensors[name] = ref
-    if unknown:
-        raise UserError(f"{src}: {len(unknown)} tensor(s) are not part of the LLaVA-NeXT llava_qwen layout this "
-                        f"converts: {listing(unknown)}")
-    if dropped:
-        log.info("dropped %d derived buffer(s) transformers recomputes: %s", len(dropped), listing(dropped, 3))
+def hf_config(src: Path, cfg: dict, tensors: dict[str, TensorRef], vision_config: str | None,
+              processor_dir: str | None):
+    """(LlavaOnevisionConfig, processor, folder whose processor files the output copies verbatim or None) for a
+    llava_qwen config.json `cfg`, every field checked against the (canonical) `tensors`."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config
 
     vision = _vision_config(cfg, src, vision_config, tensors)
     text_fields = set(Qwen2Config().to_dict()) | {"rope_theta", "rope_scaling"}
@@ -288,35 +153,9 @@ def _next_to_hf(src: Path, out: Path, force: bool, vision_config: str | None, pr
         image_grid_pinpoints=_pinpoints(cfg.get("image_grid_pinpoints"), vision["image_size"]),
         multimodal_projector_bias=True, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
     if dtype:
-        config.dtype = getattr(torch, dtype) if isinstance(dtype, str) and hasattr(torch, dtype) else dtype
+        config.dtype = to_torch(dtype) or dtype
     config.architectures = ["LlavaOnevisionForConditionalGeneration"]
-
-    # Exactly the tensors the transformers model has (an empty model on the meta device lists them).
-    with torch.device("meta"):
-        expected = set(LlavaOnevisionForConditionalGeneration(config).state_dict())
-    missing = sorted(expected - set(tensors))
-    if config.tie_word_embeddings:
-        missing = [m for m in missing if m != "lm_head.weight"]
-    extra = sorted(set(tensors) - expected)
-    if missing or extra:
-        msg = []
-        if missing:
-            msg.append(f"missing {listing([to_llava_next_name(m) or m for m in missing])}")
-        if extra:
-            msg.append(f"not in the transformers model {listing([tensors[e].name for e in extra])}")
-        raise UserError(f"{src}: the tensors do not make a LLaVA-OneVision model with this config: {'; '.join(msg)}")
-
-    plan = [OutTensor(hf_saved_name(n), r.dtype, r.shape, copy_tensor(r)) for n, r in tensors.items()]
-    with atomic_dir(out, force=force) as tmp:
-        write_checkpoint(tmp, plan, shard)
-        config.save_pretrained(tmp)
-        copy_files(src, tmp, ["generation_config.json"])
-        if proc_source is not None:
-            copy_processor_files(proc_source, tmp)
-        else:
-            write_hub_processor(proc, tmp)
-    log.info("wrote %d tensors in the transformers LLaVA-OneVision layout to %s", len(plan), out)
-    return out
+    return config, proc, proc_source
 
 
 _VISION_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "image_size",
@@ -361,7 +200,7 @@ def _vision_config(cfg: dict, src: Path, path: str | None, tensors: dict[str, Te
     for name, want in checks:
         ref = tensors.get(name)
         if ref is None:
-            raise UserError(f"{src}: no vision tower tensor {to_llava_next_name(name)}; a checkpoint without its "
+            raise UserError(f"{src}: no vision tower tensor {next_name(name)}; a checkpoint without its "
                             "SigLIP weights cannot be converted")
         if tuple(ref.shape) != tuple(want):
             raise UserError(f"{ref.file}: tensor {ref.name} is {list(ref.shape)}, but the vision config ({origin}) "
@@ -378,7 +217,7 @@ def _vision_config(cfg: dict, src: Path, path: str | None, tensors: dict[str, Te
 def _tower_config(tower: str, src: Path) -> tuple[dict, str] | None:
     """The vision config upstream would build the tower from: `mm_vision_tower` as a local folder (as written, or
     relative to the checkpoint) or a hub id in the local Hugging Face cache (never downloads); None if neither."""
-    from .model.load import _HUB_ID
+    from ..hub import HUB_ID
 
     if not tower:
         return None
@@ -389,7 +228,7 @@ def _tower_config(tower: str, src: Path) -> tuple[dict, str] | None:
                 raise UserError(f"mm_vision_tower {tower}: the folder {folder} has no config.json; pass "
                                 "--vision-config with the tower's SiglipVisionConfig")
             return _siglip_without_last_layer(folder / "config.json", f"the mm_vision_tower folder {folder}")
-    if _HUB_ID.match(tower):
+    if HUB_ID.match(tower):
         from huggingface_hub import try_to_load_from_cache
 
         hit = try_to_load_from_cache(tower, "config.json")
@@ -463,7 +302,7 @@ def _pinpoints(value, tile: int):
 
 def _processor_for(src: Path, processor_dir: str | None, cfg: dict, vision: dict):
     """(processor, folder whose processor files the output copies verbatim, or None: write the built one)."""
-    from .model.processor import load_processor
+    from ..data.processor import load_processor
 
     if processor_dir:
         if not (Path(processor_dir) / "processor_config.json").is_file():
@@ -485,8 +324,8 @@ def build_processor(src: Path, cfg: dict, vision: dict):
         LlavaOnevisionImageProcessorPil,
     )
 
-    from .model.processor import ImageOnlyOnevisionProcessor
-    from .model.tiny import HUB_CHAT_TEMPLATE
+    from ..data.processor import ImageOnlyOnevisionProcessor
+    from ..model.tiny import HUB_CHAT_TEMPLATE
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
@@ -508,6 +347,3 @@ def build_processor(src: Path, cfg: dict, vision: dict):
         image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=(size // patch) ** 2,
         vision_feature_select_strategy="full", chat_template=HUB_CHAT_TEMPLATE,
         vision_aspect_ratio=cfg.get("image_aspect_ratio") or "anyres_max_9")
-
-
-
