@@ -37,7 +37,7 @@ def trained(tmp_path_factory):
 def assert_same_processor_files(base, out):
     """An output loads with AutoProcessor exactly as its base: the base's processor files, byte for byte, and no
     others (no second template file, no processor_class of the kit's own)."""
-    from lora_manip.model.processor import PROCESSOR_FILES
+    from lora_manip.data.processor import PROCESSOR_FILES
 
     have = lambda d: {n for n in PROCESSOR_FILES if (d / n).is_file()}  # noqa: E731
     assert have(out) == have(base)
@@ -93,9 +93,9 @@ def test_training_changed_the_trained_parts(trained):
 def test_merge_reloads_with_transformers_and_matches(trained):
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from lora_manip.merge import logits_of, probe_inputs
+    from lora_manip.checkpoints.verify import logits_of, probe_inputs
     from lora_manip.model.adapters import load_with_adapter
-    from lora_manip.model.processor import load_processor
+    from lora_manip.data.processor import load_processor
 
     code, out = cli("merge", trained / "run")
     assert code == 0, out

@@ -133,7 +133,7 @@ def build_processor(tokenizer, geometry: str = "tiny", template: str = "hub"):
         LlavaOnevisionImageProcessorPil,
     )
 
-    from .processor import ImageOnlyOnevisionProcessor
+    from ..data.processor import ImageOnlyOnevisionProcessor
 
     g = GEOMETRIES[geometry]
     tile = g["tile"]
@@ -172,8 +172,9 @@ def write_tiny_model(out: str | os.PathLike, seed: int = 0, force: bool = False,
     from safetensors.torch import load_file, save_file
     from transformers import GenerationConfig, LlavaOnevisionForConditionalGeneration
 
-    from ..checkpoint_io import hf_canonical, hf_saved_name
-    from .processor import write_hub_processor
+    from ..dtypes import TORCH_DTYPES
+    from .layouts import canonical, hub_name
+    from ..data.processor import write_hub_processor
 
     if template not in TEMPLATES or geometry not in GEOMETRIES:
         from ..errors import UserError
@@ -199,7 +200,7 @@ def write_tiny_model(out: str | os.PathLike, seed: int = 0, force: bool = False,
     # random head gives the tiny model the same room to become confident.
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 0.2)
-    model.to(getattr(torch, dtype))
+    model.to(TORCH_DTYPES[dtype])
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False)
     out = Path(out)
@@ -207,7 +208,7 @@ def write_tiny_model(out: str | os.PathLike, seed: int = 0, force: bool = False,
         model.save_pretrained(tmp)
         # transformers 5 writes the SigLIP tower without its `vision_model.` level; the hub has it.
         weights = load_file(str(tmp / "model.safetensors"))
-        save_file({hf_saved_name(hf_canonical(k)): v for k, v in weights.items()}, str(tmp / "model.safetensors"),
+        save_file({hub_name(canonical(k)): v for k, v in weights.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         write_hub_processor(processor, tmp)
     return out
