@@ -87,8 +87,8 @@ def data_check(target: Path = typer.Argument(..., help="A recipe (.yaml: all its
                                                    "model.path; without one, lengths are not computed)."),
                data_root: Optional[Path] = typer.Option(None, help="For a file: folder its image paths are "
                                                         "relative to (default: the file's folder)."),
-               max_length: Optional[int] = typer.Option(None, help="Default: the recipe's model_max_length "
-                                                        "(32768 for a file)."),
+               max_length: Optional[int] = typer.Option(None, help="Default: the recipe's "
+                                                        "data.model_max_length (for a file: that field's default)."),
                batch_size: Optional[int] = typer.Option(None, help="Batch size for the padding efficiency "
                                                         "(default: the recipe's per_device_batch_size, else 8)."),
                min_traj_points: Optional[int] = typer.Option(None, help="Fewest points a trajectory may have "
@@ -100,7 +100,8 @@ def data_check(target: Path = typer.Argument(..., help="A recipe (.yaml: all its
     problems were found."""
     import json
 
-    from .data.check import format_report, run_check
+    from .data.check import run_check
+    from .data.report import format_report
 
     report = run_check(str(target), model=model, data_root=str(data_root) if data_root else None,
                        max_length=max_length, batch_size=batch_size, min_traj_points=min_traj_points,
@@ -147,35 +148,12 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/).")
           resume: bool = typer.Option(False, help="Continue from the newest checkpoint in the output folder."),
           dry_run: bool = typer.Option(False, help="Validate, build the model on the meta device, print the plan.")):
     """Train as the recipe says: full fine-tuning, LoRA or QLoRA; relaunches under torchrun for N > 1 processes."""
-    from .recipe import load_recipe
+    from .train.launch import launch_training
 
-    r = load_recipe(recipe, set_ or [])
-    if dry_run:
-        from .train.plan import describe_plan
-
-        typer.echo(describe_plan(r))
-        return
-    from .fsutil import output_lock
-    from .train.launch import in_distributed_run, preflight, relaunch
-    from .train.build import prepare_demo_inputs
-    from .train.run_folder import RUN_ID_ENV, prepare_output_dir
-    from .train.workflow import run_training
-
-    if r.distributed.nproc_per_node * r.distributed.nnodes > 1 and not in_distributed_run():
-        preflight(r)
-        # The launcher owns the folder for the whole run and prepares it once; the processes it starts inherit
-        # the lock (environment) and the run id.
-        with output_lock(r.train.output_dir, "lora-manip train"):
-            os.environ[RUN_ID_ENV] = prepare_output_dir(r, overwrite, resume)
-            try:
-                prepare_demo_inputs(r)  # once, here, not racing in every rank
-                argv = [f"--set={s}" for s in set_ or []] + ["--overwrite"] * overwrite + ["--resume"] * resume
-                code = relaunch(str(recipe), argv, r)
-            finally:
-                os.environ.pop(RUN_ID_ENV, None)
-        raise typer.Exit(code)
-    out = run_training(r, overwrite=overwrite, resume=resume)
-    typer.echo(f"saved to {out}")
+    code, message = launch_training(recipe, set_ or [], overwrite=overwrite, resume=resume, dry_run=dry_run)
+    if message:
+        typer.echo(message)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -193,7 +171,7 @@ def merge(adapter_dir: Path = typer.Argument(..., help="Adapter folder written b
                                                      "has no recipe.yaml: the 4-bit settings it was trained with, "
                                                      "e.g. quant_type=nf4,double_quant=true.")):
     """Fold an adapter (and fully trained projector / vision tower) into a full LLaVA-OneVision checkpoint."""
-    from .merge import merge_adapter
+    from .checkpoints.merge import merge_adapter
 
     if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
         raise UserError(f"--dtype {dtype}: choose bf16, fp16 or fp32")
@@ -217,8 +195,7 @@ def _exit_on_data_errors(summary: dict) -> None:
 
 
 SystemPromptOpt = typer.Option(None, "--system-prompt", help="System turn of every prompt (default: data.system_prompt "
-                               "of the run's recipe.yaml in MODEL, else \"You are a helpful assistant.\"); '' for "
-                               "none.")
+                               "of the run's recipe.yaml in MODEL, else that field's default); '' for none.")
 
 
 @app.command("eval")
@@ -245,12 +222,11 @@ def eval_(model: str = typer.Argument(..., help="Merged/full checkpoint, adapter
           force: bool = typer.Option(False, help="Start over in an --out that already holds an eval.")):
     """Generate answers with MODEL on --data and score them (boxes, points, trajectories, choice, yes/no, BLEU,
     pointing). Exit 1 when some records could not be scored (listed)."""
-    from .eval.generate import UNSET, run_eval
+    from .eval.generate import UNSET
+    from .eval.run import run_eval
     from .answers.kinds import parse_task_map
-    from .eval.score import format_table
+    from .eval.report import format_table
 
-    if resume and not out:
-        raise UserError("--resume continues the eval in --out; pass --out DIR")
     try:
         tmap = parse_task_map(task_map)
     except ValueError as e:
@@ -283,7 +259,8 @@ def score(predictions: List[Path] = typer.Argument(..., help="JSON/JSONL files o
     """Score predictions made elsewhere (vLLM, upstream scripts) with the same metrics as `eval`. Exit 1 when some
     records could not be scored (listed with id, field and reason)."""
     from .answers.kinds import parse_task_map
-    from .eval.score import format_table, score_files
+    from .eval.report import format_table
+    from .eval.score import score_files
 
     try:
         tmap = parse_task_map(task_map)
@@ -305,13 +282,14 @@ def predict(model: str = typer.Argument(..., help="Merged/full checkpoint, adapt
             max_new_tokens: int = typer.Option(256),
             system_prompt: Optional[str] = SystemPromptOpt,
             coords: str = typer.Option("normalized", "--coords", help="How to read the answer's coordinates for "
-                                       "--draw: normalized | thousand | pixels.")):
+                                       "--draw: normalized | thousand | pixels."),
+            force: bool = typer.Option(False, help="Replace an existing --draw file.")):
     """Answer one question about one image."""
     from .eval.generate import UNSET
     from .eval.predict import predict_one
 
     typer.echo(predict_one(model, str(image), question, str(draw) if draw else None, max_new_tokens,
-                           UNSET if system_prompt is None else system_prompt or None, coords))
+                           UNSET if system_prompt is None else system_prompt or None, coords, force))
 
 
 @app.command()
@@ -343,7 +321,7 @@ def convert(src: Path = typer.Argument(..., help="Checkpoint folder to convert (
             max_shard_size: str = typer.Option("5GB", help="Largest output shard (e.g. 5GB, 500MB)."),
             force: bool = typer.Option(False, help="Replace an existing output folder.")):
     """Convert between the original LLaVA-NeXT llava_qwen layout and the transformers LLaVA-OneVision layout."""
-    from .convert import convert_checkpoint
+    from .checkpoints.convert import convert_checkpoint
 
     path = convert_checkpoint(str(src), str(out), from_, to, force=force,
                               vision_config=str(vision_config) if vision_config else None,

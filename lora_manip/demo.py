@@ -21,9 +21,9 @@ def compare(before: dict, after: dict) -> str:
 
 
 def run_demo(recipe_path: Path, overrides: list[str], limit: int) -> str:
-    from .eval.generate import run_eval
-    from .eval.score import format_table
-    from .merge import merge_adapter
+    from .eval.run import run_eval
+    from .eval.report import format_table
+    from .checkpoints.merge import merge_adapter
     from .recipe import load_recipe
     from .train.workflow import run_training
 

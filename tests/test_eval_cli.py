@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 import lora_manip.eval.generate as gen
 from lora_manip.cli import app
-from lora_manip.eval.generate import resolve_system_prompt, run_eval
+from lora_manip.eval.generate import resolve_system_prompt
+from lora_manip.eval.run import run_eval
 
 runner = CliRunner()
 
@@ -43,7 +44,12 @@ def test_eval_writes_predictions_metrics_scores_and_overlays(tiny_model_dir, syn
     meta = json.loads((out / "predictions.meta.json").read_text())
     assert meta["model"] == str(tiny_model_dir.resolve()) and meta["max_new_tokens"] == 24
     assert sum(r["kind"] == "box" for r in rows) == metrics["all"]["box"]["count"]
-    assert (out / "overlays" / "contact_sheet.png").is_file()
+    grounding = [r for r in rows if r["kind"] in ("box", "point", "trajectory")]
+    assert grounding and metrics["all"]["box"]["count"] > 0
+    overlays = sorted(p.name for p in (out / "overlays").iterdir())
+    assert len(overlays) == min(16, len(grounding)) + 1 and "contact_sheet.png" in overlays
+    with Image.open(out / "overlays" / "contact_sheet.png") as sheet:
+        assert sheet.format == "PNG" and sheet.width > 0
     # the predictions file of an eval scores the same way on its own
     again = runner.invoke(app, ["score", str(out / "predictions.jsonl")])
     assert again.exit_code == 0 and _table(again.output) == _table(result.output)
@@ -251,7 +257,9 @@ def test_score_cli_bad_input_is_one_line(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------- predict
-def test_predict_answers_and_draws(tiny_model_dir, tmp_path):
+def test_predict_answers_and_draws(tiny_model_dir, tmp_path, monkeypatch):
+    from lora_manip.eval.draw import PRED_COLOR
+
     img = tmp_path / "scene.png"
     Image.new("RGB", (320, 180), (90, 60, 30)).save(img)
     result = runner.invoke(app, ["predict", str(tiny_model_dir), str(img), "Where is the red cube?",
@@ -259,3 +267,25 @@ def test_predict_answers_and_draws(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     missing = runner.invoke(app, ["predict", str(tiny_model_dir), str(tmp_path / "none.png"), "q"])
     assert missing.exit_code == 2 and "cannot read image" in missing.output
+
+    # the random tiny model rarely answers a box, so the answer is fixed: x 160..288, y 90..162 in pixels
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: ["[0.5, 0.5, 0.9, 0.9]"])
+    drawn = tmp_path / "drawn.png"
+    ask = ["predict", str(tiny_model_dir), str(img), "Where is the red cube?", "--draw", str(drawn)]
+    res = runner.invoke(app, ask)
+    assert res.exit_code == 0 and "[0.5, 0.5, 0.9, 0.9]" in res.output, res.output
+    with Image.open(drawn) as im, Image.open(img) as original:
+        assert im.format == "PNG" and im.size == original.size
+        picture = im.convert("RGB")
+        assert picture.getpixel((288, 126)) == PRED_COLOR  # the box's right edge, in the prediction's colour
+        assert picture.getpixel((220, 126)) == original.getpixel((220, 126))  # inside the box: the input's pixels
+
+    # an existing file is kept unless --force
+    Image.new("RGB", (8, 8)).save(drawn)
+    before = drawn.read_bytes()
+    again = runner.invoke(app, ask)
+    assert again.exit_code == 2 and "already exists" in again.output and "--force" in again.output
+    assert drawn.read_bytes() == before
+    assert runner.invoke(app, ask + ["--force"]).exit_code == 0
+    with Image.open(drawn) as im:
+        assert im.size == (320, 180)

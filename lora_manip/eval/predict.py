@@ -13,9 +13,9 @@ log = logging.getLogger(__name__)
 
 
 def predict_one(model_path: str, image: str, question: str, draw: str | None = None, max_new_tokens: int = 128,
-                system_prompt=UNSET, coords: str = "normalized") -> str:
+                system_prompt=UNSET, coords: str = "normalized", force: bool = False) -> str:
     """The model's answer. `system_prompt`: as `eval` (the run's recipe.yaml, else the default); `coords`: how the
-    answer's coordinates are read when drawing it."""
+    answer's coordinates are read when drawing it; `force`: replace an existing `draw` file."""
     from PIL import Image
 
     from ..data.encode import prompt_text
@@ -32,6 +32,8 @@ def predict_one(model_path: str, image: str, question: str, draw: str | None = N
         raise UserError(f"--draw {draw} is the input image; choose another file (the input is never overwritten)")
     if draw and Path(draw).is_dir():
         raise UserError(f"--draw {draw} is a folder; give the image file to write")
+    if draw and Path(draw).exists() and not force:
+        raise UserError(f"--draw {draw} already exists; pass --force to replace it, or choose another file")
     try:
         with Image.open(image) as im:
             img = im.convert("RGB")

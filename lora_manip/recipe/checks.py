@@ -1,26 +1,23 @@
 """The recipe's cross-checks: settings that are valid one by one but not together. Each returns every problem it
-finds as a line that starts with the key path and says the fix, so one failed load lists them all."""
+finds as a line that starts with the key path and says the fix, so one failed load lists them all. `r` is the
+schema's Recipe, passed in by its validator (importing schema.py here would make a circle)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .names import check_metric_name, check_reward_table
-
-if TYPE_CHECKING:
-    from .schema import Recipe
 
 _PARTS = ("language_model", "projector", "vision_tower")
 
 
-def cross_check(r: "Recipe") -> list[str]:
+def cross_check(r) -> list[str]:
     return (_unread_blocks(r) + _parts(r) + _deepspeed(r) + _grpo(r) + _train_eval(r) + _processes(r)
             + _batching(r))
 
 
-def _unread_blocks(r: "Recipe") -> list[str]:
+def _unread_blocks(r) -> list[str]:
     # model_fields_set holds the keys the recipe spelt out: a default block is fine, a written one would look like
     # it does something.
     errors = []
@@ -33,7 +30,7 @@ def _unread_blocks(r: "Recipe") -> list[str]:
     return errors
 
 
-def _parts(r: "Recipe") -> list[str]:
+def _parts(r) -> list[str]:
     errors = []
     modes = {name: getattr(r.parts, name).train for name in _PARTS}
     if r.method == "full":
@@ -51,7 +48,7 @@ def _parts(r: "Recipe") -> list[str]:
     return errors
 
 
-def _deepspeed(r: "Recipe") -> list[str]:
+def _deepspeed(r) -> list[str]:
     path = r.distributed.deepspeed
     if path is None:
         return []
@@ -80,7 +77,7 @@ def _deepspeed_file(path: str) -> list[str]:
             for k in ("optimizer", "scheduler") if k in cfg]
 
 
-def _grpo(r: "Recipe") -> list[str]:
+def _grpo(r) -> list[str]:
     if r.objective == "sft":
         errors = ["grpo: set, but objective is sft; add `objective: grpo` or remove the grpo block"] if r.grpo else []
         if r.model.adapter:
@@ -103,7 +100,7 @@ def _grpo(r: "Recipe") -> list[str]:
     return errors
 
 
-def _train_eval(r: "Recipe") -> list[str]:
+def _train_eval(r) -> list[str]:
     """train.eval_steps / train.best_metric."""
     t, errors = r.train, []
     has_val = bool(r.data.val) or any(d.val_fraction for d in r.data.train)
@@ -123,7 +120,7 @@ def _train_eval(r: "Recipe") -> list[str]:
     return errors
 
 
-def _processes(r: "Recipe") -> list[str]:
+def _processes(r) -> list[str]:
     d, errors = r.distributed, []
     if r.train.optimizer == "mezo" and (d.deepspeed or d.nproc_per_node * d.nnodes > 1):
         errors.append("train.optimizer: mezo runs in one process (its updates are not all-reduced); set "
@@ -133,7 +130,7 @@ def _processes(r: "Recipe") -> list[str]:
     return errors
 
 
-def _batching(r: "Recipe") -> list[str]:
+def _batching(r) -> list[str]:
     errors = []
     if r.data.packing and not r.train.max_tokens_per_batch:
         errors.append("data.packing: true needs train.max_tokens_per_batch (the length of a packed row)")

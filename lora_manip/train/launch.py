@@ -1,99 +1,54 @@
-"""Processes: checks that need no model (devices, optional packages), and the torchrun relaunch.
+"""`lora-manip train` from the command line to the end of the run: load the recipe, then print the plan (--dry-run),
+train in this process, or start the processes that train.
 
-`lora-manip train` with `distributed.nproc_per_node * nnodes > 1`, started outside a distributed run, re-executes
-itself under `torch.distributed.run` with the recipe's process and node settings. Started under torchrun or the
-deepspeed launcher it just trains (they set RANK / LOCAL_RANK / WORLD_SIZE).
+With `distributed.nproc_per_node * nnodes > 1`, started outside a distributed run, the command re-executes itself
+under `torch.distributed.run` with the recipe's process and node settings. The launcher checks the run (preflight),
+prepares the output folder and the demo inputs once, holding the folder's lock for the whole run; the processes it
+starts inherit the lock and the run id through the environment and skip what it already did. Started under torchrun
+or the deepspeed launcher (they set RANK / LOCAL_RANK / WORLD_SIZE) it just trains.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-from ..errors import UserError
-from ..recipe import Recipe
+from ..recipe import Recipe, load_recipe
+from .preflight import CHECKED_ENV, in_distributed_run, preflight
 
 log = logging.getLogger(__name__)
 
 
-def in_distributed_run() -> bool:
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+def launch_training(recipe_path: str | os.PathLike, overrides: list[str], overwrite: bool = False,
+                    resume: bool = False, dry_run: bool = False) -> tuple[int, str]:
+    """(exit code, what to print) of `lora-manip train RECIPE [--set ...]`."""
+    recipe = load_recipe(recipe_path, overrides)
+    if dry_run:
+        from .plan import describe_plan
+
+        return 0, describe_plan(recipe)
+    if recipe.distributed.nproc_per_node * recipe.distributed.nnodes > 1 and not in_distributed_run():
+        return launch_processes(recipe_path, overrides, recipe, overwrite, resume), ""
+    from .workflow import run_training
+
+    return 0, f"saved to {run_training(recipe, overwrite=overwrite, resume=resume)}"
 
 
-# First components that name a local folder, not a hub organisation (`runs/tiny-llava-ov` on a fresh clone).
-_LOCAL_ROOTS = {"runs", "run", "outputs", "output", "out", "models", "model", "checkpoints", "checkpoint", "ckpt",
-                "ckpts", "data", "tmp", "exp", "experiments", "work", "results", "weights", "saves"}
+def launch_processes(recipe_path: str | os.PathLike, overrides: list[str], recipe: Recipe, overwrite: bool,
+                     resume: bool) -> int:
+    """Check and prepare once, here, then run the recipe's processes under torchrun; their exit code."""
+    from ..fsutil import output_lock
+    from .build import prepare_demo_inputs
+    from .run_folder import RUN_ID_ENV, prepare_output_dir
 
-
-def looks_local(path: str) -> bool:
-    """A path no one would mean as a hub id (org/name): absolute, ./ ../ ~, more than one /, a first component
-    that is a folder here or a usual local folder name (runs/, outputs/, checkpoints/...)."""
-    p = path.strip()
-    first = p.split("/")[0]
-    return (os.path.isabs(p) or p.startswith((".", "~")) or p.count("/") != 1 or "\\" in p
-            or first.lower() in _LOCAL_ROOTS or os.path.isdir(first))
-
-
-def check_model_source(recipe: Recipe) -> None:
-    """A model.path that is no local folder and no cached hub model is refused here, naming the folder and how to
-    create the demo's, instead of after a minute of hub retries ending in a connection error."""
-    from ..model.load import _HUB_ID, local_folder
-
-    path, m = recipe.model.path, recipe.model
-    if m.create_tiny_if_missing or local_folder(path) is not None:
-        return
-    create = (f"for the offline demo create it with `lora-manip tiny-model {path}` (or set "
-              "model.create_tiny_if_missing: true)")
-    if Path(path).expanduser().exists():
-        raise UserError(f"model.path {path} is not a folder; point it at a checkpoint folder or a hub id")
-    if looks_local(path) or not _HUB_ID.match(path):
-        raise UserError(f"model.path {path} does not exist (no such local folder); {create}, or point model.path at "
-                        "a checkpoint "
-                        "folder or a hub id like llava-hf/llava-onevision-qwen2-7b-ov-hf")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise UserError(f"model.path {path} does not exist locally, and is not in the local Hugging Face cache "
-                        f"(HF_HUB_OFFLINE is set, so the hub is not asked); {create}, or download it first "
-                        "(huggingface-cli download)")
-
-
-def preflight(recipe: Recipe) -> None:
-    """Everything that can be refused before data or model are touched."""
-    import torch
-
-    from ..model.load import resolve_attention
-
-    check_model_source(recipe)
-    resolve_attention(recipe.model.attn_implementation)
-    n = recipe.distributed.nproc_per_node
-    if torch.cuda.is_available() and n > torch.cuda.device_count():
-        raise UserError(f"distributed.nproc_per_node: {n} processes but this machine has "
-                        f"{torch.cuda.device_count()} GPU(s)")
-    if not torch.cuda.is_available() and n > 1:
-        log.warning("no CUDA GPU: running %d CPU processes over gloo (a correctness check, not a speed-up)", n)
-    if recipe.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("method: qlora needs bitsandbytes (pip install bitsandbytes)")
-    if recipe.distributed.deepspeed and importlib.util.find_spec("deepspeed") is None:
-        raise UserError("distributed.deepspeed is set but deepspeed is not installed (pip install deepspeed)")
-    if recipe.distributed.deepspeed and not torch.cuda.is_available():
-        configure_cpu_deepspeed()
-
-
-def configure_cpu_deepspeed() -> None:
-    """DeepSpeed on CPU (tests, debugging): select its CPU accelerator, skip building its shared-memory all-reduce
-    op (a ~45 s C++ compile on first use that only speeds up CPU collectives), initialise its comm over gloo."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    # importlib, not `import deepspeed.comm.torch`: that attribute path resolves to the torch package itself.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    if in_distributed_run():
-        # accelerate's CPU path sets up torch.distributed but not DeepSpeed's own comm layer, so ZeRO-3's
-        # partitioned init would see a world of 1; initialise it here, over gloo.
-        deepspeed.init_distributed(dist_backend="gloo")
+    preflight(recipe)
+    with output_lock(recipe.train.output_dir, "lora-manip train"):
+        run_id = prepare_output_dir(recipe, overwrite, resume)
+        prepare_demo_inputs(recipe)  # not racing in every rank
+        argv = [f"--set={s}" for s in overrides] + ["--overwrite"] * overwrite + ["--resume"] * resume
+        return relaunch(str(recipe_path), argv, recipe, {RUN_ID_ENV: run_id, CHECKED_ENV: "1"})
 
 
 def relaunch_command(recipe_path: str, argv: list[str], recipe: Recipe) -> list[str]:
@@ -103,16 +58,12 @@ def relaunch_command(recipe_path: str, argv: list[str], recipe: Recipe) -> list[
             f"--master_port={d.master_port}", "-m", "lora_manip.cli", "train", recipe_path, *argv]
 
 
-def relaunch(recipe_path: str, argv: list[str], recipe: Recipe) -> int:
+def relaunch(recipe_path: str, argv: list[str], recipe: Recipe, extra_env: dict[str, str]) -> int:
+    from ..model.load import has_cuda
+
     cmd = relaunch_command(recipe_path, argv, recipe)
     log.info("launching %d process(es) per node: %s", recipe.distributed.nproc_per_node, " ".join(cmd))
-    env = dict(os.environ)
-    if not _cuda():
+    env = {**os.environ, **extra_env}
+    if not has_cuda():
         env.setdefault("DS_ACCELERATOR", "cpu")
     return subprocess.call(cmd, env=env)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
