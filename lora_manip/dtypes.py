@@ -46,7 +46,8 @@ _BY_CODE = {f.code: f for f in FLOATS}
 _BY_NAME = {name: f for f in FLOATS for name in (f.config, f.short, *f.aliases)}
 
 WEIGHT_CODES = tuple(f.code for f in FLOATS if f.weights)
-WEIGHT_SHORT_NAMES = tuple(f.short for f in FLOATS if f.weights)
+WEIGHT_NAMES = tuple(f.config for f in FLOATS if f.weights)  # recipe model.dtype / quantization.compute_dtype
+WEIGHT_SHORT_NAMES = tuple(f.short for f in FLOATS if f.weights)  # recipe train.precision, merge --dtype
 # config.json / recipe name -> torch dtype, for the dtypes a model is loaded in
 TORCH_DTYPES: dict[str, torch.dtype] = {f.config: f.torch for f in FLOATS if f.weights}
 
