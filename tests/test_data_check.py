@@ -82,6 +82,16 @@ def test_negative_coordinates_get_no_pixel_hint(root):
     assert "outside [0, 1] (-0.2)" in p["reason"] and "pixel" not in p["reason"]
 
 
+def test_bare_list_answers_are_checked_by_the_scorers_kind(root):
+    """A bare JSON list holds coordinates when the classifier that scores the record says so: by its task name
+    (traj_wo_init_pos is a trajectory though no key says traj) or, without a task, by the answer's format."""
+    lines = [rec("t", "[[0.1, 0.2]]", task="traj_wo_init_pos"), rec("p", "[[120, 40], [0.5, 0.6]]"),
+             rec("c", "[[0.1, 0.2]]", task="traj_choice")]  # a choice question: not coordinates
+    path = write(root, "a.jsonl", lines)
+    got = {p["record_id"]: p["kind"] for p in check_entries([Entry("a", str(path), str(root))])["problems"]}
+    assert got == {"t": "short_trajectory", "p": "coords_out_of_range"}
+
+
 def test_json_array_problems_name_the_index(root):
     path = root / "a.json"
     path.write_text(json.dumps([GOOD, rec("bad", images=("nope.png",))], indent=1))

@@ -323,7 +323,7 @@ def to_sample(raw: object, file: str, where: str, data_root: str | os.PathLike) 
         return problem("conversations", f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} "
                        f"image(s) in `{key}`", "placeholder_mismatch")
     # Lexical check (`..`, absolute paths): symlinks inside the root are followed when reading, so a data root
-    # assembled from symlinks to other disks works; data/check.py warns about each one that leads out of the root.
+    # assembled from symlinks to other disks works; data/images.py warns about each one that leads out of the root.
     # No file system access here.
     root = os.path.abspath(data_root)
     paths = []
