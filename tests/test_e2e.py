@@ -157,3 +157,34 @@ def test_overwrite_replaces_the_previous_run(trained, tmp_path):
     assert max(steps) == 1  # the old run's log lines are gone
     code, out = cli("train", recipe, "--resume", "--overwrite")
     assert code == 2 and "contradict" in out
+
+
+def test_the_launcher_checks_and_prepares_once_for_the_processes_it_starts(tmp_path, monkeypatch):
+    """`train` with 2 processes: the launcher runs the checks and prepares the folder, then starts torchrun with
+    the overrides as arguments; the processes it started skip the checks (a torchrun started by hand does not)."""
+    from lora_manip.recipe import load_recipe
+    from lora_manip.train import launch, preflight
+    from lora_manip.train.run_folder import RUN_ID_ENV
+
+    for var in ("LOCAL_RANK", "WORLD_SIZE", "RANK", RUN_ID_ENV, preflight.CHECKED_ENV):
+        monkeypatch.delenv(var, raising=False)
+    checked, started = [], []
+    monkeypatch.setattr(preflight, "check_run", checked.append)
+    monkeypatch.setattr(launch.subprocess, "call", lambda cmd, env: started.append((cmd, env)) or 0)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "m", tmp_path / "d", tmp_path / "run")))
+    code, out = cli("train", recipe, "--set", "distributed.nproc_per_node=2", "--set", "lora.r=4")
+    assert code == 0 and len(checked) == 1 and len(started) == 1, out
+    cmd, env = started[0]
+    assert cmd[-4:] == ["train", str(recipe), "--set=distributed.nproc_per_node=2", "--set=lora.r=4"]
+    assert "--nproc_per_node=2" in cmd and env[preflight.CHECKED_ENV] == "1"
+    assert env[RUN_ID_ENV] == json.loads((tmp_path / "run" / "run.json").read_text())["run_id"]
+
+    recipe_obj = load_recipe(recipe)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    preflight.preflight(recipe_obj)  # torchrun started by hand: nobody checked yet
+    assert len(checked) == 2
+    monkeypatch.setenv(preflight.CHECKED_ENV, "1")
+    preflight.preflight(recipe_obj)  # started by the launcher, which checked
+    assert len(checked) == 2
