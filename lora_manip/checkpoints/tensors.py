@@ -51,10 +51,6 @@ class TensorRef:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return CODE_TO_TORCH[self.dtype]
-
 
 def read_header(path: str | os.PathLike) -> tuple[dict, list[TensorRef]]:
     """(metadata, tensors in file order) of one safetensors file; UserError naming the file (and tensor) when the
