@@ -9,7 +9,8 @@ import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from lora_manip.model.adapters import prepare_trainable
-from lora_manip.model.parts import canonical, part_of
+from lora_manip.model.layouts import unwrap_peft
+from lora_manip.model.parts import part_of
 from lora_manip.recipe import recipe_from_dict
 
 from .conftest import tiny_recipe_dict
@@ -152,7 +153,7 @@ def test_qlora_keeps_frozen_weights_in_the_compute_dtype(tiny_model_dir, tmp_pat
     for n, p in model.named_parameters():
         if p.dtype == torch.uint8:
             continue  # packed 4-bit weights
-        key = "trained" if p.requires_grad else canonical(n).split(".")[1]
+        key = "trained" if p.requires_grad else unwrap_peft(n).split(".")[1]
         by_dtype.setdefault(key, set()).add(p.dtype)
     assert by_dtype.pop("trained") == {torch.float32}
     # frozen vision tower, embeddings, norms, lm_head: bf16 as loaded (PEFT's kbit preparation made them fp32)
@@ -179,7 +180,7 @@ def test_8bit_optimizer_keeps_embeddings_in_32bit_state(tiny_model_dir, synth_di
 # ------------------------------------------------------------------------------------ text-only batches + dummy
 
 def test_dummy_image_runs_the_vision_tower_and_leaves_gradients_unchanged(tiny_model_dir, processor, tmp_path):
-    from lora_manip.data.dataset import DUMMY_IMAGE, Collator
+    from lora_manip.data.collate import DUMMY_IMAGE, Collator
     from lora_manip.train.trainer import image_features_unused
 
     recipe = _recipe(tiny_model_dir, tmp_path, parts__vision_tower={"train": "full", "lr": 1e-5})
@@ -221,7 +222,7 @@ def test_dummy_image_runs_the_vision_tower_and_leaves_gradients_unchanged(tiny_m
 def test_zero3_two_processes_half_text_only_batch_one(tiny_model_dir, synth_dir, tmp_path):
     """The case that died with a gloo collective mismatch: ZeRO-3, 2 processes, half the records text-only,
     batch 1 (one process gets an image batch while the other gets a text-only one)."""
-    from lora_manip.merge import merge_adapter
+    from lora_manip.checkpoints.merge import merge_adapter
 
     from .test_train import _train_two_processes
 
@@ -253,7 +254,7 @@ def test_real_05b_geometry_trains_merges_and_predicts(tmp_path):
     from typer.testing import CliRunner
 
     from lora_manip.cli import app
-    from lora_manip.model.processor import image_token_counts, load_processor
+    from lora_manip.data.processor import image_token_counts, load_processor
     from lora_manip.model.tiny import write_tiny_model
 
     from .test_e2e import assert_same_processor_files, safetensors_names

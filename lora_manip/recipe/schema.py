@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..dtypes import WEIGHT_NAMES, WEIGHT_SHORT_NAMES
 from .checks import cross_check
 from .registry import resolve_data_section
 
@@ -25,7 +26,7 @@ class _Strict(BaseModel):
 
 class ModelCfg(_Strict):
     path: str = Field(description="Hub id (llava-hf/llava-onevision-qwen2-7b-ov-hf) or local folder in HF layout.")
-    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+    dtype: Literal[WEIGHT_NAMES] = Field(
         "bfloat16", description="Dtype the weights are loaded in. On CPU everything runs in float32 (bf16 is "
         "unusably slow there); the switch is logged.")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
@@ -53,7 +54,7 @@ class QuantCfg(_Strict):
     bits: Literal[4, 8] = 4
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    compute_dtype: Literal[WEIGHT_NAMES] = "bfloat16"
 
 
 class PartCfg(_Strict):
@@ -156,7 +157,7 @@ class TrainCfg(_Strict):
     gradient_checkpointing: bool | list[Literal["lm", "vision_tower"]] = Field(
         False, description="true: both towers; or a list of the parts to checkpoint, e.g. [lm] or [lm, "
         "vision_tower] (a trained vision tower at anyres holds every layer's activations for every tile).")
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal[WEIGHT_SHORT_NAMES] = "bf16"
     tf32: bool = False
     seed: int = Field(42, ge=0, lt=2**32)  # numpy and torch seeds are 32-bit
     logging_steps: int = Field(10, gt=0)
