@@ -1,4 +1,5 @@
-"""Output safety and small file helpers: atomic writes, one owner per output folder, no output over an input, no leftovers.
+"""Output safety and small file helpers: atomic writes, one owner per output folder, no output over an input,
+no leftovers.
 
 - Files and folders are written to a temporary name beside the target and renamed into place, so nothing a user
   wrote is overwritten half-way and nothing half-written is left under the real name. They get the mode an
@@ -11,6 +12,7 @@
   file) and is the guard `atomic_dir` and `owned_output` (merge, convert) share.
 - Temporary folders are named `.NAME.XXXXXXXX.partial`; a run killed mid-write leaves one, and the next command
   that locks NAME removes it (`cleanup_partials`), with a message.
+- `read_json` / `copy_files`: a config read with one-line errors naming the file; files copied byte for byte.
 """
 
 from __future__ import annotations

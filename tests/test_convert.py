@@ -297,7 +297,8 @@ def test_tower_folder_that_does_not_fit(upstream, tmp_path, monkeypatch, caplog)
     # neither a folder nor cached: the so400m defaults, and the log says so
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     src2 = _with_tower(upstream, tmp_path / "src2", "google/siglip-so400m-patch14-384")
-    with caplog.at_level(logging.INFO, logger="lora_manip.checkpoints"), pytest.raises(UserError, match="patch_embedding"):
+    with caplog.at_level(logging.INFO, logger="lora_manip.checkpoints"), \
+            pytest.raises(UserError, match="patch_embedding"):
         convert_checkpoint(str(src2), str(out), "llava-next", "hf")
     assert "neither a local folder nor in the local Hugging Face cache" in caplog.text
     assert "vision config from SigLIP-so400m defaults" in caplog.text
