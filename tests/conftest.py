@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # the scan cache of this test session only (a user's ~/.cache stays untouched)
@@ -104,3 +107,36 @@ def tiny_recipe_dict(model_dir, data_dir, out_dir, **over) -> dict:
     if raw["method"] == "full" and "lora" not in {k.split("__")[0] for k in over}:
         del raw["lora"]  # the schema refuses a lora block that method: full would not read
     return raw
+
+
+def train_two_processes(tmp_path, data_dir, model_dir, port, train=None, **over):
+    """`lora-manip train` with ZeRO-3 over 2 CPU processes (gloo): the 8-GPU recipe's code path. Returns the run."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    raw = tiny_recipe_dict(model_dir, data_dir, tmp_path / "run", **over)
+    raw["distributed"] = {"nproc_per_node": 2, "deepspeed": str(ROOT / "recipes" / "zero3.json"),
+                          "master_port": port}
+    raw["train"].update({"per_device_batch_size": 2, "max_steps": 2, "save_steps": 2, **(train or {})})
+    recipe.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-m", "lora_manip.cli", "train", str(recipe)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp_path / "run"
+
+
+@pytest.fixture(scope="session")
+def zero3_lora_run(tiny_model_dir, synth_dir, tmp_path_factory):
+    """One 2-process ZeRO-3 LoRA run (2 steps, checkpoint at step 2) that generates and scores 5 validation samples
+    at every step and keeps the best: test_train checks what it saves, test_train_eval its evals. A multi-process
+    run costs half a minute or more; each test only reads the run folder."""
+    data = {"train": [{"annotation_path": str(synth_dir / "train.json"), "data_path": str(synth_dir)}],
+            "val": [{"annotation_path": str(synth_dir / "val.json"), "data_path": str(synth_dir)}],
+            "model_max_length": 4096}
+    return train_two_processes(tmp_path_factory.mktemp("zero3-lora"), synth_dir, tiny_model_dir, 29671, data=data,
+                               train={"eval_steps": 1, "eval_limit": 5, "eval_max_new_tokens": 8,
+                                      "best_metric": "choice.accuracy", "save_total_limit": 1})

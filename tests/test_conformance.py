@@ -13,7 +13,7 @@ from lora_manip.model.layouts import unwrap_peft
 from lora_manip.model.parts import part_of
 from lora_manip.recipe import recipe_from_dict
 
-from .conftest import tiny_recipe_dict
+from .conftest import tiny_recipe_dict, train_two_processes
 
 
 def _recipe(tiny_model_dir, tmp_path, **over):
@@ -224,8 +224,6 @@ def test_zero3_two_processes_half_text_only_batch_one(tiny_model_dir, synth_dir,
     batch 1 (one process gets an image batch while the other gets a text-only one)."""
     from lora_manip.checkpoints.merge import merge_adapter
 
-    from .test_train import _train_two_processes
-
     records = json.loads((synth_dir / "train.json").read_text())[:16]
     for r in records[::2]:
         r.pop("images", None)
@@ -236,7 +234,7 @@ def test_zero3_two_processes_half_text_only_batch_one(tiny_model_dir, synth_dir,
     data.mkdir()
     (data / "train.json").write_text(json.dumps(records))
     (data / "images").symlink_to(synth_dir / "images")
-    run = _train_two_processes(tmp_path, data, tiny_model_dir, 29651,
+    run = train_two_processes(tmp_path, data, tiny_model_dir, 29651,
                                train={"per_device_batch_size": 1, "max_steps": 4, "save_steps": 4})
     assert (run / "adapter_model.safetensors").is_file()
     _, diff = merge_adapter(str(run), out=str(tmp_path / "merged"))

@@ -155,12 +155,12 @@ def test_missing_local_model_path_says_how_to_create_it(recipe, tmp_path, monkey
     assert "huggingface.co" not in out
 
 
-def test_dry_run_plans_the_demo_on_a_fresh_clone_without_writing(tmp_path):
+def test_dry_run_plans_the_demo_on_a_fresh_clone_without_writing(tmp_path, monkeypatch):
     recipes = Path(__file__).resolve().parents[1] / "recipes"
-    r = subprocess.run([sys.executable, "-m", "lora_manip.cli", "train", str(recipes / "tiny_cpu.yaml"), "--dry-run"],
-                       cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "created on first train" in r.stdout and "optimizer parameter groups" in r.stdout
+    monkeypatch.chdir(tmp_path)  # the recipe's relative paths (runs/...) name folders of a fresh clone
+    code, out = cli("train", recipes / "tiny_cpu.yaml", "--dry-run")
+    assert code == 0, out[-2000:]
+    assert "created on first train" in out and "optimizer parameter groups" in out
     assert list(tmp_path.iterdir()) == []  # nothing written: no model, no data, no run folder
 
 
@@ -202,9 +202,9 @@ def test_truncated_image_is_caught_by_data_check(data_root):
 def test_skip_bad_records_skips_an_undecodable_image_naming_it(data_root, tiny_model_dir, caplog):
     import logging
 
-    from lora_manip.data.dataset import build_dataset
-    from lora_manip.model.processor import load_processor
-    from lora_manip.recipe import DatasetCfg
+    from lora_manip.data.dataset import build_datasets
+    from lora_manip.data.processor import load_processor
+    from lora_manip.recipe import DataCfg, DatasetCfg
 
     png = (data_root / "img/b.png").read_bytes()
     (data_root / "img/b.png").write_bytes(png[: len(png) // 2])
@@ -212,19 +212,19 @@ def test_skip_bad_records_skips_an_undecodable_image_naming_it(data_root, tiny_m
     f.write_text(json.dumps([_rec("ok"), _rec("cut", image="img/b.png")]))
     processor = load_processor(tiny_model_dir)
     with caplog.at_level(logging.WARNING):
-        ds = build_dataset([DatasetCfg(annotation_path=str(f), data_path=str(data_root))], processor, None, 4096, 0,
-                           skip_bad_records=True)
+        ds, _ = build_datasets(DataCfg(train=[DatasetCfg(annotation_path=str(f), data_path=str(data_root))],
+                                       system_prompt=None, model_max_length=4096, skip_bad_records=True), processor, 0)
     assert len(ds) == 1 and ds.dropped["bad record: image file unreadable"] == 1
     assert "id='cut'" in caplog.text
-    from lora_manip.data.dataset import Collator
+    from lora_manip.data.collate import Collator
 
     Collator(processor)([ds[0]])  # what the check passed decodes in the collator
 
 
 def test_image_broken_after_the_check_is_a_one_line_error_naming_the_record(data_root, tiny_model_dir):
-    from lora_manip.data.dataset import Collator
+    from lora_manip.data.collate import Collator
     from lora_manip.errors import UserError
-    from lora_manip.model.processor import load_processor
+    from lora_manip.data.processor import load_processor
 
     (data_root / "img/a.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(UserError, match=r"record id='x1': cannot decode image .*a.png"):
@@ -316,8 +316,11 @@ def test_two_trainings_into_one_folder_the_second_is_refused(tiny_model_dir, syn
                              text=True)
     try:
         deadline = time.time() + 120
-        while not (out / "run.json").exists() and time.time() < deadline:
+        while not (out / "recipe.yaml").exists() and time.time() < deadline:
             time.sleep(0.2)
+        # recipe.yaml is written holding the folder's lock, once the model is built. Paused, the first run keeps the
+        # lock (the kernel holds the flock for the living process) and leaves the cores to the second's start-up.
+        first.send_signal(signal.SIGSTOP)
         second = subprocess.run(cmd + [str(recipes[1]), "--overwrite"], env=ENV, capture_output=True, text=True,
                                 timeout=300)
         assert first.poll() is None, "the first run ended before the second started; the test proves nothing"
@@ -382,12 +385,12 @@ def test_leftover_partial_folders_are_removed_on_the_next_run(tiny_model_dir, tm
 def test_full_disk_is_a_one_line_error_and_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     import errno
 
-    import lora_manip.checkpoint_io as cio
+    import lora_manip.checkpoints.shards as shards
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cio, "_write_shard", full)
+    monkeypatch.setattr(shards, "_write_shard", full)
     code, out = cli("convert", tiny_model_dir, tmp_path / "o", "--from", "hf", "--to", "llava-next")
     one_line_error(code, out, "disk is full")
     assert [p.name for p in tmp_path.iterdir()] == []

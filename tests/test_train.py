@@ -1,14 +1,10 @@
 """Training: per-part optimizer groups, QLoRA on CPU (bitsandbytes), ZeRO-3 over 2 CPU processes, dry-run plans."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from lora_manip.errors import UserError
@@ -16,7 +12,7 @@ from lora_manip.model.layouts import unwrap_peft
 from lora_manip.model.parts import part_of
 from lora_manip.recipe import recipe_from_dict
 
-from .conftest import tiny_recipe_dict
+from .conftest import tiny_recipe_dict, train_two_processes
 
 ROOT = Path(__file__).parents[1]
 
@@ -126,30 +122,16 @@ def test_dry_run_qlora_plan(tmp_path):
 # ZeRO-3 with 2 CPU processes over gloo (the 8-GPU recipe's code path)
 
 
-def _train_two_processes(tmp_path, data_dir, model_dir, port, train=None, **over):
-    recipe = tmp_path / "recipe.yaml"
-    raw = tiny_recipe_dict(model_dir, data_dir, tmp_path / "run", **over)
-    raw["distributed"] = {"nproc_per_node": 2, "deepspeed": str(ROOT / "recipes" / "zero3.json"),
-                          "master_port": port}
-    raw["train"].update({"per_device_batch_size": 2, "max_steps": 2, "save_steps": 2, **(train or {})})
-    recipe.write_text(yaml.safe_dump(raw))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    proc = subprocess.run([sys.executable, "-m", "lora_manip.cli", "train", str(recipe)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return tmp_path / "run"
-
-
 def _logged_groups(run):
     first = json.loads((run / "train_log.jsonl").read_text().splitlines()[0])
     return {g["group_name"]: g["lr"] for g in first["optimizer_groups"]}
 
 
 @pytest.mark.slow
-def test_zero3_lora_two_processes_saves_complete_adapter(tiny_model_dir, synth_dir, tmp_path):
+def test_zero3_lora_two_processes_saves_complete_adapter(zero3_lora_run, tmp_path):
     from lora_manip.checkpoints.merge import merge_adapter
 
-    run = _train_two_processes(tmp_path, synth_dir, tiny_model_dir, 29631)
+    run = zero3_lora_run
     weights = load_file(run / "adapter_model.safetensors")
     assert weights and all(t.numel() > 0 for t in weights.values())
     assert any("multi_modal_projector" in k for k in weights)
@@ -165,7 +147,7 @@ def test_zero3_lora_two_processes_saves_complete_adapter(tiny_model_dir, synth_d
 def test_zero3_full_two_processes_saves_complete_model(tiny_model_dir, synth_dir, tmp_path):
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    run = _train_two_processes(tmp_path, synth_dir, tiny_model_dir, 29641, method="full",
+    run = train_two_processes(tmp_path, synth_dir, tiny_model_dir, 29641, method="full",
                                parts={"language_model": {"lr": 1e-4}, "projector": {"lr": 1e-3},
                                       "vision_tower": {"train": "frozen"}})
     trained = dict(LlavaOnevisionForConditionalGeneration.from_pretrained(run).named_parameters())

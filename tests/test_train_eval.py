@@ -233,16 +233,10 @@ def test_best_metric_the_eval_samples_cannot_produce_is_refused_before_the_model
 
 
 @pytest.mark.slow
-def test_zero3_two_processes_eval_and_best(tiny_model_dir, synth_dir, tmp_path):
+def test_zero3_two_processes_eval_and_best(zero3_lora_run, synth_dir):
     """Both processes generate their share under ZeRO-3 (every forward collective) and gather: every sample
     scored at every eval, the best saved collectively."""
-    from .test_train import _train_two_processes
-
-    val = [{"annotation_path": str(synth_dir / "val.json"), "data_path": str(synth_dir)}]
-    run = _train_two_processes(tmp_path, synth_dir, tiny_model_dir, 29671, data={
-        "train": [{"annotation_path": str(synth_dir / "train.json"), "data_path": str(synth_dir)}], "val": val,
-        "model_max_length": 4096}, train={"eval_steps": 1, "eval_limit": 5, "eval_max_new_tokens": 8,
-                                          "best_metric": "choice.accuracy", "save_total_limit": 1})
+    run = zero3_lora_run  # eval_steps 1, eval_limit 5, eval_max_new_tokens 8, best_metric choice.accuracy
     evals = _eval_lines(run)
     assert sorted(evals) == [1, 2]
     for line in evals.values():

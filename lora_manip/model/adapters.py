@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +16,13 @@ from .layouts import unwrap_peft
 from .parts import EXTRA_TRAINABLES, MODULES_TO_SAVE, PARTS, lora_target_regex, part_of
 
 log = logging.getLogger(__name__)
+
+# PEFT (0.21) reads a model's `is_gradient_checkpointing` whenever it wraps one (get_peft_model, PeftModel.
+# from_pretrained: training, merge's check, eval of an adapter), and transformers 5 deprecates that name for
+# `is_activation_checkpointing`: every run would print a FutureWarning about code that is not the kit's. No PEFT
+# call avoids the read, so this one message from that one module is silenced; drop it once PEFT reads the new name.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                        module="transformers.modeling_utils")
 
 EXTRA_FILE = "extra_trainables.safetensors"
 
@@ -170,6 +178,6 @@ def checkpoint_parts(model, which) -> list[str]:
     inner = next(m for m in model.modules() if isinstance(m, LlavaOnevisionModel))
     towers = {"lm": inner.language_model, "vision_tower": inner.vision_tower}
     for part in parts:
-        towers[part].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        towers[part].activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     log.info("gradient checkpointing: %s", ", ".join(parts))
     return parts

@@ -26,6 +26,15 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def name_deepspeed_accelerator() -> None:
+    """Tell DeepSpeed a machine without a CUDA GPU is one (DS_ACCELERATOR, its documented override) before
+    transformers imports it (saving a model, building a Trainer): left to guess, it logs "Setting accelerator to
+    CPU. If you have GPU or other accelerator, we were unable to detect it." on every CPU run. A DS_ACCELERATOR the
+    user set wins; with a GPU DeepSpeed's own detection is silent and stays in charge."""
+    if not has_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def compute_dtype(name: str) -> torch.dtype:
     """The recipe's dtype on a GPU; float32 on CPU, where bf16 matmuls are unusably slow (measured: a 0.5B-shaped
     LoRA step did not finish in 15 minutes in bf16, ~50 s in fp32)."""

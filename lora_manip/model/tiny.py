@@ -172,9 +172,12 @@ def write_tiny_model(out: str | os.PathLike, seed: int = 0, force: bool = False,
     from safetensors.torch import load_file, save_file
     from transformers import GenerationConfig, LlavaOnevisionForConditionalGeneration
 
+    from ..data.processor import write_hub_processor
     from ..dtypes import TORCH_DTYPES
     from .layouts import canonical, hub_name
-    from ..data.processor import write_hub_processor
+    from .load import name_deepspeed_accelerator
+
+    name_deepspeed_accelerator()  # saving imports DeepSpeed (through transformers) when it is installed
 
     if template not in TEMPLATES or geometry not in GEOMETRIES:
         from ..errors import UserError

@@ -33,8 +33,9 @@ def training_arguments(recipe: Recipe):
 
     import torch
 
-    from ..model.load import compute_dtype, has_cuda
+    from ..model.load import compute_dtype, has_cuda, name_deepspeed_accelerator
 
+    name_deepspeed_accelerator()  # the Trainer imports DeepSpeed (through transformers) when it is installed
     t, gpu = recipe.train, has_cuda()
     # Autocast wherever the weights are 16-bit: trained weights are fp32 masters (model/adapters.py) next to 16-bit
     # frozen ones, which only autocast can mix. On a CPU the kit loads fp32, so it does not apply there.
