@@ -131,12 +131,27 @@ def train_two_processes(tmp_path, data_dir, model_dir, port, train=None, **over)
 
 @pytest.fixture(scope="session")
 def zero3_lora_run(tiny_model_dir, synth_dir, tmp_path_factory):
-    """One 2-process ZeRO-3 LoRA run (2 steps, checkpoint at step 2) that generates and scores 5 validation samples
-    at every step and keeps the best: test_train checks what it saves, test_train_eval its evals. A multi-process
-    run costs half a minute or more; each test only reads the run folder."""
-    data = {"train": [{"annotation_path": str(synth_dir / "train.json"), "data_path": str(synth_dir)}],
+    """One 2-process ZeRO-3 LoRA run that three tests read (a multi-process run costs half a minute or more):
+    test_conformance the case that died with a gloo collective mismatch (half the training records text-only,
+    batch 1: one process gets an image batch while the other gets a text-only one), test_train what it saves (a
+    checkpoint at step 4, the final adapter), test_train_eval its evals (5 validation samples generated and scored
+    at steps 2 and 4, the best kept)."""
+    import json
+
+    tmp = tmp_path_factory.mktemp("zero3-lora")
+    records = json.loads((synth_dir / "train.json").read_text())[:16]
+    for r in records[::2]:
+        r.pop("images", None)
+        r.pop("image", None)
+        for turn in r["conversations"]:
+            turn["value"] = turn["value"].replace("<image>\n", "").replace("<image>", "")
+    mixed = tmp / "mixed"
+    mixed.mkdir()
+    (mixed / "train.json").write_text(json.dumps(records))
+    (mixed / "images").symlink_to(synth_dir / "images")
+    data = {"train": [{"annotation_path": str(mixed / "train.json"), "data_path": str(mixed)}],
             "val": [{"annotation_path": str(synth_dir / "val.json"), "data_path": str(synth_dir)}],
             "model_max_length": 4096}
-    return train_two_processes(tmp_path_factory.mktemp("zero3-lora"), synth_dir, tiny_model_dir, 29671, data=data,
-                               train={"eval_steps": 1, "eval_limit": 5, "eval_max_new_tokens": 8,
-                                      "best_metric": "choice.accuracy", "save_total_limit": 1})
+    return train_two_processes(tmp, mixed, tiny_model_dir, 29671, data=data, train={
+        "per_device_batch_size": 1, "max_steps": 4, "save_steps": 4, "eval_steps": 2, "eval_limit": 5,
+        "eval_max_new_tokens": 8, "best_metric": "choice.accuracy", "save_total_limit": 1})

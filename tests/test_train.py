@@ -136,7 +136,7 @@ def test_zero3_lora_two_processes_saves_complete_adapter(zero3_lora_run, tmp_pat
     assert weights and all(t.numel() > 0 for t in weights.values())
     assert any("multi_modal_projector" in k for k in weights)
     assert load_file(run / "extra_trainables.safetensors")["model.image_newline"].numel() > 0
-    ckpt = load_file(run / "checkpoint-2" / "adapter_model.safetensors")
+    ckpt = load_file(run / "checkpoint-4" / "adapter_model.safetensors")
     assert ckpt.keys() == weights.keys() and all(torch.equal(ckpt[k], weights[k]) for k in weights)
     assert _logged_groups(run) == {"language_model": 5e-3, "projector": 5e-3, "projector/no_decay": 5e-3}
     _, diff = merge_adapter(str(run), out=str(tmp_path / "merged"))
