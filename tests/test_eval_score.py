@@ -9,7 +9,8 @@ from PIL import Image
 
 from lora_manip.errors import UserError
 from lora_manip.eval.draw import GT_COLOR, PRED_COLOR, contact_sheet, draw_overlay
-from lora_manip.eval.score import format_table, load_predictions, score_records, write_outputs
+from lora_manip.eval.report import format_table, load_predictions, write_outputs
+from lora_manip.eval.score import score_records
 
 approx = pytest.approx
 

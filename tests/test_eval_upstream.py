@@ -7,7 +7,8 @@ from typer.testing import CliRunner
 
 from lora_manip.cli import app
 from lora_manip.eval import upstream as up
-from lora_manip.eval.score import format_table, score_records
+from lora_manip.eval.report import format_table
+from lora_manip.eval.score import score_records
 
 approx = pytest.approx
 runner = CliRunner()

@@ -17,8 +17,8 @@ def _meta_model(recipe: Recipe):
     from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
 
     from ..errors import UserError
-    from ..model.load import check_model_path
-    from .launch import check_model_source
+    from ..hub import check_model_path
+    from .preflight import check_model_source
 
     check_model_source(recipe)
     if recipe.model.create_tiny_if_missing and not Path(recipe.model.path).exists():
@@ -42,13 +42,13 @@ def _quantised_summary(model, recipe: Recipe) -> str:
     import torch
 
     from ..model.load import NEVER_QUANTISED
-    from ..model.parts import canonical
+    from ..model.layouts import unwrap_peft
 
     if recipe.method != "qlora":
         return "nothing"
     n = sum(m.weight.numel() for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and "lora_" not in name and "modules_to_save" not in name
-            and not canonical(name).startswith(tuple(NEVER_QUANTISED)))
+            and not unwrap_peft(name).startswith(tuple(NEVER_QUANTISED)))
     q = recipe.quantization
     kind = f"{q.bits}-bit {q.quant_type}" + (" + double quantisation" if q.double_quant and q.bits == 4 else "")
     return f"{kind}: {n / 1e9:.2f}B weights of the language model's linear layers; never: {', '.join(NEVER_QUANTISED)}"
@@ -66,22 +66,24 @@ def weight_memory(model, recipe: Recipe) -> list[str]:
     import torch
 
     from ..model.load import NEVER_QUANTISED
-    from ..model.parts import canonical, part_of
+    from ..dtypes import TORCH_DTYPES
+    from ..model.layouts import unwrap_peft
+    from ..model.parts import part_of
 
-    load_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[recipe.model.dtype]
+    load_bytes = TORCH_DTYPES[recipe.model.dtype].itemsize
     q = recipe.quantization if recipe.method == "qlora" else None
     quantised = set()
     if q is not None:
-        quantised = {f"{canonical(n)}.weight" for n, m in model.named_modules()
+        quantised = {f"{unwrap_peft(n)}.weight" for n, m in model.named_modules()
                      if isinstance(m, torch.nn.Linear) and "lora_" not in n and "modules_to_save" not in n
-                     and not canonical(n).startswith(tuple(NEVER_QUANTISED))}
+                     and not unwrap_peft(n).startswith(tuple(NEVER_QUANTISED))}
     ds = bool(recipe.distributed.deepspeed)
     world = recipe.distributed.nproc_per_node * recipe.distributed.nnodes if ds else 1  # ZeRO-3 partitions all
     rows: dict[str, list[float]] = {}
     for n, p in model.named_parameters():
         if "original_module" in n:
             continue
-        name = canonical(n)
+        name = unwrap_peft(n)
         numel = p.numel() or getattr(p, "ds_numel", 0)
         if p.requires_grad:
             # fp32 master weight + fp32 gradient + optimizer state; under DeepSpeed a 16-bit copy + its fp32 master
