@@ -55,7 +55,9 @@ def as_trained(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return bnbf.dequantize_4bit(packed, state).float()
 
 
-def _from_block(block, where: str) -> "QuantCfg":  # noqa: F821 - the recipe's own schema, imported lazily
+def _from_block(block, where: str):
+    """The recipe's own quantization schema, so a merge reads the block exactly as training did (imported here: the
+    schema pulls in pydantic, which `merge` needs only for a QLoRA adapter)."""
     from pydantic import ValidationError
 
     from ..recipe import QuantCfg
