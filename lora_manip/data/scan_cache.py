@@ -14,13 +14,16 @@ atomically (arrays and JSON, never pickle) and a corrupt one is scanned again.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import UserError
+from ..fsutil import atomic_write_bytes
 
 from .scan import ScanResult, scan
 from .records import Problem
@@ -88,14 +91,13 @@ def cached_scan(index, data_root, positions, processor=None, system_prompt=None,
             return result
         log.warning("scan cache %s is unreadable; scanning again", path)
     result = scan(index, data_root, positions, processor, system_prompt, min_traj_points, workers)
+    buf = io.BytesIO()
+    _save(buf, result)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            _save(f, result)
-        os.replace(tmp, path)
-    except OSError as e:  # a read-only or full cache disk costs a rescan next time, never the run
-        log.warning("could not write the scan cache %s (%s); the next run scans again", path, e.strerror or e)
+        atomic_write_bytes(path, buf.getvalue())
+    except (OSError, UserError) as e:  # a read-only or full cache disk costs a rescan next time, never the run
+        log.warning("could not write the scan cache %s (%s); the next run scans again", path,
+                    getattr(e, "strerror", None) or e)
     return result
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
 from ..errors import UserError
-from ..fsutil import disk_errors, normal_mode
+from ..fsutil import atomic_write_bytes
 from .generate import UNSET
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,7 @@ def predict_one(model_path: str, image: str, question: str, draw: str | None = N
         if parsed is None or parsed.error:
             raise UserError(f"answer {answer!r} is not a box, point or trajectory; nothing to draw")
         out = draw_overlay(img, kind, None, parsed.value)
-        tmp = Path(draw).with_name(f".{Path(draw).name}.tmp.png")
-        try:
-            with disk_errors(draw):
-                out.save(tmp)
-                normal_mode(tmp, folder=False)
-                tmp.replace(draw)
-        finally:
-            tmp.unlink(missing_ok=True)
+        buf = io.BytesIO()  # the format the file's name asks for (out.jpg is a JPEG), PNG for unknown names
+        out.save(buf, format=Image.registered_extensions().get(Path(draw).suffix.lower(), "PNG"))
+        atomic_write_bytes(draw, buf.getvalue())
     return answer

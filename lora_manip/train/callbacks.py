@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from ..fsutil import atomic_write_bytes
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -54,9 +57,9 @@ def plot_loss(log_path: Path, png_path: Path, key: str = "loss", title: str = "t
     d.text((4, m - 4), f"{y1:.2f}", fill="black")
     d.text((4, h - m - 8), f"{y0:.2f}", fill="black")
     d.text((w - m - 20, h - m + 6), f"step {x1}", fill="black")
-    tmp = Path(png_path).with_suffix(".tmp.png")
-    img.save(tmp)
-    tmp.replace(png_path)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(png_path, buf.getvalue())
     return Path(png_path)
 
 
