@@ -16,7 +16,7 @@ as [0, 1]). What this module adds is when and where:
   as the final save does (adapter or full model, extras, processor) plus recipe.yaml and best.json (metric, value,
   step) into OUTPUT_DIR/best_checkpoint, built beside it and swapped in. The folder is deliberately not named
   `checkpoint-*`: the Trainer's checkpoint rotation (mtime-ordered) counts every `checkpoint-*` folder and would
-  delete it under save_total_limit. Which way a metric improves is decided by name in train/best_metric.py. On
+  delete it under save_total_limit. Which way a metric improves is decided by name in recipe/names.py. On
   `--resume` the best so far is read back from best.json. A value the eval cannot compute (None: e.g. a distance
   when no answer parsed) never counts as an improvement.
 - **Several processes** (DDP, DeepSpeed ZeRO-3): each process answers its share of the batches and the answers are
