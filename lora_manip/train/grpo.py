@@ -54,7 +54,8 @@ def _raw_records(samples):
 def classify(sample, gt: str, has_mask: bool) -> str:
     """The task kind, decided as the scorer decides it (a guessed kind the ground truth contradicts falls back to
     the ground truth's format)."""
-    from ..eval.parse import classify_task, parse_answer
+    from ..answers.kinds import classify_task
+    from ..answers.parse import parse_answer
 
     tk = classify_task(sample.extra.get("task"), gt, has_mask=has_mask)
     if tk.source == "guess" and tk.kind != "pointing" and not parse_answer(gt, tk.kind).ok:
@@ -140,7 +141,7 @@ def build_policy(recipe):
     from ..model.adapters import fp32_master_weights, load_extras, part_modes
     from ..model.load import load_model
     from ..model.parts import part_of
-    from .workflow import build_model
+    from .build import build_model
 
     if not recipe.model.adapter:
         model = build_model(recipe)
@@ -185,7 +186,7 @@ def grpo_arguments(recipe):
     from transformers import TrainingArguments
     from trl import GRPOConfig
 
-    from .workflow import training_arguments
+    from .build import training_arguments
 
     base = training_arguments(recipe)
     kwargs = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainingArguments)
@@ -210,7 +211,7 @@ def _trainer_class():
     from trl import GRPOTrainer
 
     from ..model.adapters import load_extras, save_extras
-    from ..model.processor import save_processor
+    from ..data.processor import save_processor
     from .optim import param_groups
     from .trainer import keep_embeddings_32bit
 
@@ -298,13 +299,14 @@ def build_grpo_trainer(recipe, overwrite: bool = False, resume: bool = False):
     from ..data.dataset import build_datasets
     from ..fsutil import atomic_write_text
     from ..model.adapters import trainable_summary
-    from ..model.load import local_folder
-    from ..model.processor import load_processor
+    from ..hub import local_folder
+    from ..data.processor import load_processor
     from ..recipe import dump_recipe
+    from .build import prepare_demo_inputs
     from .callbacks import JsonlLogCallback
-    from .launch import preflight
+    from .preflight import preflight
     from .rewards import make_reward_funcs
-    from .workflow import prepare_demo_inputs, prepare_output_dir
+    from .run_folder import prepare_output_dir
 
     out = Path(recipe.train.output_dir)
     preflight(recipe)
@@ -361,19 +363,15 @@ def run_grpo(recipe, overwrite: bool = False, resume: bool = False) -> Path:
     from ..fsutil import atomic_write_text, disk_errors, normal_mode
     from ..runinfo import finish_run
     from .callbacks import plot_loss, plot_reward
-    import contextlib
+    from .run_folder import latest_checkpoint, run_lock
 
-    from . import workflow
-
-    # The SFT path's own lock on the output folder, when workflow has one (it may also be held by the launcher).
-    run_lock = getattr(workflow, "run_lock", lambda recipe: contextlib.nullcontext())
     out = Path(recipe.train.output_dir)
     with run_lock(recipe), disk_errors(out):
         trainer = build_grpo_trainer(recipe, overwrite, resume)
         scores = {}
         if trainer.eval_dataset is not None and recipe.grpo.eval_at_start and not resume:
             scores["start"] = trainer.evaluate()
-        trainer.train(resume_from_checkpoint=workflow.latest_checkpoint(out) if resume else None)
+        trainer.train(resume_from_checkpoint=latest_checkpoint(out) if resume else None)
         if trainer.eval_dataset is not None:
             scores["end"] = trainer.evaluate()
         trainer.save_final(str(out))
