@@ -37,6 +37,7 @@ from typing import Callable
 from ..eval.metrics import bleu, box_iou, discrete_frechet, dtw_distance, point_distance
 from ..answers.parse import parse_answer
 from ..answers.parsed import Parsed
+from ..recipe.names import REWARD_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -126,36 +127,15 @@ def in_mask_reward(pred: str, gt=None, mask: str | None = None, **_) -> float:
     return _safe(lambda: mask_accuracy(p.value, _mask(mask)))
 
 
-# reward name -> (function, kinds it applies to)
-REWARDS: dict[str, tuple[Callable[..., float], tuple[str, ...]]] = {
-    "iou": (iou_reward, ("box",)),
-    "iou_bonus": (iou_bonus_reward, ("box",)),
-    "distance": (distance_reward, ("point",)),
-    "in_mask": (in_mask_reward, ("pointing",)),
-    "dtw": (dtw_reward, ("trajectory",)),
-    "frechet": (frechet_reward, ("trajectory",)),
-    "accuracy": (accuracy_reward, ("choice", "yesno")),
-    "bleu": (bleu_reward, ("planning",)),
-    "format": (format_reward, ("box", "point", "pointing", "trajectory", "choice", "yesno", "planning")),
+# reward name -> (function, kinds it applies to); the names and kinds are the schema's (recipe/names.py), which
+# validates a recipe's `grpo.rewards` before anything loads
+_FUNCTIONS: dict[str, Callable[..., float]] = {
+    "iou": iou_reward, "iou_bonus": iou_bonus_reward, "distance": distance_reward, "in_mask": in_mask_reward,
+    "dtw": dtw_reward, "frechet": frechet_reward, "accuracy": accuracy_reward, "bleu": bleu_reward,
+    "format": format_reward,
 }
-
-
-def check_reward_table(table: dict[str, dict[str, float]]) -> list[str]:
-    """Problems with a recipe's ``grpo.rewards`` table, each naming its key path (empty when fine)."""
-    errors = []
-    for kind, rewards in table.items():
-        if not any(kind in kinds for _, kinds in REWARDS.values()):
-            errors.append(f"grpo.rewards.{kind}: unknown task kind; one of box, point, pointing, trajectory, "
-                          "choice, yesno, planning")
-            continue
-        for name in rewards:
-            if name not in REWARDS:
-                errors.append(f"grpo.rewards.{kind}.{name}: unknown reward; one of {', '.join(REWARDS)}")
-            elif kind not in REWARDS[name][1]:
-                fits = [n for n, (_, kinds) in REWARDS.items() if kind in kinds]
-                errors.append(f"grpo.rewards.{kind}.{name}: does not apply to {kind} answers; {kind} has "
-                              f"{', '.join(fits)}")
-    return errors
+REWARDS: dict[str, tuple[Callable[..., float], tuple[str, ...]]] = {
+    name: (fn, REWARD_KINDS[name]) for name, fn in _FUNCTIONS.items()}
 
 
 def completion_text(completion) -> str:
