@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..recipe import DataCfg
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 5e-3}
 # Both models are loaded one after the other in fp32: skip the check above this size.
 VERIFY_MAX_BYTES = 8 * 2**30
-PROBE_SYSTEM_PROMPT = "You are a helpful assistant."
+PROBE_SYSTEM_PROMPT = DataCfg.model_fields["system_prompt"].default  # what training adds when a record has none
 PROBE_QUESTION = "<image>\nWhere is the red cube?"
 
 
