@@ -289,3 +289,16 @@ def test_predict_answers_and_draws(tiny_model_dir, tmp_path, monkeypatch):
     assert runner.invoke(app, ask + ["--force"]).exit_code == 0
     with Image.open(drawn) as im:
         assert im.size == (320, 180)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--point-threshold", "-1"], "--point-threshold must be a non-negative number"),
+    (["--coords", "inches"], "--coords inches: choose one of"),
+    (["--coords", "pixels", "--upstream-compatible"], "--coords applies to the strict scorer"),
+])
+def test_bad_scoring_flags_are_refused_before_a_model_loads(tmp_path, flags, message):
+    # the model does not exist: the scoring settings must be refused first, not after a generation run
+    data = tmp_path / "d.json"
+    data.write_text("[]")
+    r = runner.invoke(app, ["eval", str(tmp_path / "no-model"), "--data", str(data), *flags])
+    assert r.exit_code == 2 and message in r.output, r.output

@@ -80,13 +80,11 @@ def run_eval(model_path: str, data: str, data_root: str | None = None, out_dir: 
         raise UserError("--resume continues the eval in --out; pass --out DIR")
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
-    from ..answers.geometry import COORDS
+    from .score import settings_problem
 
-    if coords not in COORDS:
-        raise UserError(f"--coords {coords}: choose one of {', '.join(COORDS)}")
-    if upstream_compatible and coords != "normalized":
-        raise UserError("--coords applies to the strict scorer; --upstream-compatible reads coordinates as upstream "
-                        "does")
+    problem = settings_problem(upstream_compatible, point_threshold, coords)
+    if problem:
+        raise UserError(problem)
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if limit is not None and limit < 1:  # a slice would drop records (-1) or keep them all (0)

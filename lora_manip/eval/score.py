@@ -246,6 +246,19 @@ def _group_by_kind(rows: list[dict], thr: float) -> dict[str, dict]:
     return {k: _summarise(k, sel, thr) for k in KINDS if (sel := [r for r in rows if r["kind"] == k])}
 
 
+def settings_problem(upstream_compatible: bool, point_threshold, coords: str) -> str | None:
+    """What is wrong with the scoring settings, if anything: checked here for library callers and by `eval` before
+    it loads a model, so a bad flag never costs a generation run."""
+    if not (isinstance(point_threshold, (int, float)) and point_threshold >= 0):
+        return f"--point-threshold must be a non-negative number, got {point_threshold!r}"
+    if coords not in COORDS:
+        return f"--coords {coords}: choose one of {', '.join(COORDS)}"
+    if upstream_compatible and coords != "normalized":
+        return ("--coords applies to the strict scorer; upstream rules read coordinates their own way "
+                "(RoboInter: [0, 1] scaled by the image size; RoboPoint: '.' means a fraction)")
+    return None
+
+
 def score_records(records: list[dict], upstream_compatible: bool = False, point_threshold: float = 0.05,
                   task_map: dict[str, str] | None = None, coords: str = "normalized",
                   mask_roots: list[str | os.PathLike] | None = None) -> tuple[list[dict], dict]:
@@ -262,13 +275,9 @@ def score_records(records: list[dict], upstream_compatible: bool = False, point_
 
     Raises ValueError only for bad arguments.
     """
-    if not (isinstance(point_threshold, (int, float)) and point_threshold >= 0):
-        raise ValueError(f"point_threshold must be a non-negative number, got {point_threshold!r}")
-    if coords not in COORDS:
-        raise ValueError(f"coords must be one of {', '.join(COORDS)}, got {coords!r}")
-    if upstream_compatible and coords != "normalized":
-        raise ValueError("--coords applies to the strict scorer; upstream rules read coordinates their own way "
-                         "(RoboInter: [0, 1] scaled by the image size; RoboPoint: '.' means a fraction)")
+    problem = settings_problem(upstream_compatible, point_threshold, coords)
+    if problem:
+        raise ValueError(problem)
     scorer = _Scorer(upstream_compatible, point_threshold, task_map, coords, [Path(p) for p in mask_roots or ["."]])
     rows: list[dict] = []
     errors: list[dict] = []
