@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 
 from .errors import UserError
+from .recipe.names import SYNTH_TASKS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune LLaVA-OneVision for robot-manipulation VQA: train (full / LoRA / QLoRA), merge, "
@@ -69,13 +70,16 @@ def tiny_model(out: Path = typer.Argument(..., help="Folder to write the checkpo
 def data_synth(out: Path = typer.Argument(..., help="Folder for images/, train.json, val.json."),
                n: int = typer.Option(400, "--n", help="Number of records (train + val)."),
                seed: int = typer.Option(0, "--seed"),
-               val_fraction: float = typer.Option(0.1, help="Share of records in val.json.")):
+               val_fraction: float = typer.Option(0.1, help="Share of records in val.json."),
+               tasks: str | None = typer.Option(None, help="Only these tasks, comma-separated (default: all of "
+                                                f"{', '.join(SYNTH_TASKS)}).")):
     """Render a synthetic manipulation VQA data set (boxes, contact points, trajectories, choice, yes/no)."""
     from .data.synth import write_synth_dataset
 
     if n < 2:
         raise UserError("--n must be at least 2")
-    summary = write_synth_dataset(out, n=n, seed=seed, val_fraction=val_fraction)
+    summary = write_synth_dataset(out, n=n, seed=seed, val_fraction=val_fraction,
+                                  tasks=[t.strip() for t in tasks.split(",")] if tasks is not None else None)
     typer.echo(f"wrote {summary['train']} train + {summary['val']} val records to {out}; tasks: {summary['tasks']}")
 
 

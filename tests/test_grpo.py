@@ -1,5 +1,5 @@
 """GRPO (objective: grpo): reward values on hand-made answers, recipe validation, a short TRL run on the tiny model
-with its outputs, logs, resume and merge, and the learning proof (a rise in held-out reward and choice accuracy)."""
+with its outputs, logs, resume and merge (the learning proof, GRPO on the demo's model, is in test_demo.py)."""
 
 from __future__ import annotations
 
@@ -118,6 +118,15 @@ def test_recipe_validation(tmp_path):
         recipe_from_dict({**raw, "model": {**raw["model"], "adapter": str(tmp_path)}})
     g = _grpo_dict(tmp_path, tmp_path, tmp_path / "o")
     assert recipe_from_dict(g).grpo.beta == 0.04
+    from lora_manip.train.grpo import grpo_arguments
+
+    sampling = recipe_from_dict({**g, "grpo": {**g["grpo"], "top_k": 3, "min_p": 0.1}})
+    args = grpo_arguments(sampling)
+    assert (args.top_k, args.min_p, args.temperature) == (3, 0.1, 1.0)  # what TRL's sampler reads
+    with pytest.raises(UserError, match="grpo.top_k"):
+        recipe_from_dict({**g, "grpo": {**g["grpo"], "top_k": -1}})
+    with pytest.raises(UserError, match="create_synthetic_if_missing.tasks"):
+        recipe_from_dict({**g, "data": {**g["data"], "create_synthetic_if_missing": {"tasks": ["gripper"]}}})
     with pytest.raises(UserError, match="grpo.loss_type"):
         recipe_from_dict({**g, "grpo": {**g["grpo"], "loss_type": "ppo"}})
     g["grpo"].update(num_generations=3, rewards={"box": {"accuracy": 1.0}, "cats": {"iou": 1}})
@@ -205,55 +214,3 @@ def test_grpo_continues_sft_adapter(tmp_path, tiny_model_dir, synth_dir):
     assert adapter_base(out) == adapter_base(sft)
     assert not (out / "ref").exists()
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
-
-
-# --------------------------------------------------------------------------------------------- the learning proof
-
-# Set before the first run (issue 16, item 5): GRPO must raise held-out greedy choice accuracy by at least this
-# much over its SFT start, and the held-out mean reward with it.
-MIN_ACCURACY_RISE = 0.05
-
-
-@pytest.mark.xfail(strict=True, reason="measured 2026-12-01: held-out choice accuracy 0.44 -> 0.34, mean reward "
-                   "0.54 -> 0.44; 2026-12-02, temperature 0.5 / lr 1e-4 / 2-8 questions a step: 0.43 -> 0.43, 0.35, "
-                   "0.43; from the demo's merged model, 266 held-out questions: 0.823 -> 0.827 / 0.812 / 0.823. "
-                   "GRPO sharpens the sampled answers, not the greedy ones (README, GRPO). Issue 16 item 5 is open.")
-def test_grpo_raises_heldout_choice_accuracy(tmp_path, tiny_model_dir):
-    """Short SFT on choice questions only ("which container is on the table?", the task the tiny model learns),
-    then GRPO on that adapter with exact match as the reward; held-out answers are generated greedily by
-    `lora-manip eval`'s run_eval before and after."""
-    from lora_manip.data.synth import write_synth_dataset
-    from lora_manip.eval.run import run_eval
-    from lora_manip.train.workflow import run_training
-
-    data = tmp_path / "data"
-    write_synth_dataset(data, n=480, seed=3, val_fraction=0.2)
-    for split in ("train", "val"):
-        recs = [r for r in json.loads((data / f"{split}.json").read_text()) if r["task"] == "choice"]
-        (data / f"choice_{split}.json").write_text(json.dumps(recs))
-    train = [{"annotation_path": str(data / "choice_train.json"), "data_path": str(data)}]
-    sft = tiny_recipe_dict(tiny_model_dir, data, tmp_path / "sft", lora__r=16, lora__alpha=32,
-                           train__per_device_batch_size=16, train__max_steps=-1, train__epochs=5,
-                           train__loss_reduction="sample", train__logging_steps=5)
-    sft["data"].update(train=train, group_by_length=False)
-    run_training(recipe_from_dict(sft))
-    table = {"choice": {"accuracy": 1.0, "format": 0.1}}
-
-    def heldout(model, name):
-        rows, summary = run_eval(str(model), data=str(data / "choice_val.json"), data_root=str(data),
-                                 out_dir=str(tmp_path / name), progress=False)
-        preds = [json.loads(x) for x in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
-        return summary["all"]["choice"]["accuracy"], R.mean_rewards(preds, table)["all"]
-
-    acc0, reward0 = heldout(tmp_path / "sft", "eval-sft")
-    g = json.loads(json.dumps(sft))
-    g.update(objective="grpo", grpo={"num_generations": 8, "max_completion_length": 4, "beta": 0.04,
-                                     "rewards": table})
-    g["model"]["adapter"] = str(tmp_path / "sft")
-    g["parts"]["language_model"]["lr"] = g["parts"]["projector"]["lr"] = 3e-4
-    g["train"].update(output_dir=str(tmp_path / "grpo"), max_steps=30, lr_scheduler="constant")
-    run_training(recipe_from_dict(g))
-    acc1, reward1 = heldout(tmp_path / "grpo", "eval-grpo")
-    print(f"held-out choice accuracy {acc0:.3f} -> {acc1:.3f}, mean reward {reward0:.3f} -> {reward1:.3f}")
-    assert acc1 >= acc0 + MIN_ACCURACY_RISE
-    assert reward1 > reward0

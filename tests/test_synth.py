@@ -87,6 +87,22 @@ def test_tasks_cycle_and_balance(tmp_path, dataset):
     assert counts == {t: 2 for t in TASKS} | {"current_bbox": 3, "final_bbox": 3, "choice": 11}
 
 
+def test_task_subset(tmp_path):
+    """--tasks keeps CYCLE's order and proportions among the chosen tasks (a GRPO prompt set of one task)."""
+    counts = write_synth_dataset(tmp_path / "g", 10, seed=1, tasks=["gripper_bbox"])["tasks"]
+    assert counts == {"gripper_bbox": 10}
+    recs = json.loads((tmp_path / "g" / "train.json").read_text()) + json.loads((tmp_path / "g" / "val.json").read_text())
+    assert {r["task"] for r in recs} == {"gripper_bbox"} and len(recs) == 10
+    assert write_synth_dataset(tmp_path / "m", 12, seed=1, tasks=["yesno", "choice"])["tasks"] == {"choice": 10,
+                                                                                                "yesno": 2}
+    recs = [r for f in ("train.json", "val.json") for r in json.loads((tmp_path / "m" / f).read_text())]
+    letters = Counter(r["conversations"][1]["value"] for r in recs if r["task"] == "choice")
+    assert letters == {"A": 3, "B": 3, "C": 2, "D": 2}  # still balanced
+    with pytest.raises(UserError, match="synthetic tasks \\['boxes'\\]"):
+        write_synth_dataset(tmp_path / "x", 4, tasks=["boxes", "choice"])
+    assert not (tmp_path / "x").exists()
+
+
 def test_record_format(dataset):
     out, _, records = dataset
     assert len({r["id"] for r in records}) == N

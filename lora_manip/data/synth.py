@@ -22,10 +22,9 @@ from PIL import Image, ImageDraw
 
 from ..errors import UserError
 from ..fsutil import atomic_dir, atomic_write_json
+from ..recipe.names import SYNTH_TASKS
 
-TASKS: tuple[str, ...] = (
-    "current_bbox", "final_bbox", "contact_bbox", "gripper_bbox", "contact_point", "future_traj", "choice", "yesno",
-)
+TASKS = SYNTH_TASKS
 # Record i asks CYCLE[i % len(CYCLE)]: each grounding task once, choice five times, yes/no once. With one record in
 # eight a choice question, the tiny demo model answers every one with the same letter; at five in twelve (with
 # the demo recipe's sample loss reduction and batches of 16) the letter follows the image. README, "What the demo
@@ -302,9 +301,9 @@ def _question_answer(task: str, sc: Scene, k: int, rng: random.Random) -> tuple[
 
 # -------------------------------------------------------------------------------------------------- writing
 
-def _example(i: int, seed: int) -> tuple[dict, Image.Image]:
-    task = CYCLE[i % len(CYCLE)]
-    k = i // len(CYCLE) * CYCLE.count(task) + CYCLE[: i % len(CYCLE)].count(task)  # earlier records of this task
+def _example(i: int, seed: int, cycle: tuple[str, ...] = CYCLE) -> tuple[dict, Image.Image]:
+    task = cycle[i % len(cycle)]
+    k = i // len(cycle) * cycle.count(task) + cycle[: i % len(cycle)].count(task)  # earlier records of this task
     # One generator per record: record i is the same whatever n is, and nothing touches global RNG state.
     rng = random.Random(f"lora_manip.synth:{seed}:{i}")
     qa = None
@@ -318,10 +317,16 @@ def _example(i: int, seed: int) -> tuple[dict, Image.Image]:
     return rec, _render(sc, rng)
 
 
-def write_synth_dataset(out_dir: str | Path, n: int, seed: int = 0, val_fraction: float = 0.1) -> dict:
+def write_synth_dataset(out_dir: str | Path, n: int, seed: int = 0, val_fraction: float = 0.1,
+                        tasks: list[str] | None = None) -> dict:
     """Render scenes and write OUT/images/*.png, OUT/train.json, OUT/val.json. Returns a summary dict
-    {"train": n_train, "val": n_val, "tasks": {task: count}, "out_dir": str}."""
+    {"train": n_train, "val": n_val, "tasks": {task: count}, "out_dir": str}. `tasks` keeps only those tasks of
+    the mixture (in CYCLE's proportions), e.g. a prompt set for GRPO on one task."""
     out = Path(out_dir)
+    unknown = sorted(set(tasks or ()) - set(TASKS))
+    if unknown or tasks == []:
+        raise UserError(f"synthetic tasks {unknown or tasks}: choose one or more of {', '.join(TASKS)}")
+    cycle = tuple(t for t in CYCLE if t in tasks) if tasks else CYCLE
     if not isinstance(n, int) or n < 1:
         raise UserError(f"the number of synthetic records must be a positive integer, got {n!r}")
     if not 0.0 <= val_fraction < 1.0:
@@ -334,16 +339,16 @@ def write_synth_dataset(out_dir: str | Path, n: int, seed: int = 0, val_fraction
     n_val = min(n_val, n - 1)  # always leave something to train on
     val_ids = set(random.Random(f"lora_manip.synth.split:{seed}").sample(range(n), n_val))
 
-    train, val, tasks = [], [], {t: 0 for t in TASKS}
+    train, val, counts = [], [], {t: 0 for t in TASKS if t in cycle}
     # The images folder appears whole or not at all. Replacing one that is there is safe: without train.json and
     # val.json (refused above) it is an interrupted run's.
     with atomic_dir(out / "images", force=True) as images:
         for i in range(n):
-            rec, img = _example(i, seed)
+            rec, img = _example(i, seed, cycle)
             img.save(images / Path(rec["images"][0]).name, format="PNG")
             (val if i in val_ids else train).append(rec)
-            tasks[rec["task"]] += 1
+            counts[rec["task"]] += 1
     # train.json last: its presence marks a complete dataset, so an interrupted run can simply be repeated.
     atomic_write_json(out / "val.json", val)
     atomic_write_json(out / "train.json", train)
-    return {"train": len(train), "val": len(val), "tasks": tasks, "out_dir": str(out)}
+    return {"train": len(train), "val": len(val), "tasks": counts, "out_dir": str(out)}

@@ -10,6 +10,12 @@ accuracies, IoU and BLEU upwards. The direction is decided here, by name, once.
 
 from __future__ import annotations
 
+# The tasks `lora-manip data synth` renders (lora_manip/data/synth.py), here so a recipe's
+# `data.create_synthetic_if_missing.tasks` is checked when the recipe is loaded.
+SYNTH_TASKS: tuple[str, ...] = (
+    "current_bbox", "final_bbox", "contact_bbox", "gripper_bbox", "contact_point", "future_traj", "choice", "yesno",
+)
+
 # The scorer's point hit threshold in normalised image units: it names the metric (`point.acc@0.05`).
 POINT_THRESHOLD = 0.05
 

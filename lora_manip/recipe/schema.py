@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..dtypes import WEIGHT_NAMES, WEIGHT_SHORT_NAMES
 from .checks import cross_check
+from .names import SYNTH_TASKS
 from .registry import resolve_data_section
 
 PartMode = Literal["frozen", "full", "lora"]
@@ -87,6 +88,8 @@ class DatasetCfg(_Strict):
 class SynthCfg(_Strict):
     n: int = Field(400, gt=1)
     seed: int = Field(0, ge=0, lt=2**32)
+    tasks: list[Literal[SYNTH_TASKS]] | None = Field(None, min_length=1,
+                                                     description="Render only these tasks (default: all).")
 
 
 class DataCfg(_Strict):
@@ -192,6 +195,9 @@ class GrpoCfg(_Strict):
     max_completion_length: int = Field(64, gt=0, description="Longest completion, in tokens.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens only (0: all). A small model's long "
+                       "tail (stray tokens inside a number) makes most full-distribution samples unparseable.")
+    min_p: float | None = Field(None, ge=0, le=1, description="Drop tokens below min_p x the likeliest's probability.")
     beta: float = Field(0.04, ge=0, description="KL coefficient against the starting model (0: no reference).")
     epsilon: float = Field(0.2, gt=0, description="Clip range of the policy ratio (lower side, and upper when "
                            "epsilon_high is unset).")

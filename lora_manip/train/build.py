@@ -25,7 +25,7 @@ def prepare_demo_inputs(recipe: Recipe) -> None:
         from ..data.synth import write_synth_dataset
 
         log.info("creating synthetic data set (%d records) at %s", synth.n, first.data_path)
-        write_synth_dataset(first.data_path, n=synth.n, seed=synth.seed)
+        write_synth_dataset(first.data_path, n=synth.n, seed=synth.seed, tasks=synth.tasks)
 
 
 def training_arguments(recipe: Recipe):

@@ -196,7 +196,8 @@ def grpo_arguments(recipe):
     eval_batch = -(-recipe.train.per_device_batch_size // g.num_generations) * g.num_generations
     kwargs.update(
         per_device_eval_batch_size=eval_batch, num_generations=g.num_generations,
-        max_completion_length=g.max_completion_length, temperature=g.temperature, top_p=g.top_p, beta=g.beta,
+        max_completion_length=g.max_completion_length, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+        min_p=g.min_p, beta=g.beta,
         epsilon=g.epsilon, epsilon_high=g.epsilon_high, loss_type=g.loss_type, scale_rewards=g.scale_rewards,
         num_iterations=g.num_iterations, mask_truncated_completions=g.mask_truncated_completions,
         remove_unused_columns=False, disable_dropout=True, log_completions=False,
