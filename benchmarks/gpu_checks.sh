@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, in one go: the GPU-marked tests, the loss-memory benchmark on the GPU
-# (the 0.5B-shaped case in fp32 and bf16, and 7B shapes in bf16), then the offline demo end to end.
+# (the 0.5B-shaped case in fp32 and bf16, and 7B shapes in bf16), a few QLoRA GRPO steps at the 0.5B
+# geometry (peak memory, rollout tokens/s), then the offline demo end to end.
 # Usage: bash benchmarks/gpu_checks.sh [LOG_DIR]   (each step's output goes to LOG_DIR/<step>.log too)
 set -u
 LOG=${1:-runs/gpu-checks}
@@ -19,4 +20,5 @@ step gpu_tests 240 python3 -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cache
 step loss_0.5b_fp32 120 python3 benchmarks/loss_memory.py --device cuda
 step loss_0.5b_bf16 120 python3 benchmarks/loss_memory.py --device cuda --dtype bfloat16
 step loss_7b_bf16 180 python3 benchmarks/loss_memory.py --device cuda --dtype bfloat16 --shape 7b --layers 2 --vocab 152064
+step grpo_0.5b_qlora 300 python3 benchmarks/grpo_steps.py
 step demo 300 python3 -m lora_manip.cli demo

@@ -188,9 +188,10 @@ def test_grpo_run_outputs_logs_resume_merge(tmp_path, tiny_model_dir, synth_dir)
     steps = [r for r in _log(out) if "reward" in r]
     keys = set().union(*steps)
     for k in ("reward", "rewards/format/mean", "frac_reward_zero_std", "completions/mean_length", "kl",
-              "lr/language_model"):
+              "lr/language_model", "generation/tokens_per_s", "peak_mem_gb"):
         assert k in keys, k
     assert any(k.startswith("reward_by_kind/") for k in keys)
+    assert all(r["generation/tokens_per_s"] > 0 and r["peak_mem_gb"] > 0.1 for r in steps)
     evals = json.loads((out / "grpo_eval.json").read_text())
     assert "eval_reward" in evals["start"] and "eval_reward" in evals["end"]
 

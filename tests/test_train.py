@@ -139,6 +139,8 @@ def test_zero3_lora_two_processes_saves_complete_adapter(zero3_lora_run, tmp_pat
     ckpt = load_file(run / "checkpoint-4" / "adapter_model.safetensors")
     assert ckpt.keys() == weights.keys() and all(torch.equal(ckpt[k], weights[k]) for k in weights)
     assert _logged_groups(run) == {"language_model": 5e-3, "projector": 5e-3, "projector/no_decay": 5e-3}
+    steps = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps and all(r["lr/language_model"] > 0 and r["peak_mem_gb"] > 0.1 for r in steps)
     _, diff = merge_adapter(str(run), out=str(tmp_path / "merged"))
     assert diff < 1e-3
 

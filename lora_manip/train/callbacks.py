@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from ..fsutil import atomic_write_bytes
@@ -31,6 +32,20 @@ class JsonlLogCallback(TrainerCallback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as f:  # append-only log: a crash loses at most one line
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def part_lrs_and_memory(optimizer) -> dict:
+    """What both trainers add to each training log line: the learning rate of every part (`lr/<part>`) and the
+    peak memory so far (`peak_mem_gb`: allocated CUDA memory on a GPU, else the process's peak resident size)."""
+    out = {f"lr/{g['group_name']}": g["lr"] for g in optimizer.param_groups
+           if g.get("group_name") and not g["group_name"].endswith("/no_decay")}
+    if torch.cuda.is_available():
+        out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    else:
+        import resource
+
+        out["peak_mem_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB on Linux
+    return out
 
 
 def plot_loss(log_path: Path, png_path: Path, key: str = "loss", title: str = "training loss") -> Path | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -213,6 +214,7 @@ def _trainer_class():
 
     from ..model.adapters import load_extras, save_extras
     from ..data.processor import save_processor
+    from .callbacks import part_lrs_and_memory
     from .optim import param_groups
     from .trainer import keep_embeddings_32bit
 
@@ -251,12 +253,18 @@ def _trainer_class():
                 self._metrics[mode][f"reward_by_kind/{kind}"].append(total[sel].mean().item())
             return per_func
 
+        def _generate_single_turn(self, prompt_ids, *args, **kwargs):
+            # Rollout speed is what GRPO spends most of its time on; TRL times it only for wandb/mlflow.
+            start = time.perf_counter()
+            completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
+            mode = "train" if self.model.training else "eval"
+            tokens = sum(len(c) for c in completion_ids)
+            self._metrics[mode]["generation/tokens_per_s"].append(tokens / max(time.perf_counter() - start, 1e-9))
+            return completion_ids, logprobs
+
         def log(self, logs: dict, start_time=None) -> None:
             if self.optimizer is not None and "loss" in logs:
-                for g in self.optimizer.param_groups:
-                    name = g.get("group_name", "")
-                    if name and not name.endswith("/no_decay"):
-                        logs[f"lr/{name}"] = g["lr"]
+                logs.update(part_lrs_and_memory(self.optimizer))
             super().log(logs, start_time)
 
         def _save(self, output_dir=None, state_dict=None):

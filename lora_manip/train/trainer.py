@@ -23,6 +23,7 @@ from transformers import Trainer
 from ..data.collate import DUMMY_IMAGE
 from ..model.adapters import load_extras, save_extras
 from ..data.processor import save_processor
+from .callbacks import part_lrs_and_memory
 from .loss import IGNORE, loss_at_positions, positions_to_keep, supervised_rows
 from .optim import param_groups
 
@@ -139,10 +140,7 @@ class ManipTrainer(Trainer):
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if self.optimizer is not None and "loss" in logs:
-            for g in self.optimizer.param_groups:
-                name = g.get("group_name", "")
-                if name and not name.endswith("/no_decay"):
-                    logs[f"lr/{name}"] = g["lr"]
+            logs.update(part_lrs_and_memory(self.optimizer))
             now = time.time()
             logs["tokens_per_s"] = round(self._tokens / max(now - self._tokens_since, 1e-9), 1)
             self._tokens, self._tokens_since = 0, now
