@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--method", choices=["qlora", "lora"], default="qlora")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--completion", type=int, default=40, help="max_completion_length (a box answer is ~34)")
-    ap.add_argument("--work", default="runs/bench-grpo", help="folder for the model, data and run (replaced)")
+    ap.add_argument("--work", default="runs/bench-grpo", help="folder for the model and data (reused when there) and the run (replaced)")
     args = ap.parse_args()
 
     from lora_manip.data.synth import write_synth_dataset

@@ -79,6 +79,8 @@ def test_grpo_recipe_raises_heldout_reward_over_the_demo_model(demo, tmp_path):
                         *[a for o in overrides for a in ("--set", o)]],
                        cwd=tmp_path, capture_output=True, text=True, timeout=1200)
     assert g.returncode == 0, (g.stdout + g.stderr)[-4000:]
+    prompts = [x for f in ("train.json", "val.json") for x in json.loads((data / f).read_text())]
+    assert len(prompts) == 400 and {x["task"] for x in prompts} == {"gripper_bbox"}  # the recipe's own prompt set
     table = yaml.safe_load((ROOT / "recipes" / "grpo_tiny_cpu.yaml").read_text())["grpo"]["rewards"]
 
     def heldout(model, name):

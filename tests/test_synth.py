@@ -103,6 +103,20 @@ def test_task_subset(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_task_subset_from_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from lora_manip.cli import app
+
+    r = CliRunner().invoke(app, ["data", "synth", str(tmp_path / "g"), "--n", "6", "--tasks", "gripper_bbox, yesno"])
+    assert r.exit_code == 0, r.output
+    recs = [x for f in ("train.json", "val.json") for x in json.loads((tmp_path / "g" / f).read_text())]
+    assert Counter(x["task"] for x in recs) == {"gripper_bbox": 3, "yesno": 3}
+    r = CliRunner().invoke(app, ["data", "synth", str(tmp_path / "x"), "--n", "6", "--tasks", "gripper"])
+    assert r.exit_code == 2 and "synthetic tasks ['gripper']" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_record_format(dataset):
     out, _, records = dataset
     assert len({r["id"] for r in records}) == N
