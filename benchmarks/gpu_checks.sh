@@ -16,7 +16,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run, keep going on failure, report the e
 nvidia-smi -L
 python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)"
-step gpu_tests 240 python3 -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider
+step gpu_tests 240 python3 -m pytest -m gpu tests/gpu/test_gpu.py -q -rs -p no:cacheprovider
 step loss_0.5b_fp32 120 python3 benchmarks/loss_memory.py --device cuda
 step loss_0.5b_bf16 120 python3 benchmarks/loss_memory.py --device cuda --dtype bfloat16
 step loss_7b_bf16 180 python3 benchmarks/loss_memory.py --device cuda --dtype bfloat16 --shape 7b --layers 2 --vocab 152064

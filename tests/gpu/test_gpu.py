@@ -10,7 +10,7 @@ import torch
 from lora_manip.model.layouts import unwrap_peft
 from lora_manip.recipe import recipe_from_dict
 
-from .conftest import tiny_recipe_dict
+from tests.conftest import tiny_recipe_dict
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

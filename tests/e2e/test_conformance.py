@@ -13,7 +13,7 @@ from lora_manip.model.layouts import unwrap_peft
 from lora_manip.model.parts import part_of
 from lora_manip.recipe import recipe_from_dict
 
-from .conftest import tiny_recipe_dict
+from tests.conftest import tiny_recipe_dict
 
 
 def _recipe(tiny_model_dir, tmp_path, **over):
@@ -129,7 +129,7 @@ def test_full_run_saves_in_the_base_dtype_and_names(tiny_model_dir, synth_dir, t
             return {k: f.get_slice(k).get_dtype() for k in f.keys()}
 
     assert tensors(run) == tensors(base_bf16)
-    from .test_e2e import assert_same_processor_files
+    from tests.e2e.test_e2e import assert_same_processor_files
 
     assert_same_processor_files(base_bf16, run)
 
@@ -243,7 +243,7 @@ def test_real_05b_geometry_trains_merges_and_predicts(tmp_path):
     from lora_manip.data.processor import image_token_counts, load_processor
     from lora_manip.model.tiny import write_tiny_model
 
-    from .test_e2e import assert_same_processor_files, safetensors_names
+    from tests.e2e.test_e2e import assert_same_processor_files, safetensors_names
 
     base = write_tiny_model(tmp_path / "ov05", geometry="ov-0.5b", dtype="bfloat16")
     processor = load_processor(base)
@@ -283,7 +283,7 @@ def test_chatml_checkpoint_trains_merges_and_evaluates(chatml_model_dir, synth_d
 
     from lora_manip.cli import app
 
-    from .test_e2e import assert_same_processor_files
+    from tests.e2e.test_e2e import assert_same_processor_files
 
     raw = tiny_recipe_dict(chatml_model_dir, synth_dir, tmp_path / "run", train__max_steps=2)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))

@@ -12,9 +12,9 @@ from lora_manip.model.layouts import unwrap_peft
 from lora_manip.model.parts import part_of
 from lora_manip.recipe import recipe_from_dict
 
-from .conftest import tiny_recipe_dict, train_two_processes
+from tests.conftest import tiny_recipe_dict, train_two_processes
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def test_trainer_optimizer_has_one_group_per_part_lr(tiny_model_dir, synth_dir, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 # What the libraries print when the kit calls a deprecated API (or leaves DeepSpeed to guess its accelerator).
 LIBRARY_NOISE = ("FutureWarning", "DeprecationWarning", "Setting accelerator to CPU")

@@ -14,7 +14,7 @@ from lora_manip.recipe import load_registry, split_percent
 from lora_manip.errors import UserError
 from lora_manip.recipe import dump_recipe, recipe_from_dict
 
-EXAMPLE = Path(__file__).parents[1] / "recipes" / "registry" / "datasets.example.yaml"
+EXAMPLE = Path(__file__).parents[2] / "recipes" / "registry" / "datasets.example.yaml"
 
 
 def base(data: dict) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lora_manip"
+PACKAGE = Path(__file__).resolve().parents[2] / "lora_manip"
 
 # Lowest first. A module may import from its own layer and the layers below it, never from one above.
 # train sits above eval and checkpoints: evaluation during training and GRPO's rewards score with eval's metrics,

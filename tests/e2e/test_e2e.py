@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from lora_manip.cli import app
 
-from .conftest import tiny_recipe_dict
+from tests.conftest import tiny_recipe_dict
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ from lora_manip.errors import UserError
 from lora_manip.recipe import recipe_from_dict
 from lora_manip.recipe import METRICS, check_metric_name, higher_is_better
 
-from .conftest import tiny_recipe_dict
+from tests.conftest import tiny_recipe_dict
 
 
 def _raw(model_dir, data_dir, out, val=True, **over):

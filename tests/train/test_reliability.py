@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from lora_manip.cli import app
 
-from .conftest import tiny_recipe_dict
+from tests.conftest import tiny_recipe_dict
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -156,7 +156,7 @@ def test_missing_local_model_path_says_how_to_create_it(recipe, tmp_path, monkey
 
 
 def test_dry_run_plans_the_demo_on_a_fresh_clone_without_writing(tmp_path, monkeypatch):
-    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
     monkeypatch.chdir(tmp_path)  # the recipe's relative paths (runs/...) name folders of a fresh clone
     code, out = cli("train", recipes / "tiny_cpu.yaml", "--dry-run")
     assert code == 0, out[-2000:]
@@ -180,7 +180,7 @@ def _rec(rid="r1", answer='{"current_bbox": [[0.1, 0.2], [0.3, 0.4]]}', image="i
 
 @pytest.fixture()
 def data_root(tmp_path):
-    from .conftest import write_two_images
+    from tests.conftest import write_two_images
 
     root = tmp_path / "data"
     root.mkdir()

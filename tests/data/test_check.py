@@ -15,7 +15,7 @@ from lora_manip.data.dataset import build_datasets
 from lora_manip.errors import UserError
 from lora_manip.recipe import recipe_from_dict
 
-from .conftest import tiny_recipe_dict
+from tests.conftest import tiny_recipe_dict
 
 runner = CliRunner()
 

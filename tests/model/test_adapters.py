@@ -9,7 +9,7 @@ from lora_manip.model.parts import part_of
 from lora_manip.recipe import recipe_from_dict
 from lora_manip.train.optim import param_groups
 
-from .conftest import tiny_recipe_dict
+from tests.conftest import tiny_recipe_dict
 
 
 def _prepare(tiny_model_dir, tmp_path, **over):

@@ -11,7 +11,7 @@ from lora_manip.data.encode import IGNORE, encode
 from lora_manip.data.records import load_samples
 from lora_manip.data.processor import image_token_counts
 
-from .conftest import assert_ids_match_processor, write_two_images
+from tests.conftest import assert_ids_match_processor, write_two_images
 
 SYSTEM = "You are a helpful assistant."
 

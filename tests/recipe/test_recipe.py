@@ -6,7 +6,7 @@ import yaml
 from lora_manip.errors import UserError
 from lora_manip.recipe import apply_overrides, dump_recipe, load_recipe, recipe_from_dict
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
 
 BASE = {
     "model": {"path": "llava-hf/llava-onevision-qwen2-7b-ov-hf"},
@@ -105,7 +105,7 @@ def test_deepspeed_optimizer_block_is_refused(tmp_path):
 def test_shipped_zero3_config_gathers_weights_and_has_no_optimizer():
     import json
 
-    cfg = json.loads((Path(__file__).parents[1] / "recipes" / "zero3.json").read_text())
+    cfg = json.loads((Path(__file__).parents[2] / "recipes" / "zero3.json").read_text())
     assert cfg["zero_optimization"]["stage"] == 3
     assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert "optimizer" not in cfg and "scheduler" not in cfg

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .test_merge import make_adapter
-from .test_reliability import ENV, cli
+from tests.checkpoints.test_merge import make_adapter
+from tests.train.test_reliability import ENV, cli
 
 
 FAST = ("--max-new-tokens", "3", "--limit", "2")

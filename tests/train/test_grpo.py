@@ -12,7 +12,7 @@ from lora_manip.errors import UserError
 from lora_manip.recipe import recipe_from_dict
 from lora_manip.train import rewards as R
 
-from .conftest import tiny_recipe_dict
+from tests.conftest import tiny_recipe_dict
 
 BOX = '{"current_bbox": [[0.1, 0.1], [0.5, 0.5]]}'
 TRAJ = '{"future_traj": [[0.1, 0.1], [0.2, 0.2], [0.3, 0.3], [0.4, 0.4]]}'

@@ -13,7 +13,7 @@ from lora_manip.data.records import load_samples
 from lora_manip.data.sampler import TokenBudgetBatchSampler, batch_cost, padding_efficiency
 from lora_manip.recipe import recipe_from_dict
 
-from .conftest import tiny_recipe_dict, write_two_images
+from tests.conftest import tiny_recipe_dict, write_two_images
 
 SYSTEM = "You are a helpful assistant."
 

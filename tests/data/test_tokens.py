@@ -16,7 +16,7 @@ from lora_manip.data.encode import IGNORE, encode
 from lora_manip.data.records import load_samples
 from lora_manip.recipe import DataCfg, DatasetCfg
 
-from .conftest import assert_ids_match_processor, write_two_images
+from tests.conftest import assert_ids_match_processor, write_two_images
 
 SYSTEM = "You are a helpful assistant."
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
