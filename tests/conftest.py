@@ -155,3 +155,15 @@ def zero3_lora_run(tiny_model_dir, synth_dir, tmp_path_factory):
     return train_two_processes(tmp, mixed, tiny_model_dir, 29671, data=data, train={
         "per_device_batch_size": 1, "max_steps": 4, "save_steps": 4, "eval_steps": 2, "eval_limit": 5,
         "eval_max_new_tokens": 8, "best_metric": "choice.accuracy", "save_total_limit": 1})
+
+
+# Folders whose every test is slow (the learning proofs, the end-to-end runs through real processes): `pytest -m "not
+# slow"` is the developer's fast set; CI and the README's test command run everything.
+SLOW_FOLDERS = ("proofs", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        rel = Path(str(item.fspath)).resolve().relative_to(ROOT / "tests")
+        if rel.parts[0] in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)
