@@ -117,7 +117,7 @@ def length_costs(folder: Path, jsonl: Path, k: int, n_total: int) -> list[tuple[
     from PIL import Image
 
     from lora_manip.data.images import _SIZE_CACHE, read_image_size
-    from lora_manip.data.lengths import token_lengths
+    from lora_manip.data.encode import Chat, token_lengths
     from lora_manip.data.scan import scan
     from lora_manip.data.records import RecordIndex, to_sample
     from lora_manip.data.processor import load_processor
@@ -134,7 +134,7 @@ def length_costs(folder: Path, jsonl: Path, k: int, n_total: int) -> list[tuple[
             continue
         start = time.time()
         for lo in range(0, k, 256):
-            token_lengths(proc, "You are a helpful assistant.", items[lo:lo + 256])
+            token_lengths(Chat(proc, "You are a helpful assistant."), items[lo:lo + 256])
         rows.append((f"exact token length, {name}", 1e6 * (time.time() - start) / k))
     img_dir = folder / "imgs"
     img_dir.mkdir()
@@ -162,7 +162,7 @@ def length_costs(folder: Path, jsonl: Path, k: int, n_total: int) -> list[tuple[
         old = scan_module.POOL_THRESHOLD
         scan_module.POOL_THRESHOLD = 0
         try:
-            r = scan(RecordIndex(small), str(img_dir), None, proc, "You are a helpful assistant.", 2, workers)
+            r = scan(RecordIndex(small), str(img_dir), None, Chat(proc, "You are a helpful assistant."), 2, workers)
         finally:
             scan_module.POOL_THRESHOLD = old
         assert not r.problems, r.problems[:3]

@@ -37,6 +37,7 @@ def main() -> None:
     import torch
 
     from lora_manip.data.records import load_samples
+    from lora_manip.data.encode import Chat
     from lora_manip.eval.generate import load_for_inference, predict_samples
 
     tmp = Path(tempfile.mkdtemp(prefix="eval_speed."))
@@ -57,7 +58,7 @@ def main() -> None:
     samples = samples[: args.n]
     model, processor = load_for_inference(model_path)
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    predict_samples(model, processor, samples[:4], "You are a helpful assistant.", 4, args.max_new_tokens, False)
+    predict_samples(model, Chat(processor, "You are a helpful assistant."), samples[:4], 4, args.max_new_tokens, False)
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     best: dict[int, float] = {}
@@ -65,7 +66,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for bs in sizes:
             t0 = time.perf_counter()
-            answers_of[bs] = predict_samples(model, processor, samples, "You are a helpful assistant.", bs,
+            answers_of[bs] = predict_samples(model, Chat(processor, "You are a helpful assistant."), samples, bs,
                                              args.max_new_tokens, progress=False)
             best[bs] = min(best.get(bs, float("inf")), time.perf_counter() - t0)
     reference = answers_of[sizes[0]]

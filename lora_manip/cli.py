@@ -1,5 +1,7 @@
 """The `lora-manip` command. Each command parses its arguments and calls one function; heavy imports happen inside
-the commands so `--help` is instant. Known errors (UserError) print one line and exit 2; no tracebacks."""
+the commands so `--help` is instant (importing this module imports no torch: tests/core/test_cli_import.py). The
+choices and defaults an option shows are read from the tables they describe (dtypes, answers, recipe/names, the tiny
+model's), never restated here. Known errors (UserError) print one line and exit 2; no tracebacks."""
 
 from __future__ import annotations
 
@@ -12,8 +14,12 @@ from typing import List, Optional
 
 import typer
 
+from .answers.geometry import COORDS, DEFAULT_COORDS
+from .answers.kinds import KINDS
+from .dtypes import WEIGHT_NAMES, WEIGHT_SHORT_NAMES
 from .errors import UserError
-from .recipe.names import SYNTH_TASKS
+from .model.tiny import GEOMETRIES, TEMPLATES
+from .recipe.names import EVAL_BACKENDS, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, POINT_THRESHOLD, SYNTH_TASKS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune LLaVA-OneVision for robot-manipulation VQA: train (full / LoRA / QLoRA), merge, "
@@ -46,22 +52,29 @@ def command(fn):
 SetOpt = typer.Option(None, "--set", help="Override a recipe key: --set lora.r=8 (repeatable).")
 
 
+def _one_of(choices) -> str:
+    return " | ".join(choices)
+
+
 @app.command("tiny-model")
 @command
 def tiny_model(out: Path = typer.Argument(..., help="Folder to write the checkpoint to."),
                seed: int = typer.Option(0, help="Initialisation seed."),
                force: bool = typer.Option(False, help="Replace an existing folder."),
-               template: str = typer.Option("hub", help="hub: the llava-hf checkpoints' list-content chat template; "
-                                            "chatml: lmms-lab's string-content Qwen ChatML."),
-               geometry: str = typer.Option("tiny", help="tiny: seconds per step on a CPU; ov-0.5b: "
-                                            "LLaVA-OneVision-0.5B's widths, tiles and vocabulary, one layer each."),
-               dtype: str = typer.Option("float32", help="Dtype of the saved weights (the hub's are bfloat16).")):
+               template: str = typer.Option("hub", help=f"{_one_of(TEMPLATES)}. hub: the llava-hf checkpoints' "
+                                            "list-content chat template; chatml: lmms-lab's string-content Qwen "
+                                            "ChatML."),
+               geometry: str = typer.Option("tiny", help=f"{_one_of(GEOMETRIES)}. tiny: seconds per step on a CPU; "
+                                            "ov-0.5b: LLaVA-OneVision-0.5B's widths, tiles and vocabulary, one layer "
+                                            "each."),
+               dtype: str = typer.Option("float32", help=f"{_one_of(WEIGHT_NAMES)}: dtype of the saved weights (the "
+                                         "hub's are bfloat16).")):
     """Write a random LLaVA-OneVision (SigLIP + Qwen2 + projector) laid out as the llava-hf hub folders are: hub
     tensor names, processor files and chat template."""
     from .model.tiny import write_tiny_model
 
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    if dtype not in WEIGHT_NAMES:
+        raise UserError(f"--dtype {dtype}: choose one of {', '.join(WEIGHT_NAMES)}")
     typer.echo(f"wrote {write_tiny_model(out, seed=seed, force=force, template=template, geometry=geometry, dtype=dtype)}")
 
 
@@ -117,7 +130,9 @@ def data_check(target: Path = typer.Argument(..., help="A recipe (.yaml: all its
 
 @data_app.command("normalize")
 @command
-def data_normalize(src: Path = typer.Argument(..., help="Annotation file (.json / .jsonl) with pixel coordinates."),
+def data_normalize(src: Path = typer.Argument(..., help="Annotation file (.json / .jsonl) with pixel coordinates, or a "
+                                              "lab's labels: a CSV (columns image, task, question, answer; id, "
+                                              "width, height optional) or a COCO-style JSON."),
                    out: Path = typer.Argument(..., help="New file to write (.json array or .jsonl, by suffix)."),
                    from_: str = typer.Option("pixels", "--from", help="pixels (of the original image) | resized "
                                              "(pixels of the Qwen2-VL smart-resized image) | thousand (0..1000)."),
@@ -127,20 +142,20 @@ def data_normalize(src: Path = typer.Argument(..., help="Annotation file (.json 
                    factor: int = typer.Option(28, help="--from resized: side multiple (patch 14 x merge 2)."),
                    min_pixels: int = typer.Option(56 * 56, help="--from resized: smallest resized area."),
                    max_pixels: int = typer.Option(28 * 28 * 16384, help="--from resized: largest resized area."),
-                   force: bool = typer.Option(False, help="Replace OUT if it exists (never the input).")):
-    """Convert grounding coordinates to [0, 1], using each record's image size. The input is never modified."""
-    from .data.normalize import normalize_file
-    from .data.records import Problem
+                   force: bool = typer.Option(False, help="Replace OUT if it exists (never the input)."),
+                   keypoints: str = typer.Option("points", help="COCO keypoints: points | trajectory (in keypoint "
+                                                 "order)."),
+                   json_out: bool = typer.Option(False, "--json", help="Print the full report (every row) as JSON.")):
+    """Convert grounding coordinates to [0, 1], using each record's image size; CSV and COCO labels become the kit's
+    records. Says per row what it did. The input is never modified; nothing is written when a row is refused."""
+    import json
 
-    s = normalize_file(src, out, from_, data_root, decimals, factor, min_pixels, max_pixels, force)
+    from .data.normalize import format_summary, normalize_file
+
+    s = normalize_file(src, out, from_, data_root, decimals, factor, min_pixels, max_pixels, force, keypoints)
+    typer.echo(json.dumps(s, indent=2) if json_out else format_summary(s), err=bool(s["problems"]) and not json_out)
     if s["problems"]:
-        for p in s["problems"][:20]:
-            typer.echo(f"  - {Problem(**p)}", err=True)
-        more = " (first 20 shown)" if len(s["problems"]) > 20 else ""
-        typer.echo(f"{len(s['problems'])} record(s) cannot be converted{more}; nothing written", err=True)
         raise typer.Exit(1)
-    typer.echo(f"wrote {out}: {s['records']} records, {s['converted']} converted, {s['already_normalised']} already "
-               f"in [0, 1] (unchanged), {s['no_coordinates']} without coordinates (copied)")
 
 
 @app.command()
@@ -165,7 +180,8 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/).")
 def merge(adapter_dir: Path = typer.Argument(..., help="Adapter folder written by `lora-manip train`."),
           base: Optional[str] = typer.Option(None, help="Base model (default: the one the adapter names)."),
           out: Optional[Path] = typer.Option(None, help="Output folder (default: ADAPTER_DIR-merged)."),
-          dtype: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (default: the base's dtype)."),
+          dtype: Optional[str] = typer.Option(None, help=f"{_one_of(WEIGHT_SHORT_NAMES)} (default: the base's "
+                                              "dtype)."),
           force: bool = typer.Option(False, help="Replace an existing output folder."),
           verify: bool = typer.Option(True, help="Reload the output and compare logits with base + adapter."),
           base_as_trained: bool = typer.Option(False, "--base-as-trained", help="QLoRA adapter: fold it into the "
@@ -177,8 +193,6 @@ def merge(adapter_dir: Path = typer.Argument(..., help="Adapter folder written b
     """Fold an adapter (and fully trained projector / vision tower) into a full LLaVA-OneVision checkpoint."""
     from .checkpoints.merge import merge_adapter
 
-    if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
-        raise UserError(f"--dtype {dtype}: choose bf16, fp16 or fp32")
     path, diff = merge_adapter(str(adapter_dir), base=base, out=str(out) if out else None, dtype=dtype,
                                force=force, verify=verify, base_as_trained=base_as_trained,
                                quantization=quantization)
@@ -187,10 +201,12 @@ def merge(adapter_dir: Path = typer.Argument(..., help="Adapter folder written b
     typer.echo(f"merged checkpoint written to {path}{check}")
 
 
-TaskMapOpt = typer.Option(None, "--task-map", help="NAME=KIND: score task NAME as KIND (box, point, trajectory, "
-                          "choice, yesno, planning, pointing); repeatable; beats the built-in RoboInter names.")
-CoordsOpt = typer.Option("normalized", "--coords", help="How to read predicted coordinates: normalized ([0, 1]), "
-                         "thousand (0-1000, Qwen2-VL) or pixels (of the original image; needs w/h or a mask).")
+TaskMapOpt = typer.Option(None, "--task-map", help=f"NAME=KIND: score task NAME as KIND ({', '.join(KINDS)}); "
+                          "repeatable; beats the built-in RoboInter names.")
+CoordsOpt = typer.Option(DEFAULT_COORDS, "--coords", help=f"How to read predicted coordinates: {_one_of(COORDS)}. "
+                         "normalized: [0, 1]; thousand: 0-1000, Qwen2-VL; pixels: of the original image (needs w/h "
+                         "or a mask).")
+PointThresholdOpt = typer.Option(POINT_THRESHOLD, help="Contact-point hit radius (normalised units).")
 
 
 def _exit_on_data_errors(summary: dict) -> None:
@@ -202,6 +218,13 @@ SystemPromptOpt = typer.Option(None, "--system-prompt", help="System turn of eve
                                "of the run's recipe.yaml in MODEL, else that field's default); '' for none.")
 
 
+def _system_prompt(option: str | None):
+    """--system-prompt as the eval settings take it: not given -> the run's own (UNSET); '' -> no system turn."""
+    from .eval.generate import UNSET
+
+    return UNSET if option is None else option or None
+
+
 @app.command("eval")
 @command
 def eval_(model: str = typer.Argument(..., help="Merged/full checkpoint, adapter folder, or base model (path or hub id)."),
@@ -211,34 +234,38 @@ def eval_(model: str = typer.Argument(..., help="Merged/full checkpoint, adapter
           out: Optional[Path] = typer.Option(None, help="Write predictions.jsonl (as answers come), metrics.json, "
                                              "scores.jsonl and overlays here."),
           limit: Optional[int] = typer.Option(None, help="Evaluate only the first N records."),
-          batch_size: int = typer.Option(8, help="Generation batch size (prompts of similar length together)."),
-          max_new_tokens: int = typer.Option(256, help="Longest answer generated (a 10-point trajectory is ~150 tokens)."),
+          batch_size: int = typer.Option(EVAL_BATCH_SIZE, help="Generation batch size (prompts of similar length "
+                                         "together)."),
+          max_new_tokens: int = typer.Option(MAX_NEW_TOKENS, help="Longest answer generated (a 10-point trajectory "
+                                             "is ~150 tokens)."),
           base: Optional[str] = typer.Option(None, help="Base model for an adapter (default: the one it names)."),
           upstream_compatible: bool = typer.Option(False, help="Score as RoboInter's / RoboPoint's scripts do "
                                                    "(flaws included) and print upstream's per-file table."),
           task_map: Optional[List[str]] = TaskMapOpt,
           coords: str = CoordsOpt,
-          point_threshold: float = typer.Option(0.05, help="Contact-point hit radius (normalised units)."),
+          point_threshold: float = PointThresholdOpt,
           system_prompt: Optional[str] = SystemPromptOpt,
-          backend: str = typer.Option("hf", help="hf (transformers, batched) | vllm (needs vLLM: GPU machines)."),
+          backend: str = typer.Option(EVAL_BACKENDS[0], help=f"{_one_of(EVAL_BACKENDS)}. hf: transformers, "
+                                      "batched; vllm: needs vLLM (GPU machines)."),
           resume: bool = typer.Option(False, help="Continue the eval in --out: keep its answers, generate the rest "
                                       "(same model and settings, else refused)."),
           force: bool = typer.Option(False, help="Start over in an --out that already holds an eval.")):
     """Generate answers with MODEL on --data and score them (boxes, points, trajectories, choice, yes/no, BLEU,
     pointing). Exit 1 when some records could not be scored (listed)."""
-    from .eval.generate import UNSET
-    from .eval.run import run_eval
     from .answers.kinds import parse_task_map
     from .eval.report import format_table
+    from .eval.run import EvalSettings, run_eval
 
     try:
         tmap = parse_task_map(task_map)
     except ValueError as e:
         raise UserError(str(e)) from None
+    settings = EvalSettings(limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                            system_prompt=_system_prompt(system_prompt), base=base,
+                            upstream_compatible=upstream_compatible, task_map=tmap, coords=coords,
+                            point_threshold=point_threshold, backend=backend, resume=resume, force=force)
     _, summary = run_eval(model, str(data), str(data_root) if data_root else None, str(out) if out else None,
-                          limit, batch_size, max_new_tokens, UNSET if system_prompt is None else system_prompt or None,
-                          upstream_compatible, base, task_map=tmap, coords=coords, point_threshold=point_threshold,
-                          backend=backend, resume=resume, force=force)
+                          settings)
     typer.echo(format_table(summary))
     typer.echo(f"system prompt ({summary['system_prompt_from']}): {summary['system_prompt']!r}")
     if out:
@@ -254,7 +281,7 @@ def score(predictions: List[Path] = typer.Argument(..., help="JSON/JSONL files o
           out: Optional[Path] = typer.Option(None, help="Write metrics.json and scores.jsonl here."),
           upstream_compatible: bool = typer.Option(False, help="Score as RoboInter's / RoboPoint's scripts do "
                                                    "(flaws included) and print upstream's per-file table."),
-          point_threshold: float = typer.Option(0.05, help="Contact-point hit radius (normalised units)."),
+          point_threshold: float = PointThresholdOpt,
           task_map: Optional[List[str]] = TaskMapOpt,
           coords: str = CoordsOpt,
           data_root: Optional[Path] = typer.Option(None, help="Folder `mask` paths are relative to (default: "
@@ -283,17 +310,17 @@ def predict(model: str = typer.Argument(..., help="Merged/full checkpoint, adapt
             image: Path = typer.Argument(..., help="Image file."),
             question: str = typer.Argument(..., help="The question (an <image> placeholder is added in front)."),
             draw: Optional[Path] = typer.Option(None, help="Save the image with a grounding answer drawn on it."),
-            max_new_tokens: int = typer.Option(256),
+            max_new_tokens: int = typer.Option(MAX_NEW_TOKENS, help="Longest answer generated."),
             system_prompt: Optional[str] = SystemPromptOpt,
-            coords: str = typer.Option("normalized", "--coords", help="How to read the answer's coordinates for "
-                                       "--draw: normalized | thousand | pixels."),
+            coords: str = typer.Option(DEFAULT_COORDS, "--coords", help="How to read the answer's coordinates for "
+                                       f"--draw: {_one_of(COORDS)}."),
             force: bool = typer.Option(False, help="Replace an existing --draw file.")):
     """Answer one question about one image."""
-    from .eval.generate import UNSET
-    from .eval.predict import predict_one
+    from .eval.run import EvalSettings, predict_one
 
-    typer.echo(predict_one(model, str(image), question, str(draw) if draw else None, max_new_tokens,
-                           UNSET if system_prompt is None else system_prompt or None, coords, force))
+    settings = EvalSettings(max_new_tokens=max_new_tokens, system_prompt=_system_prompt(system_prompt),
+                            coords=coords, force=force)
+    typer.echo(predict_one(model, str(image), question, str(draw) if draw else None, settings))
 
 
 @app.command()

@@ -21,7 +21,7 @@ def compare(before: dict, after: dict) -> str:
 
 
 def run_demo(recipe_path: Path, overrides: list[str], limit: int) -> str:
-    from .eval.run import run_eval
+    from .eval.run import EvalSettings, run_eval
     from .eval.report import format_table
     from .checkpoints.merge import merge_adapter
     from .recipe import load_recipe
@@ -31,8 +31,8 @@ def run_demo(recipe_path: Path, overrides: list[str], limit: int) -> str:
     adapter = run_training(recipe)
     merged, diff = merge_adapter(str(adapter))
     val = recipe.data.val[0] if recipe.data.val else recipe.data.train[0]
-    common = dict(data=val.annotation_path, data_root=val.data_path, limit=limit,
-                  system_prompt=recipe.data.system_prompt)
+    common = dict(data=val.annotation_path, data_root=val.data_path,
+                  settings=EvalSettings(limit=limit, system_prompt=recipe.data.system_prompt))
     _, before = run_eval(recipe.model.path, out_dir=str(Path(adapter) / "eval-before"), **common)
     _, after = run_eval(str(merged), out_dir=str(Path(adapter) / "eval-after"), **common)
     return "\n\n".join([

@@ -1,18 +1,17 @@
-"""Output safety and small file helpers: atomic writes, one owner per output folder, no output over an input,
-no leftovers.
+"""Small file primitives every writer shares: atomic files, exclusive creation that never goes through a link,
+modes that follow the umask, one-line errors for a full disk or a read-only folder, and the output lock.
 
-- Files and folders are written to a temporary name beside the target and renamed into place, so nothing a user
-  wrote is overwritten half-way and nothing half-written is left under the real name. They get the mode an
-  ordinary file would get under the umask (mkstemp/mkdtemp would leave 0600/0700).
-- `output_lock` gives an output folder one owner at a time: a lock file beside it (`.NAME.lock`) holding the
-  owner's pid and host, kept under an flock for the owner's lifetime. The kernel drops the flock when the owner
-  dies (kill -9 included), so a lock whose flock can be taken is stale: it is taken over with a warning.
-- `guard_output` compares resolved paths (symlinks followed), so no command writes into or over its inputs;
-  `check_output` adds the rules for a folder a command writes whole (no existing folder without --force, never a
-  file) and is the guard `atomic_dir` and `owned_output` (merge, convert) share.
-- Temporary folders are named `.NAME.XXXXXXXX.partial`; a run killed mid-write leaves one, and the next command
-  that locks NAME removes it (`cleanup_partials`), with a message.
-- `read_json` / `copy_files`: a config read with one-line errors naming the file; files copied byte for byte.
+- Files are written to a temporary name beside the target and renamed into place, so nothing a user wrote is
+  overwritten half-way and nothing half-written is left under the real name. They get the mode an ordinary file
+  would get under the umask (mkstemp/mkdtemp, and safetensors, would leave 0600/0700).
+- `create_exclusive` makes a file that must not exist yet (markers, lock files): O_CREAT|O_EXCL|O_NOFOLLOW, so it
+  never opens a file someone else put there, nor follows a link planted at its name.
+- `output_lock` gives an output one owner at a time: a lock file beside it (`.NAME.lock`) holding the owner's pid
+  and host, kept under an flock for the owner's lifetime. The kernel drops the flock when the owner dies (kill -9
+  included), so a lock whose flock can be taken is stale: it is taken over with a warning, but only when it is a
+  lock file this kit wrote (a regular file with one link whose content is a kit lock): never a link, never a user's
+  file. Nesting in one process is a no-op; nothing in the environment can make a process skip it.
+- The ownership rules built on these (markers, guards, atomic folders) are in outputs.py.
 """
 
 from __future__ import annotations
@@ -24,9 +23,9 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -35,8 +34,10 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-_HELD_ENV = "LORA_MANIP_LOCKS_HELD"  # lock files this process tree owns (torchrun children inherit them)
+KIT = "lora-manip"  # written into every marker and lock, so a file of the same name from elsewhere is never taken
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NO_WRITE = (errno.EROFS, errno.EACCES, errno.EPERM)
+_HELD: set[str] = set()  # lock files this process holds (nested use is a no-op)
 
 
 # ------------------------------------------------------------------------------------------------- modes
@@ -56,6 +57,27 @@ def current_umask() -> int:
 
 def normal_mode(path: Path, folder: bool) -> None:
     path.chmod((0o777 if folder else 0o666) & ~current_umask())
+
+
+def finish_tree(folder: str | os.PathLike) -> None:
+    """Before a folder is published: every file and folder under it gets the umask's mode (safetensors writes
+    0600) and every file is on disk (fsync), so a rename that makes it visible never publishes empty files."""
+    mask = current_umask()
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            p = os.path.join(root, d)
+            if not os.path.islink(p):
+                os.chmod(p, 0o777 & ~mask)
+        for f in files:
+            p = os.path.join(root, f)
+            if os.path.islink(p):
+                continue
+            os.chmod(p, 0o666 & ~mask)
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -87,7 +109,7 @@ def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
     return done
 
 
-# ---------------------------------------------------------------------------------------------- disk full
+# ------------------------------------------------------------------------------------- full or read-only disks
 
 
 def is_disk_full(e: BaseException) -> bool:
@@ -102,16 +124,30 @@ def disk_full_error(e: BaseException, target: str | os.PathLike) -> UserError:
                      "nothing partial was kept; free space and run the command again")
 
 
+def write_error(e: BaseException, target: str | os.PathLike) -> UserError | None:
+    """The one-line error for a write that failed for a reason the user fixes (full disk, read-only or
+    permission-denied folder); None for anything else."""
+    if is_disk_full(e):
+        return disk_full_error(e, target)
+    if isinstance(e, OSError) and e.errno in _NO_WRITE:
+        where = e.filename or target
+        return UserError(f"cannot write {where} ({e.strerror}); nothing was written to {target}: choose a "
+                         "folder you can write to")
+    return None
+
+
 @contextlib.contextmanager
 def disk_errors(target: str | os.PathLike) -> Iterator[None]:
-    """A full disk becomes a one-line UserError naming the output; other errors pass through."""
+    """A full disk or a folder that cannot be written becomes a one-line UserError naming the output; other
+    errors pass through."""
     try:
         yield
     except UserError:
         raise
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
-        if is_disk_full(e):
-            raise disk_full_error(e, target) from None
+    except Exception as e:  # noqa: BLE001 - re-raised unless the user can fix it
+        err = write_error(e, target)
+        if err is not None:
+            raise err from None
         raise
 
 
@@ -123,10 +159,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it over `path` (atomic on POSIX)."""
+    """Write `data` to a temporary file beside `path`, then rename it over `path` (atomic on POSIX; a link at
+    `path` is replaced, never written through)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a read-only folder
+        raise write_error(e, path) or e from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -137,8 +177,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if is_disk_full(e):
-            raise disk_full_error(e, path) from None
+        err = write_error(e, path)
+        if err is not None:
+            raise err from None
         raise
 
 
@@ -146,118 +187,51 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
-def partial_dir(out: Path, tag: str = "") -> Path:
-    """A fresh temporary folder beside `out`, named so that `cleanup_partials(out)` recognises it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}", suffix=".partial", dir=out.parent))
-    normal_mode(tmp, folder=True)
-    return tmp
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success it replaces `out`, on failure it is removed.
-
-    An existing `out` is an error unless `force`; with `force` the old folder is removed only after the new one
-    is complete, so a crash never leaves the user with neither. A full disk is a one-line UserError.
-    """
-    out = Path(out)
-    check_output(out, force)
-    tmp = partial_dir(out)
+def create_exclusive(path: str | os.PathLike, data: bytes) -> None:
+    """Create `path` holding `data`; refused (FileExistsError) when anything, a link included, is there already.
+    Nothing is left behind when the write fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
-        with disk_errors(out):
-            yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.write(fd, data)
+        os.fsync(fd)
+    except BaseException as e:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        err = write_error(e, path)
+        if err is not None:
+            raise err from None
         raise
-    if out.exists():
-        old = partial_dir(out, "old-")
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    os.close(fd)
 
 
-# ---------------------------------------------------------------------------------------- partial folders
+def make_parents(folder: Path) -> list[Path]:
+    """mkdir -p `folder`; returns the folders it created, deepest last, so a command that fails can remove them."""
+    missing = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    made = []
+    for p in reversed(missing):
+        try:
+            p.mkdir()
+            made.append(p)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            remove_empty(made)
+            raise write_error(e, folder) or e from None
+    return made
 
 
-def _partial_pattern(name: str) -> re.Pattern:
-    # mkdtemp's random part is 8 characters of [a-z0-9_]: `.run.foo.XXXXXXXX.partial` (of output `run.foo`) is
-    # not taken for a leftover of output `run`.
-    return re.compile(rf"^\.{re.escape(name)}\.(old-|aside-)?[a-z0-9_]{{8}}\.partial$")
-
-
-def cleanup_partials(out: str | os.PathLike) -> list[Path]:
-    """Remove the temporary folders an interrupted command left beside `out`. Call it holding out's lock."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        return []
-    pattern = _partial_pattern(out.name)
-    removed = []
-    for p in sorted(out.parent.iterdir()):
-        if pattern.match(p.name) and p.is_dir() and not p.is_symlink():
-            log.warning("removing %s, left by an interrupted command writing %s", p, out)
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
-
-
-def move_aside(out: str | os.PathLike) -> None:
-    """Take an existing output folder out of the way in one rename, then delete it. A kill during the delete
-    leaves a `.partial` folder that the next command on `out` removes; never a mix of old and new files."""
-    out = Path(out)
-    aside = partial_dir(out, "aside-")
-    os.replace(out, aside / out.name)
-    log.warning("--overwrite: removed the previous contents of %s", out)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------------------------- guard
-
-
-def _inside(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
-
-
-def guard_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], flag: str = "--out",
-                 may_nest_in: tuple[str, ...] = ()) -> None:
-    """Refuse an output that is, lies inside, or contains one of the named inputs (paths resolved, symlinks
-    followed). `may_nest_in`: inputs the output may lie inside (a data root), though never equal or contain."""
-    o = Path(out).expanduser().resolve()
-    for what, p in inputs.items():
-        if p is None:
-            continue
-        r = Path(p).expanduser().resolve()
-        if o == r or _inside(r, o):
-            raise UserError(f"{flag} {out} would write into (or replace) the {what} {p}; choose another folder")
-        if what not in may_nest_in and r.is_dir() and _inside(o, r):
-            raise UserError(f"{flag} {out} would write into the {what} {p} (it lies inside it); choose a folder "
-                            "outside it")
-
-
-def check_output(out: str | os.PathLike, force: bool = False, inputs: dict[str, str | os.PathLike | None] | None = None,
-                 flag: str = "--out") -> None:
-    """The one guard of a folder a command writes whole: never over or inside one of its `inputs`, never over a
-    file, and never over an existing folder unless `force`."""
-    if inputs:
-        guard_output(out, inputs, flag)
-    out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it or choose another output folder")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file, not a folder; choose another output folder")
-
-
-@contextlib.contextmanager
-def owned_output(out: str | os.PathLike, command: str, inputs: dict[str, str | os.PathLike | None],
-                 force: bool = False, flag: str = "--out") -> Iterator[None]:
-    """check_output, then own `out` (output_lock) with the leftovers of an interrupted run removed; write it with
-    atomic_dir inside."""
-    check_output(out, force, inputs, flag)
-    with output_lock(out, command):
-        cleanup_partials(out)
-        yield
+def remove_empty(folders: list[Path]) -> None:
+    """rmdir the folders (deepest first) that are still empty."""
+    for p in reversed(folders):
+        try:
+            p.rmdir()
+        except OSError:
+            break
 
 
 # -------------------------------------------------------------------------------------------------- locks
@@ -275,57 +249,104 @@ def _describe(holder: dict) -> str:
 
 @contextlib.contextmanager
 def output_lock(out: str | os.PathLike, command: str) -> Iterator[None]:
-    """Own the output folder `out` for the duration; UserError naming the holder when another process owns it.
-    Nested use (a torchrun child of the owner, the same process twice) is a no-op."""
+    """Own the output `out` for the duration; UserError naming the holder when another process owns it. Folders
+    it had to create for the lock are removed again when they are still empty at the end."""
     path = lock_path(out)
-    held = [p for p in os.environ.get(_HELD_ENV, "").split(os.pathsep) if p]
-    if str(path) in held:
+    if str(path) in _HELD:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = make_parents(path.parent)
+    try:
+        fd = _acquire(path, out)
+        try:
+            me = {"kit": KIT, "pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                  "started": datetime.datetime.now().isoformat(timespec="seconds")}
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+                os.fsync(fd)
+            except OSError as e:  # a full disk: the lock does not stay behind
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                raise write_error(e, out) or e from None
+            _HELD.add(str(path))
+            try:
+                yield
+            finally:
+                _HELD.discard(str(path))
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # unlinked while still locked: a waiter re-checks the inode (_acquire)
+        finally:
+            os.close(fd)
+    finally:
+        remove_empty(made)
+
+
+def _acquire(path: Path, out) -> int:
+    """An open, flock'ed descriptor of the lock file at `path`, created here or taken over from a dead owner."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        created = True
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            created = False
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # its owner finished meanwhile
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise UserError(f"{path}, the lock file of {out}, is a symbolic link; lora-manip never writes "
+                                    "through one: remove it (rm, not the file it points to) and run again") from None
+                raise write_error(e, out) or e from None
+        except OSError as e:
+            raise write_error(e, out) or e from None
+        st = os.fstat(fd)
+        if not created and (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1):
+            os.close(fd)
+            raise UserError(f"{path} (the lock file of {out}) is not a lock file lora-manip wrote (a hard link or "
+                            "not a regular file); it is left as it is: remove it and run again")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 os.close(fd)
                 raise
-            holder = _read_holder(fd)
+            holder = _read_holder(fd) or {}
             os.close(fd)
             raise UserError(f"{out} is in use by {_describe(holder)}; wait for it to finish or choose another "
                             f"output folder (lock file {path})") from None
-        # The file may have been unlinked by a finishing owner between open and flock: lock what the name points to.
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        try:  # a finishing owner may have unlinked the file between open and flock: lock what the name points to
+            same = os.stat(path, follow_symlinks=False).st_ino == st.st_ino
         except FileNotFoundError:
             same = False
-        if same:
-            break
-        os.close(fd)
-    stale = _read_holder(fd)
-    if stale:
-        log.warning("%s: taking over the lock left by %s, which is no longer running", out, _describe(stale))
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-          "started": datetime.datetime.now().isoformat(timespec="seconds")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
-    os.environ[_HELD_ENV] = os.pathsep.join(held + [str(path)])
-    try:
-        yield
-    finally:
-        os.environ[_HELD_ENV] = os.pathsep.join(held)
-        if not held:
-            os.environ.pop(_HELD_ENV, None)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # unlinked while still locked: a waiter re-checks the inode (above)
-        os.close(fd)
+        if not same:
+            os.close(fd)
+            continue
+        if not created:
+            holder = _read_holder(fd)
+            if holder is None:
+                os.close(fd)
+                raise UserError(f"{path} is in the way of {out}'s lock file and is not one lora-manip wrote; it is "
+                                "left as it is: move it away and run again")
+            if holder:
+                log.warning("%s: taking over the lock left by %s, which is no longer running", out, _describe(holder))
+        return fd
 
 
-def _read_holder(fd: int) -> dict:
+def _read_holder(fd: int) -> dict | None:
+    """The lock's holder; {} for an empty file (its creator has not written yet), None for content that is no
+    lock of this kit."""
     try:
         data = os.pread(fd, 4096, 0)
-        holder = json.loads(data) if data.strip() else {}
-        return holder if isinstance(holder, dict) else {"command": "an unknown command"}
-    except (OSError, ValueError):
-        return {"pid": "?", "host": "?", "command": "an unknown command"}
+    except OSError:
+        return None
+    if not data.strip():
+        return {}
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        return None
+    if isinstance(holder, dict) and (holder.get("kit") == KIT or {"pid", "host", "command"} <= holder.keys()):
+        return holder  # (the second form: locks of kit versions before the kit field)
+    return None

@@ -1,4 +1,4 @@
-"""Which run a folder belongs to.
+"""Which run a folder belongs to (whose folder it is, and so what may be deleted in it, is outputs/'s marker).
 
 A training run writes `run.json` (a fresh run id, pid, host, start time) into its output folder before anything
 else, and `run_complete.json` (the same run id) only after the final model or adapter is saved. A folder whose
@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 from .errors import UserError
-from .fsutil import atomic_write_json
+from .fsutil import KIT, atomic_write_json
 
 RUN_FILE = "run.json"
 DONE_FILE = "run_complete.json"
@@ -46,7 +46,7 @@ def start_run(folder: str | os.PathLike, command: str = "train", run_id: str | N
     folder = Path(folder)
     run_id = run_id or uuid.uuid4().hex
     (folder / DONE_FILE).unlink(missing_ok=True)  # until the new final save completes, the folder is unfinished
-    atomic_write_json(folder / RUN_FILE, {"run_id": run_id, "command": command, "pid": os.getpid(),
+    atomic_write_json(folder / RUN_FILE, {"kit": KIT, "run_id": run_id, "command": command, "pid": os.getpid(),
                                           "host": socket.gethostname(), "started": _now()})
     return run_id
 

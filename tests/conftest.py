@@ -76,11 +76,11 @@ def assert_ids_match_processor(processor, samples, system_prompt) -> None:
     """encode() must expand images and tokenise exactly as the processor does on the rendered conversation."""
     from PIL import Image
 
-    from lora_manip.data.encode import encode, render, with_system
+    from lora_manip.data.encode import Chat, encode, render, with_system
 
     for s in samples:
         images = [Image.open(p).convert("RGB") for p in s.images]
-        enc = encode(s, processor, system_prompt, [im.size for im in images])
+        enc = encode(s, Chat(processor, system_prompt), [im.size for im in images])
         full = render(processor, with_system(s.messages, system_prompt))
         ref = processor(text=[full], images=[images] if images else None, return_tensors="pt")
         assert ref["input_ids"][0].tolist() == enc["input_ids"], s.id
@@ -107,6 +107,14 @@ def tiny_recipe_dict(model_dir, data_dir, out_dir, **over) -> dict:
     if raw["method"] == "full" and "lora" not in {k.split("__")[0] for k in over}:
         del raw["lora"]  # the schema refuses a lora block that method: full would not read
     return raw
+
+
+def saved_run_recipe(**over) -> str:
+    """recipe.yaml as a training run leaves it in its folder (a complete recipe: eval and merge read it back typed),
+    with `over` as in tiny_recipe_dict; a key it leaves out (data.system_prompt) is not spelt out in the file."""
+    import yaml
+
+    return yaml.safe_dump(tiny_recipe_dict(Path("model"), Path("data"), Path("run"), **over), sort_keys=False)
 
 
 def train_two_processes(tmp_path, data_dir, model_dir, port, train=None, **over):

@@ -18,11 +18,28 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .parsed import Parsed, fail
+__all__ = ["COORDS", "DEFAULT_COORDS", "Parsed", "fail", "parse_geometry", "first_points", "coords_above_one"]
 
-__all__ = ["COORDS", "parse_geometry", "first_points", "coords_above_one"]
+
+@dataclass(frozen=True)
+class Parsed:
+    """A parsed answer: exactly one of `value` (the answer) and `error` (why parsing failed) is set. Every answer
+    parser returns one (here and in parse.py, which imports this module)."""
+
+    value: Any = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def fail(error: str) -> Parsed:
+    return Parsed(None, error)
+
 
 COORDS = ("normalized", "thousand", "pixels")
+DEFAULT_COORDS = "normalized"  # the kit's own convention; what every command reads unless told otherwise
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -210,7 +227,7 @@ def _scale(pts: list[tuple[float, float]], coords: str, size: tuple[float, float
     return [(x / w, y / h) for x, y in pts]
 
 
-def parse_geometry(text: str, kind: str, coords: str = "normalized",
+def parse_geometry(text: str, kind: str, coords: str = DEFAULT_COORDS,
                    size: tuple[float, float] | None = None) -> Parsed:
     """Parse a box / point / trajectory / pointing answer and return it in [0, 1] units.
 

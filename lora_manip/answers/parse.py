@@ -13,9 +13,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from .geometry import parse_geometry
+from .geometry import DEFAULT_COORDS, Parsed, fail, parse_geometry
 from .kinds import CHOICE_LETTERS, GEOMETRIC, KINDS
-from .parsed import Parsed, fail
 
 # --------------------------------------------------------------------------------------------------------------------
 # Choice and yes/no
@@ -103,7 +102,7 @@ def _guard(fn: Callable[..., Parsed]) -> Callable[..., Parsed]:
 
 
 @_guard
-def parse_answer(text: str, kind: str, coords: str = "normalized", size: tuple[float, float] | None = None) -> Parsed:
+def parse_answer(text: str, kind: str, coords: str = DEFAULT_COORDS, size: tuple[float, float] | None = None) -> Parsed:
     """Parse `text` as an answer of task `kind`; never raises. Empty or whitespace-only text gives error "empty".
 
     Geometry (box / point / trajectory / pointing): see `geometry.parse_geometry`; `coords` says the units of the

@@ -26,8 +26,9 @@ import re
 from pathlib import Path
 
 from ..errors import UserError
-from ..fsutil import atomic_dir, copy_files, owned_output, read_json
+from ..fsutil import copy_files, read_json
 from ..model.layouts import from_next, hub_name, next_name
+from ..outputs import atomic_dir, owned_output
 from .next_config import copy_processor, hf_config, next_config, write_slow_tokenizer_files
 from .shards import DEFAULT_SHARD_BYTES, OutTensor, copy_tensor, parse_size, write_checkpoint
 from .tensors import Checkpoint, TensorRef, canonical_tensors, listing
@@ -54,7 +55,7 @@ def convert_checkpoint(src: str, out: str, src_format: str, dst_format: str, *, 
         raise UserError(f"{src} is not a folder")
     inputs = {"source folder": src, "--processor folder": processor, "--vision-config file": vision_config}
     shard = parse_size(max_shard_size)
-    with owned_output(out, "lora-manip convert", inputs, force, flag="OUT"):
+    with owned_output(out, "lora-manip convert", "convert", inputs, force, flag="OUT") as out:  # resolved
         if dst_format == "llava-next":
             return _hf_to_next(src, out, force, vision_tower, shard)
         return _next_to_hf(src, out, force, vision_config, processor, shard)
@@ -91,7 +92,7 @@ def _hf_to_next(src: Path, out: Path, force: bool, vision_tower: str, shard: int
         raise UserError(f"{src}: tensor(s) with no place in the LLaVA-NeXT layout: {listing(unmapped)}")
     plan = [OutTensor(next_name(n), r.dtype, r.shape, copy_tensor(r)) for n, r in tensors.items()]
     new_cfg = next_config(cfg, vision_tower, src)
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, kind="convert") as tmp:
         write_checkpoint(tmp, plan, shard)
         (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
         copy_files(src, tmp, ["generation_config.json"])
@@ -156,7 +157,7 @@ def _next_to_hf(src: Path, out: Path, force: bool, vision_config: str | None, pr
         raise UserError(f"{src}: the tensors do not make a LLaVA-OneVision model with this config: {'; '.join(msg)}")
 
     plan = [OutTensor(hub_name(n), r.dtype, r.shape, copy_tensor(r)) for n, r in tensors.items()]
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, kind="convert") as tmp:
         write_checkpoint(tmp, plan, shard)
         config.save_pretrained(tmp)
         copy_files(src, tmp, ["generation_config.json"])

@@ -11,7 +11,8 @@ that checkpoint's weights quantised and dequantised exactly as the 4-bit trainin
 What is folded in, for each base tensor (checkpoints/plan.py decides, checkpoints/fold.py computes):
 - LoRA / rsLoRA / DoRA / lora_bias deltas, per-module r/alpha from rank_pattern / alpha_pattern as PEFT matches them.
 - modules_to_save (projector, vision tower trained in full): the adapter's tensors replace the base's.
-- `extra_trainables.safetensors` (image_newline): replaces the base tensor.
+- image_newline (a bare parameter PEFT cannot name, saved in adapter_model.safetensors; older runs: in
+  `extra_trainables.safetensors`): replaces the base tensor.
 Every adapter tensor must be used exactly once; leftovers and shape mismatches are errors naming file and tensor,
 raised before anything is written.
 
@@ -32,18 +33,18 @@ from pathlib import Path
 
 from ..dtypes import WEIGHT_SHORT_NAMES, code_of, config_name
 from ..errors import UserError
-from ..fsutil import atomic_dir, copy_files, owned_output
-from ..model.adapters import EXTRA_FILE
+from ..fsutil import copy_files
+from ..model.adapters import read_adapter_config
+from ..outputs import atomic_dir, owned_output
+from ..recipe.load import RUN_RECIPE
 from ..runinfo import check_complete, record_source
+from .next_config import carry_image_cap, run_image_cap
 from .plan import ADAPTER_FILE, MergePlan, plan_merge
 from .quant import resolve_spec
 from .shards import DEFAULT_SHARD_BYTES, parse_size, write_checkpoint
 from .verify import verify as _verify
 
 log = logging.getLogger(__name__)
-
-RECIPE_FILE = "recipe.yaml"
-
 
 def merge_adapter(adapter_dir: str, base: str | None = None, out: str | None = None, dtype: str | None = None,
                   force: bool = False, verify: bool = True, *, max_shard_size: str | int = DEFAULT_SHARD_BYTES,
@@ -55,18 +56,19 @@ def merge_adapter(adapter_dir: str, base: str | None = None, out: str | None = N
     adapter's recipe.yaml, or `quantization`, e.g. "quant_type=nf4,double_quant=true")."""
     from ..model.adapters import adapter_base, is_adapter_dir
 
+    if dtype is not None and dtype not in WEIGHT_SHORT_NAMES:  # the request first, before any folder is read
+        raise UserError(f"--dtype {dtype}: choose one of {', '.join(WEIGHT_SHORT_NAMES)}")
     adapter_dir = Path(adapter_dir)
     run_id = check_complete(adapter_dir)  # an unfinished or mixed run folder is refused first, naming the run
     if not is_adapter_dir(adapter_dir):
         hint = " (it holds a full model: nothing to merge)" if (adapter_dir / "config.json").is_file() else ""
         raise UserError(f"{adapter_dir} is not an adapter folder: no adapter_config.json{hint}")
-    if dtype is not None and dtype not in WEIGHT_SHORT_NAMES:
-        raise UserError(f"--dtype {dtype}: choose bf16, fp16 or fp32")
     quant = resolve_spec(adapter_dir, base_as_trained, quantization)
     base_name = base or adapter_base(adapter_dir)
     base_dir = resolve_base(base_name, from_adapter=base is None, adapter_dir=adapter_dir)
     out = Path(out) if out else adapter_dir.with_name(adapter_dir.name + "-merged")
-    with owned_output(out, "lora-manip merge", {"adapter folder": adapter_dir, "base folder": base_dir}, force):
+    with owned_output(out, "lora-manip merge", "merge", {"adapter folder": adapter_dir, "base folder": base_dir},
+                      force) as out:  # the resolved path from here on
         return _merge_locked(adapter_dir, base_dir, base_name, out, dtype, force, verify, max_shard_size,
                              verify_max_bytes, quant, run_id)
 
@@ -82,7 +84,7 @@ def _merge_locked(adapter_dir: Path, base_dir: Path, base_name: str, out: Path, 
     if quant is not None:
         log.info("base as trained: %d language-model weights taken as %s", plan.n_requantised, quant.describe())
     _readahead(adapter_dir / ADAPTER_FILE)  # A/B are read tensor by tensor later: let the kernel fetch them now
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, kind="merge") as tmp:
         write_checkpoint(tmp, plan.tensors, parse_size(max_shard_size))
         _write_config(tmp, plan)
         copy_files(base_dir, tmp, ["generation_config.json"])
@@ -91,8 +93,9 @@ def _merge_locked(adapter_dir: Path, base_dir: Path, base_name: str, out: Path, 
         source = adapter_dir if (adapter_dir / "processor_config.json").is_file() else base_dir
         copied = copy_processor_files(source, tmp)
         log.info("processor/tokenizer files from %s: %s", source, ", ".join(copied) or "none")
-        if (adapter_dir / RECIPE_FILE).is_file():  # eval reads the run's system prompt and template from it
-            shutil.copyfile(adapter_dir / RECIPE_FILE, tmp / RECIPE_FILE)
+        if (adapter_dir / RUN_RECIPE).is_file():  # eval reads the run's system prompt and template from it
+            shutil.copyfile(adapter_dir / RUN_RECIPE, tmp / RUN_RECIPE)
+        carry_image_cap(tmp, run_image_cap(tmp))  # a server reads the grid from config/processor, not the recipe
         _write_card(tmp, base_name, adapter_dir, plan)
         record_source(tmp, run_id, adapter_dir, "merge")  # eval can tell which run the checkpoint came from
         diff = None
@@ -115,23 +118,19 @@ def _readahead(path: Path) -> None:
 
 
 def resolve_base(base: str, from_adapter: bool = False, adapter_dir: Path | None = None) -> Path:
-    """A local folder, or a hub id already in the local Hugging Face cache (never downloads)."""
-    from ..hub import HUB_ID
+    """A local folder, or a hub id already in the local Hugging Face cache (hub.py; never downloads)."""
+    from ..hub import HUB_ID, local_folder
 
     where = f" (named by {adapter_dir}/adapter_config.json; pass --base to override)" if from_adapter else ""
     path = Path(base).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
+    if path.exists() and not path.is_dir():
         raise UserError(f"base model {base}{where} is not a folder")
+    folder = local_folder(base)
+    if folder is not None:
+        return folder
     if HUB_ID.match(base):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(base, local_files_only=True))
-        except Exception:  # noqa: BLE001 - any failure means: not in the cache
-            raise UserError(f"base model {base}{where} is neither a local folder nor in the local Hugging Face "
-                            "cache; download it first (huggingface-cli download) or pass --base PATH") from None
+        raise UserError(f"base model {base}{where} is neither a local folder nor in the local Hugging Face "
+                        "cache; download it first (huggingface-cli download) or pass --base PATH")
     raise UserError(f"base model {base}{where} does not exist")
 
 
@@ -155,15 +154,15 @@ def _write_config(folder: Path, plan: MergePlan) -> None:
 
 
 def _write_card(folder: Path, base: str, adapter_dir: Path, plan: MergePlan) -> None:
-    recipe = adapter_dir / RECIPE_FILE
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    recipe = adapter_dir / RUN_RECIPE
+    cfg = read_adapter_config(adapter_dir)
     lines = [
         "---", "library_name: transformers", f"base_model: {base}", "pipeline_tag: image-text-to-text", "---", "",
         "# Merged LLaVA-OneVision checkpoint (lora-manip)", "",
-        f"- base model: `{base}`", f"- adapter: `{adapter_dir}` (LoRA r={cfg.get('r')}, alpha={cfg.get('lora_alpha')}"
-        f", rslora={cfg.get('use_rslora')}, dora={cfg.get('use_dora')})",
-        f"- fully trained modules folded in: {cfg.get('modules_to_save') or 'none'}"
-        + (" + image_newline" if (adapter_dir / EXTRA_FILE).is_file() else ""),
+        f"- base model: `{base}`", f"- adapter: `{adapter_dir}` (LoRA r={cfg.r}, alpha={cfg.lora_alpha}"
+        f", rslora={cfg.use_rslora}, dora={cfg.use_dora})",
+        f"- fully trained modules folded in: {cfg.modules_to_save or 'none'}"
+        + "".join(f" + {name}" for name in plan.extras),
         f"- dtype: {plan.out_dtype}",
         "- base weights: " + (f"as trained ({plan.quant.describe()}, dequantised)" if plan.quant else "unquantised"),
         "",

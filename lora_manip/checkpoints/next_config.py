@@ -347,3 +347,45 @@ def build_processor(src: Path, cfg: dict, vision: dict):
         image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=(size // patch) ** 2,
         vision_feature_select_strategy="full", chat_template=HUB_CHAT_TEMPLATE,
         vision_aspect_ratio=cfg.get("image_aspect_ratio") or "anyres_max_9")
+
+
+# ------------------------------------------------------------------------------- a trained run's image cap
+
+
+def carry_image_cap(folder: Path, max_tiles: int | None) -> list[str]:
+    """Write a run's anyres cap (data.max_image_tiles) into an output folder's own files: the image_grid_pinpoints
+    of config.json (where the model and vLLM place features) and of preprocessor_config.json (where the image
+    processor cuts tiles), limited as training limited them (data/processor.capped_pinpoints). transformers and
+    vLLM read the grid from these files, not from the kit's recipe.yaml, so without this a server tiles large
+    images into more tiles than the model was trained on. Returns the files changed."""
+    from ..data.processor import capped_pinpoints
+    from ..fsutil import atomic_write_text
+
+    if not max_tiles:
+        return []
+    files = {name: read_json(folder / name) for name in ("config.json", "preprocessor_config.json")
+             if (folder / name).is_file()}
+    pre, cfg = files.get("preprocessor_config.json", {}), files.get("config.json", {})
+    size = pre.get("crop_size") or pre.get("size") or {}
+    tile = size.get("height") or (cfg.get("vision_config") or {}).get("image_size")
+    changed = []
+    for name, node in files.items():
+        pins = node.get("image_grid_pinpoints")
+        if not pins or not tile:
+            continue
+        kept = capped_pinpoints(pins, tile, max_tiles)
+        if kept != [list(p) for p in pins]:
+            node["image_grid_pinpoints"] = kept
+            atomic_write_text(folder / name, json.dumps(node, indent=2, sort_keys=True) + "\n")
+            changed.append(name)
+    if changed:
+        log.info("anyres capped at %d tiles per image (data.max_image_tiles) in %s", max_tiles, ", ".join(changed))
+    return changed
+
+
+def run_image_cap(folder: Path) -> int | None:
+    """data.max_image_tiles of the run recipe.yaml in `folder`, or None (no recipe, or no cap)."""
+    from ..recipe.load import read_run_recipe
+
+    recipe = read_run_recipe(folder)
+    return recipe.data.max_image_tiles if recipe is not None else None

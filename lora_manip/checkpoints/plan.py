@@ -17,8 +17,8 @@ from pathlib import Path
 from ..dtypes import FLOAT_CODES, TORCH_DTYPES, WEIGHT_CODES, code_of, short_name
 from ..errors import UserError
 from ..fsutil import read_json
-from ..model.adapters import EXTRA_FILE
-from ..model.layouts import DORA_KEY, LORA_KEY, canonical, peft_inner, unwrap_peft
+from ..model.adapters import ADAPTER_FILE, EXTRA_FILE, AdapterConfig, read_adapter_config
+from ..model.layouts import DORA_KEY, EXTRA_TRAINABLES, LORA_KEY, canonical, peft_inner, unwrap_peft
 from .fold import merged_producer
 from .quant import QuantSpec, quantised_in_training
 from .shards import OutTensor, cast_tensor
@@ -26,7 +26,8 @@ from .tensors import Checkpoint, TensorRef, canonical_tensors, listing, read_hea
 
 log = logging.getLogger(__name__)
 
-ADAPTER_FILE = "adapter_model.safetensors"
+# Trained bare parameters (image_newline) that model/adapters.save_extras adds to the adapter file.
+_EXTRAS = {canonical(n) for names in EXTRA_TRAINABLES.values() for n in names}
 
 
 @dataclass
@@ -49,11 +50,12 @@ class MergePlan:
     n_requantised: int = 0
     fp32_bytes: int = 0
     quant: QuantSpec | None = None  # set: the LM's Linear weights are folded as the 4-bit training saw them
+    extras: list[str] = field(default_factory=list)  # trained bare parameters replaced (image_newline)
 
 
 def plan_merge(adapter_dir: Path, base_dir: Path, dtype: str | None = None,
                quant: QuantSpec | None = None) -> MergePlan:
-    cfg = read_json(adapter_dir / "adapter_config.json")
+    cfg = read_adapter_config(adapter_dir)
     _check_adapter_config(adapter_dir, cfg)
     base_config = read_base_config(base_dir)
     base = canonical_tensors(Checkpoint(base_dir), "base checkpoint")
@@ -71,7 +73,7 @@ def plan_merge(adapter_dir: Path, base_dir: Path, dtype: str | None = None,
     loras: dict[str, _Lora] = {}
     replace: dict[str, TensorRef] = {}
     leftovers: list[str] = []
-    save_modules = cfg.get("modules_to_save") or []
+    save_modules = cfg.modules_to_save or []
     for ref in adapter_refs:
         key = peft_inner(ref.name)
         if key is None:
@@ -95,8 +97,10 @@ def plan_merge(adapter_dir: Path, base_dir: Path, dtype: str | None = None,
             setattr(entry, slot, ref)
             continue
         name = canonical(unwrap_peft(key))
-        if name is None or not any(re.search(rf"(^|\.){re.escape(s)}\.", name) for s in save_modules):
-            leftovers.append(ref.name)  # a full tensor of no module the adapter trains in full
+        # a full tensor of a module the adapter trains in full, or a bare parameter the kit adds (image_newline)
+        if name is None or not (name in _EXTRAS or any(re.search(rf"(^|\.){re.escape(s)}\.", name)
+                                                      for s in save_modules)):
+            leftovers.append(ref.name)
             continue
         if name in replace:
             raise UserError(f"{adapter_file}: two tensors replace {name}: {replace[name].name}, {ref.name}")
@@ -133,6 +137,8 @@ def plan_merge(adapter_dir: Path, base_dir: Path, dtype: str | None = None,
         if ref.dtype not in FLOAT_CODES:
             raise UserError(f"{ref.file}: tensor {ref.name} is {ref.dtype}, expected a float tensor")
         per_tensor.setdefault(name, []).append(("replace", ref))
+        if name in _EXTRAS:
+            plan.extras.append(name.rsplit(".", 1)[-1])
     if leftovers:
         raise UserError(f"{adapter_dir}: {len(leftovers)} adapter tensor(s) match no tensor of base {base_dir}: "
                         f"{listing(leftovers)}. Is --base the model this adapter was trained on?")
@@ -140,7 +146,7 @@ def plan_merge(adapter_dir: Path, base_dir: Path, dtype: str | None = None,
     if conflicts:
         raise UserError(f"{adapter_dir}: tensors both replaced in full and LoRA-adapted: {listing(conflicts)}")
 
-    alpha, r_default = float(cfg.get("lora_alpha", 8)), cfg.get("r", 8)
+    alpha, r_default = float(cfg.lora_alpha), cfg.r
     for name, ref in base.items():
         ops = per_tensor.get(name, [])
         code = out_code if ref.dtype in FLOAT_CODES else ref.dtype
@@ -163,20 +169,20 @@ def plan_merge(adapter_dir: Path, base_dir: Path, dtype: str | None = None,
     return plan
 
 
-def _check_adapter_config(adapter_dir: Path, cfg: dict) -> None:
+def _check_adapter_config(adapter_dir: Path, cfg: AdapterConfig) -> None:
     where = f"{adapter_dir}/adapter_config.json"
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{where}: peft_type {cfg.get('peft_type')} is not supported (LoRA, rsLoRA, DoRA only)")
-    unsupported = {k: cfg.get(k) for k in ("fan_in_fan_out", "target_parameters", "trainable_token_indices",
-                                           "layer_replication", "use_qalora", "alora_invocation_tokens")
-                   if cfg.get(k)}
+    if cfg.peft_type != "LORA":
+        raise UserError(f"{where}: peft_type {cfg.peft_type} is not supported (LoRA, rsLoRA, DoRA only)")
+    unsupported = {k: cfg.raw.get(k) for k in ("fan_in_fan_out", "target_parameters", "trainable_token_indices",
+                                               "layer_replication", "use_qalora", "alora_invocation_tokens")
+                   if cfg.raw.get(k)}
     if unsupported:
         raise UserError(f"{where}: unsupported LoRA options for a merge: {unsupported}")
-    if cfg.get("use_dora") and cfg.get("lora_bias"):
+    if cfg.use_dora and cfg.lora_bias:
         raise UserError(f"{where}: DoRA with lora_bias is not a valid PEFT adapter")
 
 
-def _check_lora(adapter_file: Path, cfg: dict, lora: _Lora, w: TensorRef, bias: TensorRef | None) -> None:
+def _check_lora(adapter_file: Path, cfg: AdapterConfig, lora: _Lora, w: TensorRef, bias: TensorRef | None) -> None:
     names = f"{lora.module} (base tensor {w.name} in {w.file.name}, {list(w.shape)})"
     if lora.A is None or lora.B is None:
         have = lora.A or lora.B or lora.magnitude or lora.bias
@@ -194,8 +200,8 @@ def _check_lora(adapter_file: Path, cfg: dict, lora: _Lora, w: TensorRef, bias: 
         raise UserError(f"{adapter_file}: shapes do not fit the base: {lora.A.name} {list(lora.A.shape)} and "
                         f"{lora.B.name} {list(lora.B.shape)} vs {names}; expected lora_A [r, {in_f}] and lora_B "
                         f"[{out_f}, r]. Is --base the model this adapter was trained on?")
-    if bool(cfg.get("use_dora")) != (lora.magnitude is not None):
-        raise UserError(f"{adapter_file}: {lora.module}: use_dora is {bool(cfg.get('use_dora'))} in "
+    if bool(cfg.use_dora) != (lora.magnitude is not None):
+        raise UserError(f"{adapter_file}: {lora.module}: use_dora is {bool(cfg.use_dora)} in "
                         f"adapter_config.json but the lora_magnitude_vector is "
                         f"{'present' if lora.magnitude is not None else 'missing'}")
     if lora.magnitude is not None and math.prod(lora.magnitude.shape) != out_f:
@@ -217,14 +223,14 @@ def peft_pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def _scaling(cfg: dict, lora: _Lora, alpha: float, r_default: int) -> float:
+def _scaling(cfg: AdapterConfig, lora: _Lora, alpha: float, r_default: int) -> float:
     r = lora.A.shape[0]
-    a = float(peft_pattern_value(cfg.get("alpha_pattern") or {}, lora.module, alpha))
-    if cfg.get("rank_pattern"):
-        expect = peft_pattern_value(cfg["rank_pattern"], lora.module, r_default)
+    a = float(peft_pattern_value(cfg.alpha_pattern or {}, lora.module, alpha))
+    if cfg.rank_pattern:
+        expect = peft_pattern_value(cfg.rank_pattern, lora.module, r_default)
         if expect != r:
             raise UserError(f"{lora.A.name}: rank {r} but adapter_config.json gives {lora.module} rank {expect}")
-    return a / math.sqrt(r) if cfg.get("use_rslora") else a / r
+    return a / math.sqrt(r) if cfg.use_rslora else a / r
 
 
 def read_base_config(base_dir: Path) -> dict:

@@ -87,21 +87,14 @@ def parse_quantization(text: str) -> QuantSpec:
 def recipe_quantization(adapter_dir: Path) -> tuple[str | None, QuantSpec | None]:
     """(method, QuantSpec for a qlora recipe) from the recipe.yaml `lora-manip train` saves with the adapter;
     (None, None) when there is none."""
-    import yaml
+    from ..recipe.load import RUN_RECIPE, read_run_recipe
 
-    path = Path(adapter_dir) / "recipe.yaml"
-    if not path.is_file():
+    recipe = read_run_recipe(adapter_dir)
+    if recipe is None:
         return None, None
-    try:
-        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(recipe, dict):
-        raise UserError(f"{path}: expected a mapping of recipe fields")
-    method = recipe.get("method")
-    if method != "qlora":
-        return method, None
-    return method, _spec(_from_block(recipe.get("quantization"), str(path)), str(path))
+    if recipe.method != "qlora":
+        return recipe.method, None
+    return recipe.method, _spec(recipe.quantization, str(Path(adapter_dir) / RUN_RECIPE))
 
 
 def _spec(cfg, source: str) -> QuantSpec:

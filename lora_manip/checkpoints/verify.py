@@ -37,12 +37,12 @@ def probe_inputs(processor):
     prompt lost its image would compare two text-only runs and pass whatever the vision weights are: an error."""
     from PIL import Image, ImageDraw
 
-    from ..data.encode import prompt_text
+    from ..data.encode import Chat, prompt_text
     from ..data.processor import image_token_counts
 
     img = Image.new("RGB", (320, 180), (120, 90, 60))
     ImageDraw.Draw(img).rectangle([100, 60, 180, 130], fill=(220, 30, 30))
-    text = prompt_text(processor, [{"role": "user", "content": PROBE_QUESTION}], PROBE_SYSTEM_PROMPT)
+    text = prompt_text(Chat(processor, PROBE_SYSTEM_PROMPT), [{"role": "user", "content": PROBE_QUESTION}])
     where = getattr(processor.tokenizer, "name_or_path", "") or "the checkpoint"
     if text.count(processor.image_token) != 1 or "red cube" not in text:
         raise UserError(f"the chat template of {where} rendered the probe question with "

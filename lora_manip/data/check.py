@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..recipe import DataCfg, load_recipe
+from .encode import Chat
 from .report import MAX_LENGTH, MIN_TRAJ_POINTS, Entry, check_entries, length_distribution
 
 SYSTEM_PROMPT = DataCfg.model_fields["system_prompt"].default
@@ -61,13 +62,13 @@ def run_check(target: str, model: str | None = None, data_root: str | None = Non
             processor = load_processor(model, cap)
         except (UserError, OSError, ValueError) as e:
             note = f"cannot load a processor from {model} ({str(e).splitlines()[0]})"
-    report = check_entries(entries, processor, system_prompt, max_length, batch_size, min_traj_points, seed,
+    report = check_entries(entries, Chat(processor, system_prompt), max_length, batch_size, min_traj_points, seed,
                            workers)
     after = report.pop("_lengths", None)
     if cap and processor is not None and after is not None:
         # data.max_image_tiles: measure again without the cap; only image tokens differ, so a record whose length
         # changed had an image capped
-        before = check_entries(entries, load_processor(model), system_prompt, max_length, batch_size,
+        before = check_entries(entries, Chat(load_processor(model), system_prompt), max_length, batch_size,
                                min_traj_points, seed, workers).pop("_lengths")
         report["image_cap"] = {"max_image_tiles": cap, "capped_records": int((before != after).sum()),
                                "records": int(len(after)), "tokens_before": length_distribution(before),

@@ -10,6 +10,7 @@ from PIL import Image
 
 from ..errors import UserError
 from .encode import IGNORE
+from .images import ImageError, load_image
 
 
 DUMMY_IMAGE = "dummy_image"  # batch key: the pixels are a blank stand-in (train/trainer.image_features_unused)
@@ -77,9 +78,7 @@ class Collator:
 def _load_rgb(path: str, record_id: str | None = None) -> Image.Image:
     # The scan decoded every image fully before training; one failing now changed on disk since.
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - PIL raises many kinds (OSError: image file is truncated, ...)
-        raise UserError(f"record id={record_id!r}: cannot decode image {path} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); it changed since the data check at the start "
-                        "of training") from None
+        return load_image(path)
+    except ImageError as e:
+        raise UserError(f"record id={record_id!r}: cannot decode image {path} ({e.reason}); it changed since the data "
+                        "check at the start of training") from None

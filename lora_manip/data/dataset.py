@@ -5,7 +5,7 @@ length and whether it has images (numpy arrays), never decoded records or pixels
 tokenised in `__getitem__`; images are decoded by the collator in the DataLoader workers.
 
 At start every record used is read once (scan.py: the same checks as `lora-manip data check`, cached by
-scan_cache.py) and measured exactly (lengths.py: image tokens included, from the image header). A sample
+scan_cache.py) and measured exactly (encode.token_lengths: image tokens included, from the image header). A sample
 longer than `model_max_length` is dropped (`on_too_long: drop`), never cut, and counted with its reason.
 Broken records stop the run (all listed) unless the recipe sets `skip_bad_records: true`, which drops them and logs
 a count per reason. Sampling (`sample`, `name%NN`) and validation splits (`val_fraction`) are seeded.
@@ -23,9 +23,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .encode import encode
+from .encode import Chat, encode, token_lengths
 from .images import image_size
-from .lengths import token_lengths
 from .processor import image_tiles
 from .records import PROBLEM_KINDS, Problem, RecordIndex, Sample, problem_summary, to_sample
 from .scan_cache import cached_scan
@@ -120,17 +119,16 @@ class ManipDataset(torch.utils.data.Dataset):
     in `dropped`). `lengths` (int32) and `has_images` (bool) are what the length-grouped sampler reads.
     """
 
-    def __init__(self, samples: Sequence[Sample], processor, system_prompt: str | None, max_length: int,
+    def __init__(self, samples: Sequence[Sample], chat: Chat, max_length: int,
                  lengths=None, has_images=None, dropped: Counter | None = None, tiles=None):
-        self.processor = processor
-        self.system_prompt = system_prompt
+        self.chat = chat
         self.max_length = max_length
         self.dropped = Counter(dropped or {})
         if lengths is None:
             items = [(s, [image_size(p, s) for p in s.images]) for s in samples]
             measured = []
             for lo in range(0, len(items), 256):
-                measured += token_lengths(processor, system_prompt, items[lo:lo + 256])
+                measured += token_lengths(chat, items[lo:lo + 256])
             keep = [i for i, n in enumerate(measured) if n <= max_length]
             if len(keep) < len(items):
                 # Never cut: a cut sample loses its answer or splits an image's tokens.
@@ -138,7 +136,7 @@ class ManipDataset(torch.utils.data.Dataset):
             samples = [samples[i] for i in keep]
             lengths = [measured[i] for i in keep]
             has_images = [bool(samples[i].images) for i in range(len(samples))]
-            tiles = [image_tiles(processor, items[i][1]) for i in keep]
+            tiles = [image_tiles(chat.processor, items[i][1]) for i in keep]
         self.samples = samples
         self.lengths = np.asarray(lengths, dtype=np.int32)
         self.has_images = np.asarray(has_images, dtype=bool)
@@ -151,7 +149,7 @@ class ManipDataset(torch.utils.data.Dataset):
 
     def _encode(self, s: Sample) -> dict:
         sizes = [image_size(p, s) for p in s.images]
-        return encode(s, self.processor, self.system_prompt, sizes) | {"images": s.images, "id": s.id}
+        return encode(s, self.chat, sizes) | {"images": s.images, "id": s.id}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -205,16 +203,15 @@ def _parts_of(datasets: list, seed: int, role: str) -> tuple[list[_Part], list[_
     return parts, held_out
 
 
-def _assemble(parts: list[_Part], processor, system_prompt, max_length: int, skip_bad_records: bool,
-              min_traj_points: int, workers: int | None, split: str) -> ManipDataset:
+def _assemble(parts: list[_Part], chat: Chat, max_length: int, skip_bad_records: bool, min_traj_points: int,
+              workers: int | None, split: str) -> ManipDataset:
     fatal = [p for part in parts for p in part.index.problems]
     if fatal:
         raise UserError(f"{split} data cannot be read:\n" + "\n".join(f"  - {p}" for p in fatal[:20]))
     problems: list[Problem] = []
     views, lengths, has_images, tiles, dropped = [], [], [], [], Counter()
     for part in parts:
-        r = cached_scan(part.index, part.data_root, part.positions, processor, system_prompt, min_traj_points,
-                        workers)
+        r = cached_scan(part.index, part.data_root, part.positions, chat, min_traj_points, workers)
         problems += r.problems
         for w in r.warnings[:5]:
             log.warning("%s: %s", split, w)
@@ -258,7 +255,7 @@ def _assemble(parts: list[_Part], processor, system_prompt, max_length: int, ski
     for reason, n in dropped.items():
         if not reason.startswith("bad record"):
             log.warning("%s: dropped %d sample(s): %s", split, n, reason)
-    return ManipDataset(ConcatSamples(views), processor, system_prompt, max_length,
+    return ManipDataset(ConcatSamples(views), chat, max_length,
                         lengths=np.concatenate(lengths) if lengths else [],
                         has_images=np.concatenate(has_images) if has_images else [], dropped=dropped,
                         tiles=np.concatenate(tiles) if tiles else [])
@@ -274,8 +271,8 @@ def build_datasets(data, processor, seed: int, workers: int | None = None
     seed = seed if data.seed is None else data.seed
     train_parts, held_out = _parts_of(data.train, seed, "train")
     val_parts, _ = _parts_of(data.val, seed, "val")
-    common = (processor, data.system_prompt, data.model_max_length, data.skip_bad_records, data.min_traj_points,
-              workers)
+    common = (Chat(processor, data.system_prompt), data.model_max_length, data.skip_bad_records,
+              data.min_traj_points, workers)
     train = _assemble(train_parts, *common, "train")
     val = _assemble(held_out + val_parts, *common, "val") if held_out or val_parts else None
     return train, val

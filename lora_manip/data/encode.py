@@ -12,20 +12,29 @@ wants strings. The form is found once per processor by rendering probes (`templa
 `<image>` placeholders inline, LLaVA style) are converted to it (`for_template`), and every render is checked:
 each message's text must appear in it and it must hold one `<image>` per image, so a template the kit cannot
 render faithfully is an error naming the checkpoint, never an empty prompt.
+
+`token_lengths` measures the same thing without encoding (what the scan records for every record, so batching and
+the `model_max_length` filter know each sample's length before training reads it): it renders and cuts the text
+exactly as `encode` does, which is why it lives here; ManipDataset checks every encoded sample against it.
 """
 
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
+from typing import Any
 
 from ..errors import UserError
-from .processor import image_token_counts
-from .records import IMAGE_PLACEHOLDER, Sample
+from .records import IMAGE_PLACEHOLDER, Sample, system_prompt_error
+
+# .processor (image token counts) is imported where it is used: it imports transformers, and a Chat without a
+# processor (`data check` without a model) must not pay for it.
 
 IGNORE = -100
 END_OF_TURN = "<|im_end|>"
 _PROBE = "lora-manip probe 7f3a"
 _STYLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _apply(processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -99,9 +108,23 @@ def render(processor, messages: list[dict], add_generation_prompt: bool = False)
     return text
 
 
+@dataclass(frozen=True, eq=False)
+class Chat:
+    """How a checkpoint turns conversations into text and tokens: its processor (chat template, tokenizer, image
+    processor) and the system prompt a conversation gets when it has none (None: no system turn). The two always
+    travel together: what training encodes, what the scan measures and what eval prompts with must be one text.
+    `processor` may be None where records are only checked (`data check` without a model): nothing is measured."""
+
+    processor: Any
+    system_prompt: str | None
+
+
 def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
     if system_prompt is None or (messages and messages[0]["role"] == "system"):
         return messages
+    problem = system_prompt_error(system_prompt, "the system prompt")
+    if problem:  # its <image> would take the place of a sample's image tokens
+        raise UserError(problem)
     return [{"role": "system", "content": system_prompt}] + messages
 
 
@@ -123,12 +146,15 @@ def supervised_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[i
     return full, spans
 
 
-def encode(sample: Sample, processor, system_prompt: str | None, image_sizes: list[tuple[int, int]]) -> dict:
+def encode(sample: Sample, chat: Chat, image_sizes: list[tuple[int, int]]) -> dict:
     """{"input_ids", "labels"} for one sample; `image_sizes` are the (width, height) of its images in order."""
+    from .processor import image_token_counts
+
+    processor = chat.processor
     tok = processor.tokenizer
     if tok.convert_tokens_to_ids(END_OF_TURN) in (None, tok.unk_token_id):
         raise UserError(f"the tokenizer has no {END_OF_TURN} token; the kit expects Qwen ChatML (LLaVA-OneVision)")
-    full, spans = supervised_spans(processor, with_system(sample.messages, system_prompt))
+    full, spans = supervised_spans(processor, with_system(sample.messages, chat.system_prompt))
     counts = iter(image_token_counts(processor, image_sizes))
     cuts = [0] + [c for span in spans for c in span] + [len(full)]
     input_ids: list[int] = []
@@ -148,9 +174,45 @@ def encode(sample: Sample, processor, system_prompt: str | None, image_sizes: li
     return {"input_ids": input_ids, "labels": labels}
 
 
-def prompt_text(processor, messages: list[dict], system_prompt: str | None) -> str:
+def prompt_text(chat: Chat, messages: list[dict]) -> str:
     """The generation prompt for the conversation up to (not including) its last answer."""
-    msgs = with_system(messages, system_prompt)
+    msgs = with_system(messages, chat.system_prompt)
     if msgs[-1]["role"] == "assistant":
         msgs = msgs[:-1]
-    return render(processor, msgs, add_generation_prompt=True)
+    return render(chat.processor, msgs, add_generation_prompt=True)
+
+
+def _image_tokens(processor, sizes: list[tuple[int, int]]) -> int:
+    """Total image tokens of one sample's images; memoised per processor (a data set has few distinct sizes)."""
+    from .processor import image_token_counts
+
+    cache = _COUNTS.setdefault(processor, {})
+    # the grid is part of the key: data.max_image_tiles changes a processor's pinpoints after loading
+    key = (tuple(tuple(z) for z in sizes), tuple(map(tuple, processor.image_processor.image_grid_pinpoints)))
+    if key not in cache:
+        if len(cache) > 100_000:
+            cache.clear()
+        cache[key] = sum(image_token_counts(processor, list(key[0])))
+    return cache[key]
+
+
+def token_lengths(chat: Chat, items: list[tuple[Sample, list[tuple[int, int]]]]) -> list[int]:
+    """Exact `len(encode(sample)["input_ids"])` for many (sample, image sizes) at once: the same template render
+    and segmentation as encode, one batched tokenizer call, and each `<image>` token counted as the image tokens
+    the processor expands it to."""
+    processor = chat.processor
+    tok = processor.tokenizer
+    segments, owner, out = [], [], []
+    for k, (s, sizes) in enumerate(items):
+        full, spans = supervised_spans(processor, with_system(s.messages, chat.system_prompt))
+        cuts = [0] + [c for span in spans for c in span] + [len(full)]
+        for a, b in zip(cuts, cuts[1:]):
+            if b > a:
+                segments.append(full[a:b])
+                owner.append(k)
+        out.append(_image_tokens(processor, sizes))
+    if segments:
+        image_id = processor.image_token_id
+        for k, ids in zip(owner, tok(segments, add_special_tokens=False)["input_ids"]):
+            out[k] += len(ids) - ids.count(image_id)  # each placeholder token is replaced by the image's tokens
+    return out

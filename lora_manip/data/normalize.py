@@ -1,9 +1,22 @@
-"""`lora-manip data normalize`: rewrite an annotation file's grounding answers from pixel coordinates to [0, 1].
+"""`lora-manip data normalize`: rewrite an annotation file's grounding coordinates to [0, 1], or turn a lab's own
+labels (a CSV table or a COCO-style JSON, labels.py) into the kit's records.
 
-Which answers: gpt turns that parse as JSON, at keys ending in bbox/box/point/traj (the same rule as `data check`).
-Numbers alternate x, y (points `[x, y]`, corner lists `[[x1, y1], [x2, y2]]`, flat boxes `[x1, y1, x2, y2]`).
-Everything else in the file is copied unchanged; the input is never modified (the output is a new file, written
-atomically).
+Which numbers, in an annotation file (.json array / .jsonl):
+- gpt answers that parse as JSON with keys ending in bbox/box/point/traj (the rule `data check` validates by):
+  the values of those keys. Numbers alternate x, y (points `[x, y]`, corner lists `[[x1, y1], [x2, y2]]`, flat
+  boxes `[x1, y1, x2, y2]`);
+- any other gpt answer of a box / point / trajectory record (its kind as the scorer classifies it: the `task`
+  field, else the answer's format): its coordinates in every shape the scorer's parser reads (answers/units.py:
+  flat or nested lists, `(x, y)` tuples, `bbox_2d` / `point_2d` objects, tags, prose with bare numbers), rescaled
+  in place; the result is read back with the scorer's parser and must give the same coordinates, else the record
+  is refused. Molmo's `<point x= y=>` tags are percent by definition and stay as they are;
+- the coordinate lists of the human turns of a record whose answer is converted ("the gripper starts at [320,
+  240]").
+A record is refused, with its reason, when its numbers cannot be converted safely: an answer of a geometric task
+the parser cannot read, a list of an odd number of numbers, a choice / yes-no / planning answer holding lists of
+numbers above 1 (pixels that would otherwise be copied as they are), a question in pixels beside an answer in
+[0, 1]. Everything else is copied unchanged; the input is never modified (the output is a new file, written
+atomically), and any problem means nothing is written. The summary says per record what was done.
 
 Units (`--from`):
   pixels   pixels of the original image: x / width, y / height
@@ -13,7 +26,7 @@ Units (`--from`):
   thousand Qwen-VL's integer grid 0..1000: v / 1000 (no image size needed)
 Image sizes come from the record's `width`/`height` (or `w`/`h`) fields, else from the image header. A record whose
 coordinates are all in [0, 1] already is left as it is and counted; one whose converted coordinates fall outside
-the image is a problem (wrong size?), and any problem means no output is written.
+the image is a problem (wrong size?).
 """
 
 from __future__ import annotations
@@ -24,9 +37,13 @@ import os
 from pathlib import Path
 
 from ..answers.coordinates import COORD_KEY, answer_json, numbers
+from ..answers.kinds import GEOMETRIC, classify_task
+from ..answers.parse import parse_answer
+from ..answers.units import find, rescale_text, stray_coordinates, value_points
 from ..errors import UserError
-from ..fsutil import atomic_write_text
+from ..outputs import check_file, write_file
 from .images import read_image_size
+from .labels import is_coco, read_labels
 from .records import Problem, RecordIndex
 
 MODES = ("pixels", "resized", "thousand")
@@ -116,25 +133,136 @@ def _record_size(rec: dict, data_root: Path) -> tuple[int, int] | str:
     return sizes.pop()
 
 
+class _Scaler:
+    """The --from unit: what a record's coordinates are divided by."""
+
+    def __init__(self, mode: str, root: Path, decimals: int, factor: int, min_pixels: int, max_pixels: int):
+        self.mode, self.root, self.decimals = mode, root, decimals
+        self.factor, self.min_pixels, self.max_pixels = factor, min_pixels, max_pixels
+
+    def divisors(self, rec: dict) -> tuple[float, float] | str:
+        if self.mode == "thousand":
+            return 1000.0, 1000.0
+        size = _record_size(rec, self.root)
+        if isinstance(size, str):
+            return size
+        w, h = size
+        if self.mode == "resized":
+            h, w = smart_resize(h, w, self.factor, self.min_pixels, self.max_pixels)
+        return float(w), float(h)
+
+
+def _turns(rec: dict):
+    """(turn, its text key, whether it is an answer) of each turn with text."""
+    turns = rec.get("conversations")
+    for t in turns if isinstance(turns, list) else []:
+        if isinstance(t, dict):
+            key = "value" if "value" in t else "content"
+            if isinstance(t.get(key), str):
+                yield t, key, t.get("from", t.get("role")) in ("gpt", "assistant")
+
+
+def _same(a, b, tol: float) -> bool:
+    pa, pb = value_points(a), value_points(b)
+    return len(pa) == len(pb) and all(abs(u - v) <= tol for p, q in zip(pa, pb) for u, v in zip(p, q))
+
+
+def _convert_record(rec: dict, scaler: _Scaler) -> tuple[str, str, str]:
+    """Rewrite `rec`'s coordinates in place: (action, detail, problem kind). Actions: converted,
+    already_normalised, no_coordinates, refused (detail: the reason)."""
+    task = rec.get("task") if isinstance(rec.get("task"), str) else None
+    keyed, texts, questions, values, notes = [], [], [], [], []
+    for t, key, is_answer in _turns(rec):
+        text = t[key]
+        if not is_answer:
+            questions.append((t, key))
+            continue
+        obj = answer_json(text)
+        if obj is not None and _coordinates(obj):
+            keyed.append((t, key, obj))
+            values += _coordinates(obj)
+            continue
+        found, kind = find(text), classify_task(task, text).kind
+        if found.percent:
+            notes.append("Molmo tags: percent of the image by definition, unchanged")
+        elif kind in GEOMETRIC:
+            if found.odd or not found.lists:
+                why = parse_answer(text, kind).error or "no coordinate list"
+                return "refused", f"a {kind} answer whose coordinates cannot be read ({why}): {text[:60]!r}", ""
+            texts.append((t, key, kind))
+            values += found.values
+        elif (why := stray_coordinates(text, task)) is not None:
+            return "refused", why, ""
+    if not keyed and not texts:
+        return "no_coordinates", "; ".join(notes), ""
+    in_questions = [v for t, key in questions for v in find(t[key], bare=False).values]
+    if all(0 <= x <= 1 for x in values) and scaler.mode != "thousand":
+        if any(abs(v) > 1 for v in in_questions):
+            return "refused", ("the answer is in [0, 1] but the question holds coordinate lists above 1 "
+                               f"({', '.join(f'{v:g}' for v in in_questions[:4])})"), ""
+        return "already_normalised", "; ".join(notes), ""
+    divisors = scaler.divisors(rec)
+    if isinstance(divisors, str):
+        return "refused", f"no image size: {divisors}", "missing_image"
+    sx, sy = divisors
+    tol, outside = 10.0 ** -scaler.decimals, []
+    for t, key, obj in keyed:
+        t[key] = json.dumps(_convert(obj, sx, sy, scaler.decimals, outside), ensure_ascii=False)
+    for t, key, kind in texts:
+        before = parse_answer(t[key], kind, "pixels", (sx, sy))  # what the scorer reads, divided as we divide
+        new, out, err = rescale_text(t[key], sx, sy, scaler.decimals)
+        after = parse_answer(new, kind)
+        if err or not before.ok:
+            return "refused", err or f"the {kind} answer does not parse: {before.error}", ""
+        if not out and not (after.ok and _same(before.value, after.value, tol)):
+            return "refused", (f"the scorer would read other numbers than those rescaled ({t[key][:60]!r} -> "
+                               f"{new[:60]!r})"), ""
+        t[key] = new
+        outside += out
+    n_lists = 0
+    for t, key in questions:
+        new, out, err = rescale_text(t[key], sx, sy, scaler.decimals, bare=False)
+        if err:
+            return "refused", f"question: {err}", ""
+        n_lists += len(find(t[key], bare=False).lists)
+        t[key], outside = new, outside + out
+    if outside:
+        return "refused", (f"{len(outside)} coordinate(s) outside the image after dividing by {sx:g} x {sy:g} "
+                           f"(e.g. {outside[0]:.3f}): wrong --from mode or image size?"), "coords_out_of_range"
+    notes.insert(0, f"divided by {sx:g} x {sy:g}" + (f"; {n_lists} coordinate list(s) in the question too"
+                                                      if n_lists else ""))
+    return "converted", "; ".join(notes), ""
+
+
 def normalize_file(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "pixels",
                    data_root: str | os.PathLike | None = None, decimals: int = 3, factor: int = QWEN_FACTOR,
                    min_pixels: int = QWEN_MIN_PIXELS, max_pixels: int = QWEN_MAX_PIXELS,
-                   force: bool = False) -> dict:
-    """Write `dst` (.json array or .jsonl, by its suffix) with normalised coordinates. Returns a summary with every
-    problem; when there are problems nothing is written."""
+                   force: bool = False, keypoints: str = "points") -> dict:
+    """Write `dst` (.json array or .jsonl, by its suffix) with normalised coordinates: from an annotation file, a
+    CSV table or a COCO-style JSON (labels.py; `keypoints`: points | trajectory). Returns a summary with every
+    problem and, in `rows`, what was done with each input record or row; when there are problems nothing is
+    written."""
     if mode not in MODES:
         raise UserError(f"--from {mode!r}: choose one of {', '.join(MODES)}")
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise UserError(f"{src} not found")
-    if dst.resolve() == src.resolve():
-        raise UserError("the output must be a new file; the input is never modified")
-    if dst.exists() and not force:
-        raise UserError(f"{dst} already exists; choose another output or pass --force to replace it")
+    # resolved once; never the input, and an existing file only with `force` and only one this command wrote
+    dst = check_file(dst, force, flag="OUT", inputs={"input file": src})
     root = Path(data_root) if data_root else src.parent
+    scaler = _Scaler(mode, root, decimals, factor, min_pixels, max_pixels)
+    if src.suffix.lower() == ".csv" or is_coco(src):
+        if is_coco(src) and mode != "pixels":
+            raise UserError(f"--from {mode}: COCO coordinates are pixels by definition; use --from pixels")
+        records, rows, problems = read_labels(src, scaler, keypoints)
+        counts = {"records": len(rows), **{a: sum(r["action"] == a for r in rows) for a in ROW_ACTIONS}}
+        _write(dst, [json.dumps(r, ensure_ascii=False) for r in records], problems)
+        return {**counts, "input": "coco" if is_coco(src) else "csv", "output": None if problems else str(dst),
+                "mode": mode, "rows": rows, "problems": [p.to_dict() for p in problems]}
     index = RecordIndex(src)
     problems: list[Problem] = list(index.problems)
-    counts = {"records": len(index), "converted": 0, "already_normalised": 0, "no_coordinates": 0}
+    counts = {"records": len(index), "converted": 0, "already_normalised": 0, "no_coordinates": 0, "refused": 0}
+    rows: list[dict] = []
     texts: list[str] = []  # the output's records; none are kept once a problem means nothing is written
     for i in range(len(index)):
         rec = index.read(i)
@@ -143,45 +271,60 @@ def normalize_file(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "
             problems.append(rec)
             continue
         rid = str(rec.get("id")) if isinstance(rec, dict) and rec.get("id") is not None else None
-        turns = rec.get("conversations") if isinstance(rec, dict) else None
-        answers = []  # (turn, parsed answer) with coordinates
-        for t in turns if isinstance(turns, list) else []:
-            if isinstance(t, dict) and t.get("from", t.get("role")) in ("gpt", "assistant"):
-                key = "value" if "value" in t else "content"
-                obj = answer_json(t.get(key)) if isinstance(t.get(key), str) else None
-                if obj is not None and _coordinates(obj):
-                    answers.append((t, key, obj))
-        if not answers:
-            counts["no_coordinates"] += 1
-        elif all(0 <= x <= 1 for _, _, obj in answers for x in _coordinates(obj)) and mode != "thousand":
-            counts["already_normalised"] += 1
-        else:
-            if mode == "thousand":
-                sx = sy = 1000.0
-            else:
-                size = _record_size(rec, root)
-                if isinstance(size, str):
-                    problems.append(Problem(str(src), where, rid, "images", f"no image size: {size}",
-                                            "missing_image"))
-                    continue
-                w, h = size
-                if mode == "resized":
-                    h, w = smart_resize(h, w, factor, min_pixels, max_pixels)
-                sx, sy = float(w), float(h)
-            outside: list = []
-            for t, key, obj in answers:
-                t[key] = json.dumps(_convert(obj, sx, sy, decimals, outside), ensure_ascii=False)
-            if outside:
-                problems.append(Problem(
-                    str(src), where, rid, "conversations",
-                    f"{len(outside)} coordinate(s) outside the image after dividing by {sx:g} x {sy:g} "
-                    f"(e.g. {outside[0]:.3f}): wrong --from mode or image size?", "coords_out_of_range"))
-                continue
-            counts["converted"] += 1
-        if not problems:
+        if not isinstance(rec, dict):
+            problems.append(Problem(str(src), where, None, "-", f"not an object ({type(rec).__name__})"))
+            continue
+        action, detail, kind = _convert_record(rec, scaler)
+        counts[action] += 1
+        rows.append({"where": where, "id": rid, "action": action, "detail": detail})
+        if action == "refused":
+            problems.append(Problem(str(src), where, rid, "images" if kind == "missing_image" else "conversations",
+                                    detail, kind or "invalid_record"))
+        elif not problems:
             texts.append(json.dumps(rec, ensure_ascii=False))
-    if not problems:
-        atomic_write_text(dst, "".join(t + "\n" for t in texts) if dst.suffix == ".jsonl"
-                          else "[\n" + ",\n".join(texts) + "\n]\n")
-    return {**counts, "output": None if problems else str(dst), "mode": mode,
+    _write(dst, texts, problems)
+    return {**counts, "input": "records", "output": None if problems else str(dst), "mode": mode, "rows": rows,
             "problems": [p.to_dict() for p in problems]}
+
+
+def _write(dst: Path, texts: list[str], problems: list) -> None:
+    """The output, only when nothing was refused: a half-converted file would be trained on."""
+    if not problems:
+        text = ("".join(t + "\n" for t in texts) if dst.suffix.lower() == ".jsonl"
+                else "[\n" + ",\n".join(texts) + "\n]\n")
+        write_file(dst, text.encode("utf-8"), "normalize")
+
+
+ROW_ACTIONS = ("converted", "copied", "refused")
+_SAID = {"converted": "converted", "already_normalised": "already in [0, 1] (unchanged)",
+         "no_coordinates": "without coordinates (copied)", "copied": "copied (no coordinates)", "refused": "refused"}
+
+
+def format_summary(s: dict, show: int = 20) -> str:
+    """`data normalize`'s report: what was done with each input row (for an annotation file: each record it
+    changed; the first `show` of each action, all with show=0), the problems, then the totals."""
+    lines, shown = [], {}
+    # refusals are listed as problems, below; of a records file, only the records that changed
+    skip = {"refused"} | ({"no_coordinates", "already_normalised"} if s["input"] == "records" else set())
+    for r in s["rows"]:
+        if r["action"] in skip:
+            continue
+        shown[r["action"]] = shown.get(r["action"], 0) + 1
+        if show and shown[r["action"]] > show:
+            continue
+        rid = f" id={r['id']!r}" if r["id"] is not None else ""
+        lines.append(f"  {r['where']}{rid}: {r['action']}" + (f" ({r['detail']})" if r["detail"] else ""))
+    hidden = sum(max(0, n - show) for n in shown.values()) if show else 0
+    if hidden:
+        lines.append(f"  ... {hidden} more rows (--json lists every one)")
+    for pr in s["problems"][: show or None]:
+        lines.append(f"  - {Problem(**pr)}")
+    if show and len(s["problems"]) > show:
+        lines.append(f"  ... {len(s['problems']) - show} more problems (--json lists every one)")
+    kinds = ROW_ACTIONS if s["input"] != "records" else ("converted", "already_normalised", "no_coordinates")
+    totals = ", ".join(f"{s.get(k, 0)} {_SAID[k]}" for k in kinds)
+    noun = "records" if s["input"] == "records" else "rows"
+    if s["output"]:
+        return "\n".join(lines + [f"wrote {s['output']}: {s['records']} {noun}, {totals}"])
+    return "\n".join(lines + [f"{len(s['problems'])} problem(s) in {s['records']} {noun} ({totals}, "
+                               f"{s.get('refused', 0)} refused); nothing written"])

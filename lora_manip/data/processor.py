@@ -58,11 +58,16 @@ def cap_image_tiles(processor, max_tiles: int | None) -> int:
     if not max_tiles:
         return 0
     ip = processor.image_processor
-    tile = (ip.crop_size or ip.size)["height"]
-    kept = [p for p in ip.image_grid_pinpoints if -(-p[0] // tile) * -(-p[1] // tile) <= max_tiles]
+    kept = capped_pinpoints(ip.image_grid_pinpoints, (ip.crop_size or ip.size)["height"], max_tiles)
     dropped = len(ip.image_grid_pinpoints) - len(kept)
     ip.image_grid_pinpoints = kept
     return dropped
+
+
+def capped_pinpoints(pinpoints, tile: int, max_tiles: int) -> list[list[int]]:
+    """The anyres pinpoints whose grid of `tile`-px tiles has at most `max_tiles` tiles (the one rule of the cap,
+    for a processor here and for an output folder's files in checkpoints/next_config.carry_image_cap)."""
+    return [list(p) for p in pinpoints if -(-p[0] // tile) * -(-p[1] // tile) <= max_tiles]
 
 
 def apply_image_grid(model, processor) -> None:

@@ -1,9 +1,10 @@
 """Annotation records (LLaVA conversation JSON, RoboInter flavour): a lazy index of a file, and validation of one
 record into a `Sample` or a `Problem`.
 
-Accepted: `.json` (an array) and `.jsonl`; images under `images` (list or string) or LLaVA's `image`; turns with
-`from: human|gpt` or `user|assistant` (also `role`/`content` keys); an optional leading system turn. Every problem
-is reported with file, index (JSON) or line (JSONL), record id and field; nothing is skipped silently.
+Accepted: `.json` (an array) and `.jsonl`, read by files.py's one rule (extension in any case, a BOM, duplicate
+keys refused); images under `images` (list or string) or LLaVA's `image`; turns with `from: human|gpt` or
+`user|assistant` (also `role`/`content` keys); an optional leading system turn. Every problem is reported with
+file, index (JSON) or line (JSONL), record id and field; nothing is skipped silently.
 
 Laziness. A training process holds a `RecordIndex` per file: the byte offset and size of every record (numpy
 arrays, 16 bytes a record), never the decoded records; a record is decoded again (`os.pread` + `json.loads`) when
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .files import DuplicateKey, json_format, loads, path_under
 
 IMAGE_PLACEHOLDER = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -36,6 +38,7 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 PROBLEM_KINDS = {
     "missing_file": "annotation file missing or unreadable",
     "malformed_json": "malformed JSON",
+    "duplicate_key": "JSON object with a key given twice",
     "invalid_record": "record is not an object, lacks an id, or has fields of the wrong type",
     "empty_conversation": "empty conversation",
     "non_alternating": "conversation does not alternate human/gpt",
@@ -46,6 +49,8 @@ PROBLEM_KINDS = {
     "unreadable_image": "image file unreadable",
     "coords_out_of_range": "grounding coordinates outside [0, 1]",
     "coords_not_finite": "grounding coordinates that are NaN or infinite",
+    "coords_malformed": "grounding coordinates that are not numbers, or not a box / points of the right shape",
+    "box_inverted": "box whose second corner lies left of or above its first",
     "duplicate_id": "id used by more than one record",
     "symlink_outside_root": "image reached through a symlink leading out of the data root",
     "short_trajectory": "trajectory with too few points",
@@ -96,11 +101,11 @@ class RecordIndex:
     when they are read (`read`), so indexing a `.jsonl` file never parses JSON.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, what: str = "annotation file"):
         self.path = Path(path)
         if not self.path.is_file():
-            raise UserError(f"annotation file {self.path} not found")
-        self.kind = "jsonl" if self.path.suffix == ".jsonl" else "json"
+            raise UserError(f"{what} {self.path} not found")
+        self.kind = json_format(self.path)
         self.problems: list[Problem] = []
         self.complete = True
         self._fd: int | None = None
@@ -236,7 +241,11 @@ class RecordIndex:
         """Record i decoded, or a Problem when its line is malformed JSON."""
         data = os.pread(self._file(), int(self.sizes[i]), int(self.starts[i]))
         try:
-            return json.loads(data)
+            return loads(data)
+        except DuplicateKey as e:
+            rid = e.value.get("id") if isinstance(e.value, dict) else None
+            return Problem(str(self.path), self.where(i), rid if rid is None else str(rid), "<record>", str(e),
+                           "duplicate_key")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             msg = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else f"not UTF-8 ({e.reason})"
             return Problem(str(self.path), self.where(i), None, "<record>", f"malformed JSON ({msg})",
@@ -275,8 +284,13 @@ def to_sample(raw: object, file: str, where: str, data_root: str | os.PathLike) 
     if not isinstance(raw, dict):
         return problem("<record>", f"expected an object, got {type(raw).__name__}")
     rid = raw.get("id")
-    if rid is None:
-        return problem("id", "missing")
+    if rid is None or (isinstance(rid, str) and not rid.strip()):
+        return problem("id", "missing" if rid is None else "empty")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):  # str() of an object is no id anyone can look up
+        return problem("id", f"must be a string or an integer, got {type(rid).__name__} {rid!r:.60}")
+    for k, v in ((k, raw[k]) for k in ("width", "height", "w", "h") if k in raw):  # bool is an int to Python
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            return problem(k, f"must be a positive number of pixels, got {v!r:.60}")
     images = raw.get("images", raw.get("image", []))
     key = "images" if "images" in raw else "image"
     if isinstance(images, str):
@@ -301,6 +315,9 @@ def to_sample(raw: object, file: str, where: str, data_root: str | os.PathLike) 
             return problem(f"conversations[{i}].value", "missing or not a string")
         if role == "system" and i != 0:
             return problem(f"conversations[{i}].from", "a system turn may only come first", "non_alternating")
+        if role == "system" and IMAGE_PLACEHOLDER in value:
+            return problem(f"conversations[{i}].value", system_prompt_error(value, "the system turn"),
+                           "placeholder_mismatch")
         messages.append({"role": role, "content": value})
     turns = [(i, m) for i, m in enumerate(messages) if m["role"] != "system"]
     if not turns:
@@ -328,8 +345,8 @@ def to_sample(raw: object, file: str, where: str, data_root: str | os.PathLike) 
     root = os.path.abspath(data_root)
     paths = []
     for rel in images:
-        p = os.path.normpath(os.path.join(root, rel))
-        if not (p.startswith(root.rstrip(os.sep) + os.sep)):
+        p = path_under(root, rel)
+        if p is None:
             return problem(key, f"path {rel!r} escapes the data root {root}", "path_escapes_root")
         paths.append(p)
     size = None
@@ -337,6 +354,14 @@ def to_sample(raw: object, file: str, where: str, data_root: str | os.PathLike) 
         size = (raw["width"], raw["height"])
     extra = {k: raw[k] for k in ("task", "width", "height") if k in raw}
     return Sample(str(rid), messages, paths, f"{file} {where}", size, extra)
+
+
+def system_prompt_error(prompt: str | None, source: str) -> str | None:
+    """Why a system prompt (`source` names it) cannot be used, or None: an `<image>` in it would be taken for one of
+    the sample's images (training, data check and eval refuse it alike)."""
+    if isinstance(prompt, str) and IMAGE_PLACEHOLDER in prompt:
+        return f"{source}: {IMAGE_PLACEHOLDER} inside a system prompt; images belong in a human turn (remove it)"
+    return None
 
 
 def read_raw_records(path: str | os.PathLike) -> list[tuple[str, object]]:

@@ -39,9 +39,8 @@ def length_distribution(lengths: np.ndarray) -> dict | None:
             "max": int(lengths.max()), "mean": round(float(lengths.mean()), 1)}
 
 
-def check_entries(entries: list[Entry], processor=None, system_prompt: str | None = None,
-                  max_length: int = MAX_LENGTH, batch_size: int = 8, min_traj_points: int = MIN_TRAJ_POINTS,
-                  seed: int = 0, workers: int | None = None) -> dict:
+def check_entries(entries: list[Entry], chat=None, max_length: int = MAX_LENGTH, batch_size: int = 8,
+                  min_traj_points: int = MIN_TRAJ_POINTS, seed: int = 0, workers: int | None = None) -> dict:
     """The machine-readable report of `data check` (format_report prints it)."""
     datasets, problems, warnings = [], [], []
     all_lengths, all_images = [], []
@@ -59,7 +58,7 @@ def check_entries(entries: list[Entry], processor=None, system_prompt: str | Non
             problems.append(Problem(e.annotation_path, "-", None, "data_path",
                                     f"data root {e.data_path} is not a folder", "missing_file"))
         problems += index.problems
-        r = scan(index, e.data_path, None, processor, system_prompt, min_traj_points, workers)
+        r = scan(index, e.data_path, None, chat, min_traj_points, workers)
         problems += r.problems + duplicate_ids(index, r)
         warnings += r.warnings
         row.update(records=len(index), valid=len(r.positions), bad_records=r.bad_records,
@@ -81,7 +80,7 @@ def check_entries(entries: list[Entry], processor=None, system_prompt: str | Non
         "warnings": [w.to_dict() for w in warnings],
         "datasets": datasets,
         "model_max_length": max_length,
-        "tokens_computed": processor is not None,
+        "tokens_computed": chat is not None and chat.processor is not None,
     }
     if all_lengths:
         lengths, n_images = np.concatenate(all_lengths), np.concatenate(all_images)

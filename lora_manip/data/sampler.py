@@ -13,6 +13,7 @@ The only incomplete batches (one per kind at most) come last.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -183,14 +184,50 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
 
 
 def token_budget_sampler(dataset, budget: int, tile_tokens: int, seed: int = 0, packing: bool = False,
-                         world_size: int = 1) -> TokenBudgetBatchSampler:
+                         world_size: int = 1, accumulation: int = 1) -> TokenBudgetBatchSampler:
     sampler = TokenBudgetBatchSampler(dataset.lengths, dataset.has_images, dataset.tiles, budget, tile_tokens, seed,
                                       packing, world_size)
     batches = sampler.batches(0)
     if batches:
         sizes = np.asarray([len(b) for b in batches])
-        log.info("token budget %d (%s): %d micro-batches per epoch, %.1f samples each (min %d, max %d)%s", budget,
+        log.info("token budget %d (%s): %d micro-batches per epoch, %.1f samples each (min %d, max %d)%s; %s", budget,
                  "packed rows" if packing else "padded rows", len(batches), sizes.mean(), sizes.min(), sizes.max(),
                  f"; {sampler.over_budget} sample(s) exceed the budget alone and train on their own"
-                 if sampler.over_budget else "")
+                 if sampler.over_budget else "",
+                 step_stats(batches, sampler.lengths, accumulation, world_size).describe())
     return sampler
+
+
+# ------------------------------------------------------------------------------- what an optimizer step holds
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Samples and tokens (the LM's, image tokens included, padding not) per optimizer step over one epoch's
+    batches, and the optimizer steps of that epoch. Under a token budget a step holds as many samples as fit, so
+    the recipe's per_device_batch_size x accumulation x processes says nothing about it; this is what it is."""
+
+    steps: int
+    samples: tuple[float, int, int]  # mean, min, max per optimizer step
+    tokens: tuple[float, int, int]
+
+    def describe(self) -> str:
+        (sm, s0, s1), (tm, t0, t1) = self.samples, self.tokens
+        return (f"per optimizer step {sm:.1f} samples (min {s0}, max {s1}), {tm:,.0f} tokens (min {t0:,}, max "
+                f"{t1:,}); {self.steps} optimizer steps per epoch")
+
+
+def step_stats(batches: Sequence[Sequence[int]], lengths, accumulation: int, world_size: int) -> StepStats:
+    """What each optimizer step holds when `batches` (in order) are trained with `accumulation` micro-batches per
+    process and `world_size` processes. accelerate hands process p the batches p, p + W, ...; the Trainer steps
+    after every `accumulation` of a process's batches and once more for a remainder (ceil), so step k is the
+    global batches [k*A*W, (k+1)*A*W)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    per_step = max(1, accumulation) * max(1, world_size)
+    groups = [batches[i:i + per_step] for i in range(0, len(batches), per_step)]
+    if not groups:
+        return StepStats(0, (0.0, 0, 0), (0.0, 0, 0))
+    samples = np.asarray([sum(len(b) for b in g) for g in groups])
+    tokens = np.asarray([sum(int(lengths[np.asarray(b, dtype=np.int64)].sum()) for b in g) for g in groups])
+    return StepStats(len(groups), (float(samples.mean()), int(samples.min()), int(samples.max())),
+                     (float(tokens.mean()), int(tokens.min()), int(tokens.max())))

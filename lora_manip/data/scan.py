@@ -1,5 +1,5 @@
 """The pass over a file's records that training starts with and `data check` reports on: every record checked
-(validate.py) and, with a processor, measured exactly (lengths.py), into one ScanResult of numpy arrays.
+(validate.py) and, with a processor, measured exactly (encode.token_lengths), into one ScanResult of numpy arrays.
 
 Large files are scanned by a pool of forked processes (each reads its own slice of the index), so a million records
 cost minutes of CPU spread over the cores, not of one core. scan_cache.py keeps the result across runs.
@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import UserError
 from .images import symlink_warnings
-from .records import Problem, RecordIndex
+from .records import Problem, RecordIndex, system_prompt_error
 from .validate import check_record, task_of
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class ScanResult:
     bad_records: int = 0  # records with at least one problem
     ids: list = field(default_factory=list)  # ids of the valid records, aligned with positions
     warnings: list[Problem] = field(default_factory=list)  # reported, not disqualifying
+    # every image read, as it was when read (files.file_stamp): a cached result is stale once one of them changes
+    image_stamps: dict = field(default_factory=dict)
 
     @staticmethod
     def merge(parts: list["ScanResult"]) -> "ScanResult":
@@ -55,27 +58,29 @@ class ScanResult:
             out.bad_records += p.bad_records
             out.ids += p.ids
             out.warnings += p.warnings
+            out.image_stamps.update(p.image_stamps)
         return out
 
 
-def _scan_serial(index, data_root, positions, processor, system_prompt, min_traj_points) -> ScanResult:
+def _scan_serial(index, data_root, positions, chat, min_traj_points) -> ScanResult:
     keep, lens, nimg, tiles, problems, tasks, bad = [], [], [], [], [], Counter(), 0
-    ids, warnings = [], []
+    ids, warnings, stamps = [], [], {}
     pending: list = []
+    processor = chat.processor if chat is not None else None
     if processor is not None:
         # here, not at the top: they import torch and transformers (seconds), which a check without a model skips
-        from .lengths import token_lengths
+        from .encode import token_lengths
         from .processor import image_tiles
 
     def flush():
         if processor is not None and pending:
-            lens.extend(token_lengths(processor, system_prompt, pending))
+            lens.extend(token_lengths(chat, pending))
         elif pending:
             lens.extend([-1] * len(pending))
         pending.clear()
 
     for pos in positions:
-        s, sizes, p = check_record(index, int(pos), data_root, min_traj_points)
+        s, sizes, p = check_record(index, int(pos), data_root, min_traj_points, stamps)
         if p:
             problems += p
             bad += 1
@@ -93,7 +98,7 @@ def _scan_serial(index, data_root, positions, processor, system_prompt, min_traj
     flush()
     return ScanResult(np.asarray(keep, np.int64), np.asarray(lens, np.int32), np.asarray(nimg, np.int16),
                       np.asarray(tiles, np.int16) if processor is not None else None, problems, tasks,
-                      len(positions), bad, ids, warnings)
+                      len(positions), bad, ids, warnings, stamps)
 
 
 _POOL_STATE: dict = {}
@@ -108,8 +113,7 @@ def _pool_init(state: dict) -> None:
 def _pool_scan(bounds: tuple[int, int]) -> ScanResult:
     st = _POOL_STATE
     lo, hi = bounds
-    return _scan_serial(st["index"], st["data_root"], st["positions"][lo:hi], st["processor"],
-                        st["system_prompt"], st["min_traj_points"])
+    return _scan_serial(st["index"], st["data_root"], st["positions"][lo:hi], st["chat"], st["min_traj_points"])
 
 
 def default_workers() -> int:
@@ -118,17 +122,20 @@ def default_workers() -> int:
     return max(1, min(16, (os.cpu_count() or 1) // max(per_node, 1)))
 
 
-def scan(index: RecordIndex, data_root: str, positions: np.ndarray | None = None, processor=None,
-         system_prompt: str | None = None, min_traj_points: int = 2, workers: int | None = None) -> ScanResult:
-    """Check (and, with a processor, measure) the records of `index` at `positions` (default: all)."""
+def scan(index: RecordIndex, data_root: str, positions: np.ndarray | None = None, chat=None,
+         min_traj_points: int = 2, workers: int | None = None) -> ScanResult:
+    """Check (and, with a chat's processor, measure) the records of `index` at `positions` (default: all)."""
     positions = np.arange(len(index), dtype=np.int64) if positions is None else np.asarray(positions, np.int64)
+    problem = system_prompt_error(chat.system_prompt if chat is not None else None, "data.system_prompt")
+    if problem:  # before a record is read: it would fail every one of them
+        raise UserError(problem)
     workers = default_workers() if workers is None else workers
     start = time.time()
     if workers <= 1 or len(positions) < POOL_THRESHOLD or "fork" not in multiprocessing.get_all_start_methods():
-        result = _scan_serial(index, str(data_root), positions, processor, system_prompt, min_traj_points)
+        result = _scan_serial(index, str(data_root), positions, chat, min_traj_points)
     else:
-        state = dict(index=index, data_root=str(data_root), positions=positions, processor=processor,
-                     system_prompt=system_prompt, min_traj_points=min_traj_points)
+        state = dict(index=index, data_root=str(data_root), positions=positions, chat=chat,
+                     min_traj_points=min_traj_points)
         step = min(_CHUNK, max(256, -(-len(positions) // (4 * workers))))  # >= 4 tasks per process
         bounds = [(lo, min(lo + step, len(positions))) for lo in range(0, len(positions), step)]
         # fork: the children inherit the index and the processor instead of unpickling them

@@ -21,7 +21,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from ..errors import UserError
-from ..fsutil import atomic_dir, atomic_write_json
+from ..fsutil import atomic_write_json
+from ..outputs import atomic_dir, check_folder, claim_folder, cleanup_partials
 from ..recipe.names import SYNTH_TASKS
 
 TASKS = SYNTH_TASKS
@@ -321,8 +322,9 @@ def write_synth_dataset(out_dir: str | Path, n: int, seed: int = 0, val_fraction
                         tasks: list[str] | None = None) -> dict:
     """Render scenes and write OUT/images/*.png, OUT/train.json, OUT/val.json. Returns a summary dict
     {"train": n_train, "val": n_val, "tasks": {task: count}, "out_dir": str}. `tasks` keeps only those tasks of
-    the mixture (in CYCLE's proportions), e.g. a prompt set for GRPO on one task."""
-    out = Path(out_dir)
+    the mixture (in CYCLE's proportions), e.g. a prompt set for GRPO on one task. OUT is new, empty or one this
+    writer made (outputs/: never a folder of the user's, whatever is in it); a failure leaves nothing behind."""
+    out = check_folder(out_dir, "synth", flag="OUT")  # resolved once; a folder lora-manip did not make is refused
     unknown = sorted(set(tasks or ()) - set(TASKS))
     if unknown or tasks == []:
         raise UserError(f"synthetic tasks {unknown or tasks}: choose one or more of {', '.join(TASKS)}")
@@ -340,15 +342,22 @@ def write_synth_dataset(out_dir: str | Path, n: int, seed: int = 0, val_fraction
     val_ids = set(random.Random(f"lora_manip.synth.split:{seed}").sample(range(n), n_val))
 
     train, val, counts = [], [], {t: 0 for t in TASKS if t in cycle}
-    # The images folder appears whole or not at all. Replacing one that is there is safe: without train.json and
-    # val.json (refused above) it is an interrupted run's.
-    with atomic_dir(out / "images", force=True) as images:
-        for i in range(n):
-            rec, img = _example(i, seed, cycle)
-            img.save(images / Path(rec["images"][0]).name, format="PNG")
-            (val if i in val_ids else train).append(rec)
-            counts[rec["task"]] += 1
-    # train.json last: its presence marks a complete dataset, so an interrupted run can simply be repeated.
-    atomic_write_json(out / "val.json", val)
-    atomic_write_json(out / "train.json", train)
+    claim = claim_folder(out, "synth")
+    try:
+        cleanup_partials(out / "images")
+        # The images folder appears whole or not at all. Replacing one that is there is safe: it lies in this
+        # writer's folder, and without train.json and val.json (refused above) it is an interrupted run's.
+        with atomic_dir(out / "images", force=True, kind="synth") as images:
+            for i in range(n):
+                rec, img = _example(i, seed, cycle)
+                img.save(images / Path(rec["images"][0]).name, format="PNG")
+                (val if i in val_ids else train).append(rec)
+                counts[rec["task"]] += 1
+        # train.json last: its presence marks a complete dataset, so an interrupted run can simply be repeated.
+        atomic_write_json(out / "val.json", val)
+        atomic_write_json(out / "train.json", train)
+    except BaseException:
+        if claim.new:
+            claim.undo()
+        raise
     return {"train": len(train), "val": len(val), "tasks": counts, "out_dir": str(out)}

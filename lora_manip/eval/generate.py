@@ -15,10 +15,12 @@ from typing import Callable
 
 import torch
 
-from ..data.encode import prompt_text
+from ..data.encode import Chat, prompt_text
 from ..data.records import Sample
 from ..errors import UserError
 from ..recipe import DataCfg
+from ..recipe.load import RUN_RECIPE, read_run_recipe
+from ..recipe.names import EVAL_BATCH_SIZE, MAX_NEW_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +34,13 @@ def resolve_system_prompt(model_path: str, explicit=UNSET) -> tuple[str | None, 
     default = DataCfg.model_fields["system_prompt"].default
     if explicit is not UNSET:
         return explicit, "--system-prompt"
-    recipe = Path(model_path) / "recipe.yaml"
-    if recipe.is_file():
-        import yaml
-
-        try:
-            data = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("data") or {}
-        except (OSError, yaml.YAMLError, AttributeError) as e:
-            raise UserError(f"{recipe}: cannot read the training run's recipe ({e}); pass --system-prompt") from None
-        if "system_prompt" in data:
-            return data["system_prompt"], str(recipe)
-        return default, f"{recipe} (the recipe default)"
-    return default, "default"
+    recipe = read_run_recipe(model_path)
+    if recipe is None:
+        return default, "default"
+    path = Path(model_path) / RUN_RECIPE
+    if "system_prompt" in recipe.data.model_fields_set:
+        return recipe.data.system_prompt, str(path)
+    return recipe.data.system_prompt, f"{path} (the recipe default)"
 
 
 def load_for_inference(model_path: str, base: str | None = None):
@@ -77,29 +74,20 @@ def load_for_inference(model_path: str, base: str | None = None):
 
 
 def run_data_setting(model_path: str, key: str):
-    """`data.<key>` of the training run's recipe.yaml in the model (or adapter) folder, or None."""
-    import yaml
-
-    recipe = Path(model_path) / "recipe.yaml"
-    if not recipe.is_file():
-        return None
-    try:
-        data = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("data") or {}
-    except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as e:
-        raise UserError(f"{recipe}: not a readable recipe ({str(e).splitlines()[0]})") from None
-    return data.get(key) if isinstance(data, dict) else None
+    """`data.<key>` of the training run's recipe.yaml in the model (or adapter) folder, or None without one."""
+    recipe = read_run_recipe(model_path)
+    return None if recipe is None else getattr(recipe.data, key)
 
 
 def load_images(sample: Sample) -> list:
-    from PIL import Image
+    from ..data.images import ImageError, load_image
 
     out = []
     for p in sample.images:
         try:
-            with Image.open(p) as im:
-                out.append(im.convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{sample.source} id={sample.id!r} field `images`: cannot read {p} ({e})") from None
+            out.append(load_image(p))
+        except ImageError as e:
+            raise UserError(f"{sample.source} id={sample.id!r} field `images`: {e}") from None
     return out
 
 
@@ -120,16 +108,15 @@ def generate(model, processor, prompts: list[str], images: list[list], max_new_t
 
 
 def _image_sizes(s: Sample) -> list[tuple[int, int]]:
-    from PIL import Image
+    from ..data.images import image_size
 
     if s.size and len(s.images) == 1:
         return [tuple(s.size)]
     sizes = []
     for p in s.images:
         try:
-            with Image.open(p) as im:  # reads the header only
-                sizes.append(im.size)
-        except (OSError, ValueError):
+            sizes.append(image_size(p))  # reads the header only
+        except UserError:
             sizes.append((384, 384))  # unreadable: load_images reports it when the batch is built
     return sizes
 
@@ -155,13 +142,14 @@ def plan_batches(processor, samples: list[Sample], prompts: list[str], batch_siz
     return batches
 
 
-def predict_samples(model, processor, samples: list[Sample], system_prompt: str | None, batch_size: int = 8,
-                    max_new_tokens: int = 256, progress: bool = True,
+def predict_samples(model, chat: Chat, samples: list[Sample], batch_size: int = EVAL_BATCH_SIZE,
+                    max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True,
                     on_batch: Callable[[list[int], list[str]], None] | None = None, done: int = 0) -> list[str]:
     """Answers for `samples` in their order; `on_batch(indices, answers)` is called after every batch."""
     from tqdm.auto import tqdm
 
-    prompts = [prompt_text(processor, s.messages, system_prompt) for s in samples]
+    processor = chat.processor
+    prompts = [prompt_text(chat, s.messages) for s in samples]
     preds: dict[int, str] = {}
     bar = tqdm(total=done + len(samples), initial=done, desc="generating", unit="rec", disable=not progress)
     start = time.perf_counter()

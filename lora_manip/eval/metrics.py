@@ -22,6 +22,7 @@ __all__ = [
     "endpoint_error",
     "hausdorff_distance",
     "resample_polyline",
+    "resample_by_index",
     "trace_rmse_mae",
     "TRACE_POINTS",
     "TRACE_SCALE",
@@ -186,7 +187,11 @@ def hausdorff_distance(a: Iterable[Point], b: Iterable[Point]) -> float:
     return float(max(d.min(axis=1).max(), d.min(axis=0).max()))
 
 
-# VABench-V's visual-trace protocol: resample both traces to one number of points, scale to 0-999, then RMSE / MAE.
+# Visual-trace RMSE / MAE on 0-999 coordinates, as VABench-V reports them. The strict scorer's version (the kit's
+# own): both traces resampled by ARC LENGTH to TRACE_POINTS points, so two traces along the same path agree however
+# their points are spaced, and a one-point trace still has a value. Embodied-R1's published scorer resamples by
+# INDEX to the longer trace's length and leaves out traces under 2 points: `resample_by_index` here, its whole rule
+# in upstream.py (`vabench_trace`, used by --upstream-compatible).
 TRACE_POINTS = 100
 TRACE_SCALE = 999.0
 
@@ -205,11 +210,23 @@ def resample_polyline(points: Iterable[Point], n: int) -> np.ndarray:
     return np.stack([np.interp(t, cum, p[:, 0]), np.interp(t, cum, p[:, 1])], axis=1)
 
 
+def resample_by_index(points: Iterable[Point], n: int) -> np.ndarray:
+    """`n` points linearly interpolated at evenly spaced positions of the point INDEX (0 .. len - 1): the first and
+    last points kept, each segment getting the same share of the new points whatever its length. A trace of one
+    point, or ``n < 2``, is returned as it is. Raises ValueError when empty."""
+    p = _as_array(points, "points")
+    if len(p) < 2 or n < 2:
+        return p
+    at = np.linspace(0.0, len(p) - 1.0, n)
+    old = np.arange(len(p), dtype=np.float64)
+    return np.stack([np.interp(at, old, p[:, 0]), np.interp(at, old, p[:, 1])], axis=1)
+
+
 def trace_rmse_mae(pred: Iterable[Point], gt: Iterable[Point], n: int = TRACE_POINTS,
                    scale: float = TRACE_SCALE) -> tuple[float, float]:
-    """(RMSE, MAE) between two traces given in [0, 1] units, after resampling both to `n` points and scaling
-    coordinates to 0-`scale`: RMSE = sqrt(mean over points of the squared Euclidean distance), MAE = mean over
-    points and axes of the absolute difference. Raises ValueError when either trace is empty."""
+    """(RMSE, MAE) between two traces given in [0, 1] units, after resampling both by arc length to `n` points and
+    scaling coordinates to 0-`scale`: RMSE = sqrt(mean over points of the squared Euclidean distance), MAE = mean
+    over points and axes of the absolute difference. Raises ValueError when either trace is empty."""
     diff = (resample_polyline(pred, n) - resample_polyline(gt, n)) * scale
     return float(np.sqrt(np.mean(np.sum(diff * diff, axis=1)))), float(np.mean(np.abs(diff)))
 

@@ -16,7 +16,9 @@ Two ways of reading the answer:
   scales fractions by 640x480, the size of every Where2Place image; here by the mask's size, which is the same
   there and right for the other sets.
 
-Masks are read as 8-bit grey (mode "L"), whatever their file mode, so a 1-bit PNG counts 255 and not 1.
+Masks are read by the kit's one image reader (data/images.load_mask): grey levels in [0, 1] whatever the file's
+mode (a 1-bit PNG's set pixels count 1, a 16-bit mask is scaled by 65535), a 0/1 mask as binary, upright by its
+EXIF orientation. A mask path is confined to its roots (the predictions' folder, --data-root) as image paths are.
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ _TUPLE_RE = re.compile(r"\(([-+]?\d+\.?\d*(?:,\s*[-+]?\d+\.?\d*)*?)\)")
 
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
-    """The mask as float values in [0, 1], shape (height, width). Raises OSError / ValueError when unreadable."""
-    from PIL import Image
+    """The mask as float values in [0, 1], shape (height, width). Raises data.images.ImageError (a UserError,
+    one line naming the file) when unreadable."""
+    from ..data.images import load_mask as read
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
+    return read(path)
 
 
 def _mean_at(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> float:
@@ -97,12 +99,15 @@ def robopoint_accuracy(text: str, mask: np.ndarray) -> float | None:
     return _mean_at(mask, pts[:, 0], pts[:, 1])
 
 
-def resolve_mask(mask: str, roots: list[Path]) -> Path | None:
-    """The first existing `mask` under `roots` (an absolute path is taken as it is)."""
-    p = Path(mask)
-    if p.is_absolute():
-        return p if p.is_file() else None
-    for root in roots:
-        if (root / p).is_file():
-            return root / p
+def resolve_mask(mask: str, roots: list[Path]) -> Path | None | str:
+    """The first existing `mask` under `roots`; None when there is none; "escapes" when the path leads out of every
+    root (`..`, an absolute path elsewhere), which is never read."""
+    from ..data.files import path_under
+
+    inside = [p for p in (path_under(root, mask) for root in roots) if p is not None]
+    if not inside:
+        return "escapes"
+    for p in inside:
+        if Path(p).is_file():
+            return Path(p)
     return None

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import UserError
 from ..fsutil import atomic_write_json, atomic_write_text
 from ..answers.kinds import task_from_filename
 from .upstream import format_files
 
-__all__ = ["load_predictions", "format_table", "check_outputs", "write_outputs", "OUTPUT_FILES"]
+__all__ = ["load_predictions", "format_table", "write_outputs", "OUTPUT_FILES"]
 
 OUTPUT_FILES = ("metrics.json", "scores.jsonl")
 
@@ -20,8 +20,12 @@ OUTPUT_FILES = ("metrics.json", "scores.jsonl")
 def _check_record(path: Path, rec: Any, index: int, where: str, task: str | None) -> dict:
     if not isinstance(rec, dict):
         raise UserError(f"{path}: {where}: record {index} is a {type(rec).__name__}, expected a JSON object")
-    if rec.get("id") is None:
+    rid = rec.get("id")
+    if rid is None:
         raise UserError(f"{path}: {where}: record {index} has no 'id' field (every record needs id, pred, gt)")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        raise UserError(f"{path}: {where}: record {index} field `id`: must be a string or an integer, got "
+                        f"{type(rid).__name__}")
     if task and not rec.get("task"):
         rec["task"] = task
     return rec
@@ -30,40 +34,29 @@ def _check_record(path: Path, rec: Any, index: int, where: str, task: str | None
 def load_predictions(path: str | os.PathLike) -> list[dict]:
     """Read prediction records from a ``.json`` file (an array of objects) or a ``.jsonl`` file (one object a line).
 
-    Other extensions are read as a JSON array when the file starts with ``[``, else as JSON lines. Every record needs
-    an ``id`` (missing ``pred`` / ``gt`` are reported per record by the scorer). Records without ``task`` take it
-    from a file named for one task (upstream's ``eval_details_<task>.json``). Bad JSON raises UserError naming the
-    file and line.
+    Read by the same reader as annotation files (data/records.RecordIndex, data/files.py's rule): the extension in
+    any case, other names by their first character (``[``: an array), a BOM skipped, a key given twice refused.
+    Every record needs an ``id`` (a string or an integer; missing ``pred`` / ``gt`` are reported per record by the
+    scorer). Records without ``task`` take it from a file named for one task (upstream's
+    ``eval_details_<task>.json``). Bad JSON raises UserError naming the file and line.
     """
+    from ..data.records import Problem, RecordIndex
+
+    def invalid(p: Problem) -> UserError:
+        reason = p.reason.removeprefix("malformed JSON")
+        return UserError(f"{path}: {p.where}: invalid JSON{reason if reason != p.reason else ': ' + reason}")
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: predictions file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read predictions file: {e}") from None
+    index = RecordIndex(path, what="predictions file")
+    if index.problems:  # a .json array that does not parse: its line
+        raise invalid(index.problems[0])
     task = task_from_filename(str(path))
-    suffix = path.suffix.lower()
-    as_array = suffix == ".json" or (suffix != ".jsonl" and text.lstrip().startswith("["))
     records: list[dict] = []
-    if as_array:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from None
-        if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON array of records, got a {type(data).__name__}")
-        for i, rec in enumerate(data):
-            records.append(_check_record(path, rec, i, "array", task))
-    else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-            records.append(_check_record(path, rec, len(records), f"line {lineno}", task))
+    for i in range(len(index)):
+        rec = index.read(i)
+        if isinstance(rec, Problem):
+            raise invalid(rec)
+        records.append(_check_record(path, rec, i, index.where(i), task))
     return records
 
 
@@ -141,29 +134,9 @@ def format_table(summary: dict, max_errors: int = 10) -> str:
     return "\n".join(out)
 
 
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
-
-
-def check_outputs(out_dir: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike] = (),
-                  names: Iterable[str] = OUTPUT_FILES) -> None:
-    """Refuse, before any work, to write over an input file (ever) or over earlier results (unless `force`)."""
-    out = Path(out_dir)
-    for name in names:
-        target = out / name
-        for src in inputs:
-            if _same(target, Path(src)):
-                raise UserError(f"{target} is an input of this run; choose another --out (it is never overwritten)")
-        if target.exists() and not force:
-            raise UserError(f"{target} already exists; choose another --out or pass --force to replace it")
-
-
 def write_outputs(out_dir: str | os.PathLike, rows: list[dict], summary: dict) -> None:
     """Write ``metrics.json`` (the summary) and ``scores.jsonl`` (one scored record a line) into `out_dir`,
-    each atomically. Call `check_outputs` first."""
+    each atomically. Check the folder first (outputs.check_results, inside outputs.results_folder)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", summary)

@@ -2,9 +2,12 @@
 
 Each batch's records are appended and flushed to disk before the next batch starts; a run killed mid-write loses at
 most that batch's last line, which is cut off on resume. ``predictions.meta.json`` (written atomically before the
-first answer) records what produced the answers: model (resolved path and a fingerprint of its weight files), base,
-data file, system prompt and generation length. `--resume` refuses to add answers to a file whose metadata differs,
-so results of two models are never mixed.
+first answer) records everything the answers depend on (`run_identity`): the model (resolved path and a fingerprint
+of its weight, config and processor files) and the base an adapter sits on; the data file's content (a hash: an
+edit in place keeps the path, and old answers would be scored against the new ground truth) and every image's size
+and modification time; and each setting that changes an answer (system prompt, max_new_tokens, the training run's
+image cap data.max_image_tiles, --limit, the backend). `--resume` refuses to add answers to a file whose
+metadata differs, naming every difference, so results of two models, data sets or settings are never mixed.
 """
 
 from __future__ import annotations
@@ -16,31 +19,72 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from ..data.files import file_digest, file_stamp, loads
 from ..errors import UserError
 from ..fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PredictionLog", "model_identity", "PREDICTIONS", "META"]
+__all__ = ["PredictionLog", "model_identity", "run_identity", "PREDICTIONS", "META"]
 
 PREDICTIONS = "predictions.jsonl"
 META = "predictions.meta.json"
 _DERIVED = ("metrics.json", "scores.jsonl")
-# Settings that change the answers: a resumed run must match them all.
-_MUST_MATCH = ("model", "model_fingerprint", "base", "data", "limit", "system_prompt", "max_new_tokens")
+# What the answers depend on: a resumed run must match it all (run_identity writes these keys).
+_MUST_MATCH = ("model", "model_fingerprint", "base", "base_fingerprint", "data", "data_digest", "images", "limit",
+               "system_prompt", "max_new_tokens", "max_image_tiles", "backend")
+# Weights, configs, tokenizer and processor files, the chat template. Not recipe.yaml: the settings in it that
+# change answers are keys of their own (system_prompt, max_image_tiles), so the refusal can name them.
+_MODEL_FILES = (".safetensors", ".bin", ".json", ".jinja", ".model", ".txt", ".tiktoken")
 
 
 def model_identity(model_path: str) -> tuple[str, str | None]:
-    """(resolved path or hub id, fingerprint of the weight files' names, sizes and modification times)."""
+    """(resolved path or hub id, fingerprint of the weight, config and processor files' names, sizes and
+    modification times)."""
     p = Path(model_path)
     if not p.exists():
         return model_path, None
-    files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".json") and f.is_file())
+    files = sorted(f for f in p.iterdir() if f.suffix in _MODEL_FILES and f.is_file())
     h = hashlib.sha1()
     for f in files:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return str(p.resolve()), h.hexdigest()[:16]
+
+
+def run_identity(model_path: str, data: str, samples: list, *, base: str | None, limit: int | None,
+                 system_prompt: str | None, system_prompt_from: str, max_new_tokens: int, backend: str) -> dict:
+    """predictions.meta.json: what the answers of an eval depend on (see the module docstring)."""
+    from ..model.adapters import adapter_base, is_adapter_dir
+    from .generate import run_data_setting
+
+    model_id, fingerprint = model_identity(model_path)
+    base_path = base or (adapter_base(model_path) if is_adapter_dir(model_path) else None)
+    images = {p: list(file_stamp(p)) for s in samples for p in s.images}
+    return {"model": model_id, "model_fingerprint": fingerprint, "base": base,
+            "base_fingerprint": model_identity(base_path)[1] if base_path else None,
+            "data": str(Path(data).resolve()), "data_digest": file_digest(data), "images": images, "limit": limit,
+            "system_prompt": system_prompt, "system_prompt_from": system_prompt_from,
+            "max_new_tokens": max_new_tokens, "max_image_tiles": run_data_setting(model_path, "max_image_tiles"),
+            "backend": backend}
+
+
+def _difference(key: str, old, new) -> str:
+    """One change, in words: what it was when the answers were made and what it is now."""
+    if old is _UNRECORDED:
+        return f"{key} (not recorded: an older lora-manip wrote the file)"
+    if key == "data_digest":
+        return "the data file's content (edited since the answers were made: they hold its old ground truth)"
+    if key in ("model_fingerprint", "base_fingerprint"):
+        return f"the {key.split('_')[0]} files (weights, config or processor files changed)"
+    if key == "images":
+        changed = [p for p in sorted(set(old) | set(new)) if old.get(p) != new.get(p)]
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        return f"image(s) {', '.join(changed[:3])}{more} (size or modification time differ, or not in both runs)"
+    return f"{key}={old!r:.80} (now {key}={new!r:.80})"
+
+
+_UNRECORDED = object()
 
 
 class PredictionLog:
@@ -81,11 +125,12 @@ class PredictionLog:
                             "model; pass --force to start over") from None
         except (OSError, ValueError) as e:
             raise UserError(f"{self.meta_path}: unreadable ({e}); pass --force to start over") from None
-        for key in _MUST_MATCH:
-            if old.get(key) != meta.get(key):
-                raise UserError(f"--resume: {self.path} holds answers made with {key}={old.get(key)!r}, this run has "
-                                f"{key}={meta.get(key)!r}; answers of different runs are never mixed: use the same "
-                                "settings, another --out, or --force to start over")
+        changes = [_difference(key, old.get(key, _UNRECORDED), meta.get(key)) for key in _MUST_MATCH
+                   if old.get(key, _UNRECORDED) != meta.get(key)]
+        if changes:
+            raise UserError(f"--resume: {self.path} holds answers made with other inputs or settings: "
+                            f"{'; '.join(changes)}; answers of different runs are never mixed: use the same inputs "
+                            "and settings, another --out, or --force to start over")
 
     def _read(self) -> list[dict]:
         raw = self.path.read_bytes()
@@ -95,7 +140,7 @@ class PredictionLog:
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = loads(line)  # the one JSON rule of every reader (data/files.py)
             except ValueError as e:
                 rec = e
             if not isinstance(rec, dict) or "id" not in rec:

@@ -1,6 +1,7 @@
 """`lora-manip eval`: the whole evaluation of one model on one annotation file. Checks the request, loads the
 records, generates the answers not made yet (generate.py, or vllm_backend.py), scores them (score.py) and writes
-predictions.jsonl, metrics.json, scores.jsonl and overlays.
+predictions.jsonl, metrics.json, scores.jsonl and overlays. `lora-manip predict` (`predict_one`: one image, one
+question) shares its loading, prompt and generation.
 
 The model is a merged/full checkpoint, an adapter folder (loaded onto its base) or a bare base model. With ``out_dir``
 every batch's answers are appended to ``predictions.jsonl`` as soon as they exist (resume.py), so an interrupted run
@@ -9,19 +10,24 @@ continues where it stopped (``resume=True``).
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections import Counter
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+from ..answers.geometry import DEFAULT_COORDS
+from ..data.encode import Chat, prompt_text
 from ..data.records import Sample, load_samples
 from ..errors import UserError
+from ..recipe.names import EVAL_BACKENDS, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, POINT_THRESHOLD
 from .generate import UNSET, eval_record, load_for_inference, predict_samples, resolve_system_prompt
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("hf", "vllm")
 EVAL_OUTPUTS = ("predictions.jsonl", "predictions.meta.json", "metrics.json", "scores.jsonl")
 _FULL_DISK = ("the answers made so far are kept in predictions.jsonl: free space and continue with --resume (the "
               "same command plus --resume)")
@@ -29,20 +35,18 @@ _FULL_DISK = ("the answers made so far are kept in predictions.jsonl: free space
 
 def write_overlays(out_dir: str, pairs: list[tuple[dict, Sample]], k: int = 16) -> Path | None:
     """PNG overlays (ground truth green, prediction red) for the first `k` grounding records, plus a contact sheet."""
-    from PIL import Image
-
-    from ..fsutil import atomic_dir
+    from ..data.images import load_image
+    from ..outputs import RESULTS, atomic_dir
     from .draw import contact_sheet, draw_overlay
 
     picked = [(r, s) for r, s in pairs if r["kind"] in ("box", "point", "trajectory") and s.images][:k]
     if not picked:
         return None
     folder = Path(out_dir) / "overlays"
-    with atomic_dir(folder, force=True) as tmp:
+    with atomic_dir(folder, force=True, kind=RESULTS) as tmp:
         images = []
         for r, s in picked:
-            with Image.open(s.images[0]) as im:
-                img = draw_overlay(im.convert("RGB"), r["kind"], r["gt"], r.get("pred"))
+            img = draw_overlay(load_image(s.images[0]), r["kind"], r["gt"], r.get("pred"))
             img.save(tmp / f"{_safe(r['id'])}.png")
             images.append(img)
         contact_sheet(images).save(tmp / "contact_sheet.png")
@@ -63,74 +67,95 @@ def _keyed(ids: list[str]) -> list[tuple[str, int]]:
     return out
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How `lora-manip eval` (and `predict`) generate and read answers: one field per command-line option, with the
+    same defaults (each stated once, in recipe/names.py and answers/geometry.py)."""
+
+    limit: int | None = None  # evaluate only the first N records
+    batch_size: int = EVAL_BATCH_SIZE
+    max_new_tokens: int = MAX_NEW_TOKENS
+    system_prompt: Any = UNSET  # UNSET: the run's own (see resolve_system_prompt); None: no system turn
+    base: str | None = None  # base model of an adapter (default: the one its adapter_config.json names)
+    upstream_compatible: bool = False  # score as RoboInter's / RoboPoint's scripts do
+    task_map: dict | None = None  # {task name: kind}, over the built-in names
+    coords: str = DEFAULT_COORDS  # units of the predicted coordinates
+    point_threshold: float = POINT_THRESHOLD
+    backend: str = EVAL_BACKENDS[0]
+    resume: bool = False  # continue the eval in out_dir (same model and settings)
+    force: bool = False  # start over in an out_dir that holds an eval (predict: replace the --draw file)
+    progress: bool = True  # a progress bar while generating
+
+
 def run_eval(model_path: str, data: str, data_root: str | None = None, out_dir: str | None = None,
-             limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 256, system_prompt=UNSET,
-             upstream_compatible: bool = False, base: str | None = None, *, task_map: dict | None = None,
-             coords: str = "normalized", point_threshold: float = 0.05, backend: str = "hf", resume: bool = False,
-             force: bool = False, progress: bool = True):
+             settings: EvalSettings | None = None):
     """Generate answers for an annotation file and score them. Returns (rows, summary).
 
     With `out_dir`: ``predictions.jsonl`` (appended per batch), ``predictions.meta.json``, ``metrics.json``,
-    ``scores.jsonl`` and ``overlays/``. An existing eval there is refused unless `resume` (continue it; the model
-    and settings must match) or `force` (start over). `system_prompt`: see `resolve_system_prompt`.
+    ``scores.jsonl`` and ``overlays/``. An existing eval there is refused unless `settings.resume` (continue it;
+    the model and settings must match) or `settings.force` (start over).
     """
-    from .safety import check_model, check_out_folder, results_folder
+    from ..outputs import check_results, results_folder
+    from .safety import check_model
 
-    if resume and not out_dir:
+    cfg = settings or EvalSettings()
+    if cfg.resume and not out_dir:
         raise UserError("--resume continues the eval in --out; pass --out DIR")
-    if backend not in BACKENDS:
-        raise UserError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
+    if cfg.backend not in EVAL_BACKENDS:
+        raise UserError(f"--backend {cfg.backend}: choose one of {', '.join(EVAL_BACKENDS)}")
     from .score import settings_problem
 
-    problem = settings_problem(upstream_compatible, point_threshold, coords)
+    problem = settings_problem(cfg.upstream_compatible, cfg.point_threshold, cfg.coords)
     if problem:
         raise UserError(problem)
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if limit is not None and limit < 1:  # a slice would drop records (-1) or keep them all (0)
-        raise UserError(f"--limit must be at least 1 (the number of records to evaluate), got {limit}")
-    if backend == "vllm":
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.limit is not None and cfg.limit < 1:  # a slice would drop records (-1) or keep them all (0)
+        raise UserError(f"--limit must be at least 1 (the number of records to evaluate), got {cfg.limit}")
+    if cfg.backend == "vllm":
         from .vllm_backend import require_vllm
 
         require_vllm()
     check_model(model_path)
-    if out_dir:
-        check_out_folder(out_dir, inputs={"model folder": model_path})
-    samples, problems = load_samples(data, data_root or str(Path(data).parent))
+    if out_dir:  # resolved once; refused before any work when it is a file, the model, not a results folder
+        out_dir = str(check_results(out_dir, EVAL_OUTPUTS, folders={"model folder": model_path}, files=[data]))
+    root = data_root or str(Path(data).parent)  # image paths (and pointing masks) are relative to it
+    samples, problems = load_samples(data, root)
     if problems:
         raise UserError(f"{len(problems)} bad record(s) in {data}, first: {problems[0]}")
     if not samples:
         raise UserError(f"{data}: no records to evaluate (the annotation file is empty)")
-    samples = samples[:limit] if limit else samples
-    prompt, prompt_from = resolve_system_prompt(model_path, system_prompt)
+    samples = samples[:cfg.limit] if cfg.limit else samples
+    if cfg.backend == "vllm":  # before any output is made: a record vLLM would tile unlike training is refused
+        from .vllm_backend import check_single_image
+
+        check_single_image(samples)
+    prompt, prompt_from = resolve_system_prompt(model_path, cfg.system_prompt)
     log.info("system prompt (from %s): %r", prompt_from, prompt)
-    owner = results_folder(out_dir, "lora-manip eval", EVAL_OUTPUTS, ("overlays",), _FULL_DISK) if out_dir \
-        else nullcontext()
+    owner = results_folder(out_dir, "lora-manip eval", EVAL_OUTPUTS, ("overlays",), _FULL_DISK,
+                           keep=("predictions.jsonl",)) if out_dir else nullcontext()
     with owner:
-        return _generate_and_score(model_path, data, data_root, out_dir, samples, prompt, prompt_from, limit=limit,
-                                   batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                   upstream_compatible=upstream_compatible, base=base, task_map=task_map,
-                                   coords=coords, point_threshold=point_threshold, backend=backend, resume=resume,
-                                   force=force, progress=progress)
+        return _generate_and_score(model_path, data, root, out_dir, samples, prompt_from,
+                                   replace(cfg, system_prompt=prompt))
 
 
-def _generate_and_score(model_path, data, data_root, out_dir, samples, prompt, prompt_from, *, limit, batch_size,
-                        max_new_tokens, upstream_compatible, base, task_map, coords, point_threshold, backend,
-                        resume, force, progress):
+def _generate_and_score(model_path: str, data: str, root: str, out_dir: str | None, samples: list[Sample],
+                        prompt_from: str, cfg: EvalSettings):
+    """The eval once its request is checked; `cfg.system_prompt` is resolved (`prompt_from` says from where)."""
     from ..answers.kinds import task_from_filename
-    from .report import check_outputs, write_outputs
-    from .resume import PredictionLog, model_identity
+    from ..outputs import check_results
+    from .report import write_outputs
+    from .resume import PredictionLog, run_identity
     from .score import score_records
 
+    prompt, max_new_tokens, backend = cfg.system_prompt, cfg.max_new_tokens, cfg.backend
     dataset, file_task = Path(data).stem, task_from_filename(str(data))
-    model_id, fingerprint = model_identity(model_path)
     plog = None
     if out_dir:
-        check_outputs(out_dir, True, inputs=[data], names=("predictions.jsonl", "metrics.json", "scores.jsonl"))
-        meta = {"model": model_id, "model_fingerprint": fingerprint, "base": base, "data": str(Path(data).resolve()),
-                "limit": limit, "system_prompt": prompt, "system_prompt_from": prompt_from,
-                "max_new_tokens": max_new_tokens, "backend": backend}
-        plog = PredictionLog(out_dir, meta, resume=resume, force=force)
+        check_results(out_dir, EVAL_OUTPUTS, files=[data])  # again, holding the folder
+        meta = run_identity(model_path, data, samples, base=cfg.base, limit=cfg.limit, system_prompt=prompt,
+                            system_prompt_from=prompt_from, max_new_tokens=max_new_tokens, backend=backend)
+        plog = PredictionLog(out_dir, meta, resume=cfg.resume, force=cfg.force)
     keys = _keyed([s.id for s in samples])
     done_keys = set(_keyed([str(r["id"]) for r in plog.records])) if plog else set()
     todo = [s for s, k in zip(samples, keys) if k not in done_keys]
@@ -145,10 +170,10 @@ def _generate_and_score(model_path, data, data_root, out_dir, samples, prompt, p
             from .vllm_backend import generate_vllm
 
             generate_vllm(model_path, todo, prompt, max_new_tokens, lambda idx, ans: keep(
-                [eval_record(todo[i], a, dataset, file_task) for i, a in zip(idx, ans)]), progress, len(done_keys))
+                [eval_record(todo[i], a, dataset, file_task) for i, a in zip(idx, ans)]), cfg.progress, len(done_keys))
         else:
-            model, processor = load_for_inference(model_path, base)
-            predict_samples(model, processor, todo, prompt, batch_size, max_new_tokens, progress,
+            model, processor = load_for_inference(model_path, cfg.base)
+            predict_samples(model, Chat(processor, prompt), todo, cfg.batch_size, max_new_tokens, cfg.progress,
                             lambda idx, ans: keep([eval_record(todo[i], a, dataset, file_task)
                                                    for i, a in zip(idx, ans)]), len(done_keys))
         dt = time.perf_counter() - t0
@@ -159,8 +184,8 @@ def _generate_and_score(model_path, data, data_root, out_dir, samples, prompt, p
                       plog.records if plog else made))
     records = [by_key[k] for k in keys]
     try:
-        rows, summary = score_records(records, upstream_compatible, point_threshold, task_map, coords,
-                                      [data_root or Path(data).parent])
+        rows, summary = score_records(records, cfg.upstream_compatible, cfg.point_threshold, cfg.task_map,
+                                      cfg.coords, [root])
     except ValueError as e:
         raise UserError(str(e)) from None
     prompts = {k: r.get("prompt", "") for k, r in zip(keys, records)}
@@ -174,3 +199,45 @@ def _generate_and_score(model_path, data, data_root, out_dir, samples, prompt, p
         sample_by_key = dict(zip(keys, samples))
         write_overlays(out_dir, [(r, sample_by_key[k]) for r, k in zip(rows, row_keys) if k in sample_by_key])
     return rows, summary
+
+
+def predict_one(model_path: str, image: str, question: str, draw: str | None = None,
+                settings: EvalSettings | None = None) -> str:
+    """The model's answer. Of the settings it reads `max_new_tokens`, `system_prompt` (as `eval`: the run's
+    recipe.yaml, else the default), `coords` (how the answer's coordinates are read when drawing it) and `force`
+    (replace an existing `draw` file)."""
+    from PIL import Image
+
+    from ..answers.geometry import COORDS
+    from ..answers.kinds import classify_task
+    from ..answers.parse import parse_answer
+    from ..data.images import load_image
+    from ..outputs import check_file, write_file
+    from .draw import draw_overlay
+    from .generate import generate
+    from .safety import check_model
+
+    cfg = settings or EvalSettings()
+    coords = cfg.coords
+    if coords not in COORDS:
+        raise UserError(f"--coords {coords}: choose one of {', '.join(COORDS)}")
+    target = check_file(draw, cfg.force, flag="--draw", inputs={"input image": image}) if draw else None
+    img = load_image(image)  # the kit's one image reader: upright, 8-bit, size-guarded; one line when unreadable
+    check_model(model_path)
+    prompt, source = resolve_system_prompt(model_path, cfg.system_prompt)
+    log.info("system prompt (from %s): %r", source, prompt)
+    model, processor = load_for_inference(model_path)
+    text = question if "<image>" in question else f"<image>\n{question}"
+    chat = Chat(processor, prompt)
+    answer, = generate(model, processor, [prompt_text(chat, [{"role": "user", "content": text}])], [[img]],
+                       cfg.max_new_tokens)
+    if draw:
+        kind = classify_task(None, answer).kind
+        parsed = parse_answer(answer, kind, coords, img.size) if kind in ("box", "point", "trajectory") else None
+        if parsed is None or parsed.error:
+            raise UserError(f"answer {answer!r} is not a box, point or trajectory; nothing to draw")
+        out = draw_overlay(img, kind, None, parsed.value)
+        buf = io.BytesIO()  # the format the file's name asks for (out.jpg is a JPEG), PNG for unknown names
+        out.save(buf, format=Image.registered_extensions().get(Path(draw).suffix.lower(), "PNG"))
+        write_file(target, buf.getvalue(), "predict")
+    return answer

@@ -1,4 +1,4 @@
-"""What `eval`, `predict` and `score` check before they load a model or write a result.
+"""What `eval`, `predict` and `score` check before they load a model.
 
 Inputs: a model folder written by a training run must hold a finished run (runinfo, as `merge` checks), and the
 adapter's safetensors files are validated by their headers (checkpoints.tensors.read_header, as `merge` does) before
@@ -6,18 +6,14 @@ PEFT or safetensors see them, so a truncated or corrupt file is one line naming 
 A pickle adapter is refused by name: loading one can run code. A LoRA rank that disagrees with
 adapter_config.json is named by tensor and shapes, since PEFT's own message is a multi-line list.
 
-Outputs: an output folder has one owner (fsutil.output_lock), leftovers of a killed run are removed, a full disk
-is one line, and nothing is written over the model or into a path that is a file.
+Outputs are guarded where every command's are, in outputs/ (check_results, results_folder, check_file).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import UserError
 
@@ -68,14 +64,14 @@ def _check_ranks(folder: Path, weights: Path, refs) -> None:
     from ..model.layouts import LORA_KEY, peft_inner
 
     cfg = read_adapter_config(folder)
-    r_default = cfg.get("r", 8)
+    r_default = cfg.r
     for ref in refs:
         key = peft_inner(ref.name)
         m = LORA_KEY.match(key) if key is not None else None
         if not m or m.group("param") != "weight" or len(ref.shape) != 2:
             continue
         module = m.group("module")
-        want = peft_pattern_value(cfg.get("rank_pattern") or {}, module, r_default)
+        want = peft_pattern_value(cfg.rank_pattern or {}, module, r_default)
         got = ref.shape[0] if m.group("kind") == "lora_A" else ref.shape[1]
         if got != want:
             axis = "rows" if m.group("kind") == "lora_A" else "columns"
@@ -96,53 +92,3 @@ def adapter_fit_error(e: UserError, adapter: str) -> UserError:
     return UserError(f"{Path(adapter) / ADAPTER_FILE}: tensor {name} is {first.group('got')}, the base model "
                      f"expects {first.group('want')}{more}: the adapter was trained on another base (or another "
                      "rank); pass --base with the model it was trained on")
-
-
-# ------------------------------------------------------------------------------------------------ outputs
-
-
-def check_out_folder(out: str | os.PathLike, flag: str = "--out",
-                     inputs: dict[str, str | os.PathLike | None] | None = None) -> None:
-    """An output folder that is a file, or that is one of the input folders (resolved, symlinks followed)."""
-    o = Path(out)
-    if o.exists() and not o.is_dir():
-        raise UserError(f"{flag} {out} is a file, not a folder; choose a folder for the results")
-    for what, p in (inputs or {}).items():
-        if p is not None and Path(p).exists() and o.expanduser().resolve() == Path(p).expanduser().resolve():
-            raise UserError(f"{flag} {out} is the {what} {p}; its results would change the folder they "
-                            "describe: choose another folder")
-
-
-def _remove_leftover_tmp_files(folder: Path, names: tuple[str, ...]) -> None:
-    # atomic_write_* leaves `.NAME.XXXXXXXX.tmp` behind only when killed between write and rename
-    for name in names:
-        pattern = re.compile(rf"^\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp$")
-        for p in folder.iterdir() if folder.is_dir() else ():
-            if pattern.match(p.name) and p.is_file() and not p.is_symlink():
-                log.warning("removing %s, left by an interrupted command writing %s", p, folder / name)
-                p.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def results_folder(out: str | os.PathLike, command: str, names: tuple[str, ...], subfolders: tuple[str, ...] = (),
-                   on_full_disk: str | None = None) -> Iterator[None]:
-    """Own `out` while results are written into it; leftovers of a killed run are removed first and a full
-    disk is a one-line error naming the folder (`on_full_disk`: what the user can do then, when not the
-    default "nothing partial was kept")."""
-    from ..fsutil import cleanup_partials, disk_full_error, is_disk_full, output_lock
-
-    with output_lock(out, command):
-        for sub in subfolders:
-            cleanup_partials(Path(out) / sub)
-        _remove_leftover_tmp_files(Path(out), names)
-        try:
-            yield
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
-            if not is_disk_full(e):
-                raise
-            if on_full_disk is None:
-                raise disk_full_error(e, out) from None
-            raise UserError(f"{out}: the disk is full (or over quota) while writing ({str(e).splitlines()[0]}); "
-                            f"{on_full_disk}") from None

@@ -15,9 +15,11 @@ parse (including an empty one):
 Upstream-compatible mode scores box / trajectory / choice / yes-no records with RoboInter's rules (upstream.py) and
 pointing records with RoboPoint's (pointing.py), and adds upstream's per-file table and "Average Score".
 
-A record that cannot be scored (no ``pred``, a ground truth that does not parse as its kind, a bad ``w``/``h``, a
-missing mask, ...) never stops the run: it is listed in ``summary["data_errors"]`` with its id, field and reason,
-and left out of every metric.
+A record that cannot be scored (no ``pred``, a ground truth that does not parse as its kind or that data check
+would refuse (answers/coordinates.truth_problem), an id that is not a string or integer or that an earlier record
+of the same file has, a bad ``w``/``h``, a missing mask or one outside the mask roots, ...) never stops the run: it
+is listed in ``summary["data_errors"]`` with its index, id, field and reason, and left out of every metric. A
+``--task-map`` name no record has is an error (a typo would silently score those records by another rule).
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ from .metrics import (
     to_pixels,
     trace_rmse_mae,
 )
-from ..answers.geometry import COORDS, coords_above_one
+from ..answers.geometry import COORDS, DEFAULT_COORDS, Parsed, coords_above_one
+from ..answers.coordinates import truth_problem
+from ..answers.units import value_problem
 from ..answers.kinds import GEOMETRIC, KINDS, classify_task
+from ..errors import UserError
 from ..answers.parse import parse_answer
-from ..answers.parsed import Parsed
+from ..recipe.names import POINT_THRESHOLD
 from . import pointing, upstream as up
 from .report import load_predictions, write_outputs
 
@@ -122,12 +127,15 @@ class _Scorer:
             raise _DataError("mask", "pointing needs a mask image (`mask`: a path relative to the predictions "
                                      "file or --data-root)")
         path = pointing.resolve_mask(mask_name, self.mask_roots)
+        roots = ", ".join(map(str, self.mask_roots))
+        if path == "escapes":  # like an image path: never read from outside the roots
+            raise _DataError("mask", f"mask path {mask_name!r} leads out of {roots} (`..` or an absolute path)")
         if path is None:
-            raise _DataError("mask", f"mask image {mask_name} not found under {', '.join(map(str, self.mask_roots))}")
+            raise _DataError("mask", f"mask image {mask_name} not found under {roots}")
         try:
             mask = pointing.load_mask(path)
-        except (OSError, ValueError) as e:
-            raise _DataError("mask", f"cannot read mask image {path}: {e}") from None
+        except (OSError, ValueError, UserError) as e:  # the image reader's errors are one line naming the file
+            raise _DataError("mask", f"mask: {e}") from None
         h, w = mask.shape
         row["w"], row["h"] = float(w), float(h)
         if self.upstream:
@@ -151,6 +159,9 @@ class _Scorer:
     def record(self, rec: Any) -> dict:
         if not isinstance(rec, dict):
             raise _DataError("-", f"expected an object, got {type(rec).__name__}")
+        rid = rec.get("id")
+        if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+            raise _DataError("id", f"must be a string or an integer, got {type(rid).__name__}")
         pred_text, problem = _answer_text(rec, "pred")
         if problem:
             raise _DataError("pred", problem)
@@ -183,6 +194,9 @@ class _Scorer:
         row.update(gt=_jsonable(gt.value), pred_text=pred_text)
         if self.upstream and kind in up.UPSTREAM_TYPE:
             return self._upstream(kind, rec, row, pred_text, gt_text)
+        problem = (truth_problem(gt_text, kind) or value_problem(gt.value, size)) if kind in GEOMETRIC else None
+        if problem:  # the parser would read it anyway (corners re-ordered, "0.1" as 0.1): the data is wrong
+            raise _DataError("gt", problem)
         if kind in GEOMETRIC and self.coords == "pixels" and not size:
             raise _DataError("w/h", "--coords pixels needs the image size of every grounding record")
         pred = parse_answer(pred_text, kind, self.coords, size)
@@ -191,6 +205,32 @@ class _Scorer:
             row["coords_suspicious"] = True
         row.update(_score_strict(kind, pred, gt, size, self.thr))
         return row
+
+
+def task_map_problem(task_map: dict | None, tasks) -> str | None:
+    """A `--task-map` name that no record's task has (compared as classify_task does: case and spaces aside): a
+    typo would otherwise leave the records it meant scored by another rule, silently."""
+    have = {t.strip().lower() for t in tasks if isinstance(t, str)}
+    unknown = [name for name in task_map or {} if name.strip().lower() not in have]
+    if not unknown:
+        return None
+    shown = ", ".join(sorted(have)[:10]) + (", ..." if len(have) > 10 else "") if have else "none"
+    return (f"--task-map {', '.join(unknown)}: no record has that task (the tasks here: {shown}); check the "
+            "spelling")
+
+
+def _duplicates(records: list, origins: list | None) -> dict[int, int]:
+    """{index: index of the first record with the same id (from the same file)} for each repeat: a record given
+    twice is scored once."""
+    first: dict = {}
+    out = {}
+    for i, rec in enumerate(records):
+        rid = rec.get("id") if isinstance(rec, dict) else None
+        if rid is not None and not isinstance(rid, (dict, list)):
+            j = first.setdefault((origins[i] if origins else None, str(rid)), i)
+            if j != i:
+                out[i] = j
+    return out
 
 
 def _upstream_parse_note(row: dict) -> str | None:
@@ -259,14 +299,16 @@ def settings_problem(upstream_compatible: bool, point_threshold, coords: str) ->
     return None
 
 
-def score_records(records: list[dict], upstream_compatible: bool = False, point_threshold: float = 0.05,
-                  task_map: dict[str, str] | None = None, coords: str = "normalized",
-                  mask_roots: list[str | os.PathLike] | None = None) -> tuple[list[dict], dict]:
+def score_records(records: list[dict], upstream_compatible: bool = False, point_threshold: float = POINT_THRESHOLD,
+                  task_map: dict[str, str] | None = None, coords: str = DEFAULT_COORDS,
+                  mask_roots: list[str | os.PathLike] | None = None, origins: list | None = None
+                  ) -> tuple[list[dict], dict]:
     """Score `records`; return (per-record rows, summary). Never raises for a bad record (see the module docstring).
 
-    `task_map`: ``{task name: kind}`` that overrides the built-in names; `coords`: units of the predictions'
-    coordinates (normalized, thousand or pixels; ground truths are always [0, 1]); `mask_roots`: folders a record's
-    ``mask`` path is looked up in, in order.
+    `task_map`: ``{task name: kind}`` that overrides the built-in names (every name must be some record's task);
+    `coords`: units of the predictions' coordinates (normalized, thousand or pixels; ground truths are always
+    [0, 1]); `mask_roots`: folders a record's ``mask`` path is looked up in, in order (never outside them);
+    `origins`: the file each record came from (ids are unique per file; default: one file).
 
     Each row: ``id``, ``dataset``, ``task``, ``kind``, ``kind_from``, ``pred`` / ``gt`` (parsed values),
     ``parse_error``, ``pred_text`` and its kind's scores. Summary: ``{"mode", "coords", "point_threshold", "count",
@@ -275,14 +317,20 @@ def score_records(records: list[dict], upstream_compatible: bool = False, point_
 
     Raises ValueError only for bad arguments.
     """
-    problem = settings_problem(upstream_compatible, point_threshold, coords)
+    problem = settings_problem(upstream_compatible, point_threshold, coords) or task_map_problem(
+        task_map, (r.get("task") for r in records if isinstance(r, dict)))
     if problem:
         raise ValueError(problem)
+    repeats = _duplicates(records, origins)
     scorer = _Scorer(upstream_compatible, point_threshold, task_map, coords, [Path(p) for p in mask_roots or ["."]])
     rows: list[dict] = []
     errors: list[dict] = []
     for i, rec in enumerate(records):
         rid = rec.get("id") if isinstance(rec, dict) else None
+        if i in repeats:
+            errors.append({"index": i, "id": rid, "field": "id", "reason": f"duplicate id: record {repeats[i]} has "
+                           "the same id; each record is scored once"})
+            continue
         try:
             rows.append(scorer.record(rec))
         except _DataError as e:
@@ -316,31 +364,35 @@ def score_records(records: list[dict], upstream_compatible: bool = False, point_
 
 
 def score_files(predictions: list[str | os.PathLike], out: str | os.PathLike | None = None, force: bool = False,
-                upstream_compatible: bool = False, point_threshold: float = 0.05, task_map: dict | None = None,
-                coords: str = "normalized", data_root: str | os.PathLike | None = None) -> dict:
+                upstream_compatible: bool = False, point_threshold: float = POINT_THRESHOLD,
+                task_map: dict | None = None, coords: str = DEFAULT_COORDS,
+                data_root: str | os.PathLike | None = None) -> dict:
     """`lora-manip score`: read and score prediction files; with `out`, write metrics.json and scores.jsonl there
     (never over an input, nor over earlier results unless `force`). Returns the summary."""
-    from ..errors import UserError
-    from .report import OUTPUT_FILES, check_outputs
-    from .safety import check_out_folder, results_folder
+    from ..outputs import check_results, results_folder
+    from .report import OUTPUT_FILES
 
     paths = [Path(p) for p in predictions]
     if out is not None:
-        check_out_folder(out)
-        check_outputs(out, force, inputs=paths)  # before any work; checked again below, holding the folder
-    records = []
+        out = check_results(out, OUTPUT_FILES, force, files=paths)  # before any work; again below, holding it
+    records, origins, seen = [], [], {}
     for p in paths:
+        same = seen.setdefault(p.resolve(), p)
+        if same is not p:  # its records would count twice
+            raise UserError(f"{p}: given twice (as {same} and {p}); each predictions file is scored once")
         got = load_predictions(p)
         if not got:  # an empty table with exit 0 would read as "scored, all fine"
             raise UserError(f"{p}: no records (the predictions file is empty); nothing to score")
         records += got
+        origins += [str(p)] * len(got)
     roots = ([Path(data_root)] if data_root else []) + list(dict.fromkeys(p.parent for p in paths))
     try:
-        rows, summary = score_records(records, upstream_compatible, point_threshold, task_map, coords, roots)
+        rows, summary = score_records(records, upstream_compatible, point_threshold, task_map, coords, roots,
+                                      origins)
     except ValueError as e:
         raise UserError(str(e)) from None
     if out is not None:
         with results_folder(out, "lora-manip score", OUTPUT_FILES):
-            check_outputs(out, force, inputs=paths)
+            check_results(out, OUTPUT_FILES, force, files=paths)
             write_outputs(out, rows, summary)
     return summary

@@ -19,6 +19,18 @@ Upstream knows three task types and scores every file (task) with one of them:
 The image size is the record's ``image_size`` field when present, else 640x480 when ``RH20T`` (upper case) is in
 the id, else 320x180 (DROID). The "Average Score" is the mean of the files' scores: mean IoU, mean DTW in pixels and
 accuracy averaged together, as upstream prints it.
+
+Trajectory records also get VABench-V's visual-trace RMSE / MAE by Embodied-R1's published scorer
+(``eval/hf_inference_vabench_visual_trace.py`` of pickxiguapi/Embodied-R1), rule for rule (`vabench_trace`):
+
+- the answer: inside ``<answer>...</answer>`` when it has that tag (on one line, as upstream's regex needs; a tagged
+  answer whose tag does not close there reads as empty), then the first ``<point>[...]</point>``, read as JSON,
+  else as its ``[x, y]`` pairs of unsigned numbers; no tag, no points. Its points are PIXELS of the image (the
+  record's ``w`` / ``h``, else ``image_size``); a point that is not a pair of numbers makes upstream's script raise,
+  and the record is left out;
+- both traces scaled to 0-999 (x / width * 999; the kit's [0, 1] ground truth times 999);
+- when both have at least 2 points: both resampled by INDEX to the longer one's length, RMSE = sqrt(mean of
+  dx^2 + dy^2), MAE = mean of (|dx| + |dy|) / 2; otherwise the record is left out of the means.
 """
 
 from __future__ import annotations
@@ -28,10 +40,13 @@ import math
 import re
 from typing import Any
 
-from .metrics import dtw_distance
+import numpy as np
+
+from ..answers.parse import parse_answer
+from .metrics import dtw_distance, resample_by_index
 
 __all__ = ["UPSTREAM_TYPE", "numbers", "box_answer", "traj_answer", "image_size", "iou", "decide",
-           "score_upstream", "summarise_files", "format_files"]
+           "trace_points", "vabench_trace", "score_upstream", "summarise_files", "format_files"]
 
 # Kit kind -> upstream task type. Kinds upstream has no scorer for (point, planning, pointing) keep the kit's.
 UPSTREAM_TYPE = {"box": "box", "trajectory": "traj", "choice": "decide", "yesno": "decide"}
@@ -120,6 +135,71 @@ def decide(pred: str, gt: str) -> bool:
     return g in p[-100:] or p in g
 
 
+# Embodied-R1's reader: re.search without DOTALL, so a tag's content must sit on one line.
+_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>")
+_POINT_TAG_RE = re.compile(r"<point>\[(.*?)\]</point>")
+_PAIR_RE = re.compile(r"\[(\d+\.?\d*),\s*(\d+\.?\d*)\]")
+VABENCH_SCALE = 1000 - 1
+
+
+def trace_points(text: str) -> tuple[list[tuple[float, float]] | None, str | None]:
+    """(points as Embodied-R1's scorer reads them, None) or (None, why its script would raise on them)."""
+    if "<answer>" in text:
+        m = _ANSWER_TAG_RE.search(text)
+        text = m.group(1).strip() if m else ""
+    m = _POINT_TAG_RE.search(text)
+    if not m or not m.group(1).strip():
+        return [], None
+    inner = "[" + m.group(1).replace("'", '"') + "]"
+    try:
+        raw = json.loads(inner)
+    except ValueError:
+        raw = [[float(x), float(y)] for x, y in _PAIR_RE.findall(inner)]
+    out = []
+    for p in raw if isinstance(raw, list) else [raw]:
+        # upstream unpacks `x, y = point` and divides each by the image size: anything else raises there
+        if not (isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) for v in p)):
+            return None, f"point {json.dumps(p)[:40]} is not a pair of numbers (upstream's script raises)"
+        out.append((float(p[0]), float(p[1])))
+    return out, None
+
+
+def _trace_size(record: dict) -> tuple[float, float] | None:
+    w, h = record.get("w"), record.get("h")
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (w, h)):
+        return float(w), float(h)
+    size = record.get("image_size")
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in size):
+        return float(size[0]), float(size[1])
+    return None
+
+
+def vabench_trace(pred: str, gt: str, record: dict) -> dict:
+    """Embodied-R1's per-record visual-trace scores (see the module docstring): ``vabench_rmse`` and
+    ``vabench_mae`` on 0-999 coordinates, None (with ``vabench_note``) for a record its scorer leaves out."""
+    out: dict[str, Any] = {"vabench_rmse": None, "vabench_mae": None}
+    gt_parsed = parse_answer(gt, "trajectory")
+    if not gt_parsed.ok:
+        return {**out, "vabench_note": f"ground truth does not parse as a trajectory: {gt_parsed.error}"}
+    size = _trace_size(record)
+    if size is None:
+        return {**out, "vabench_note": "needs the image size (w, h): predicted points are pixels"}
+    pts, raises = trace_points(pred)
+    if pts is None:
+        return {**out, "vabench_note": f"left out: {raises}"}
+    out["vabench_points"] = len(pts)
+    p = [(x / size[0] * VABENCH_SCALE, y / size[1] * VABENCH_SCALE) for x, y in pts]
+    g = [(x * VABENCH_SCALE, y * VABENCH_SCALE) for x, y in gt_parsed.value]
+    if len(p) < 2 or len(g) < 2:
+        return {**out, "vabench_note": f"left out: {len(p)} predicted and {len(g)} ground-truth point(s); upstream "
+                                       "scores traces of 2 or more"}
+    n = max(len(p), len(g))
+    d = resample_by_index(p, n) - resample_by_index(g, n)
+    out.update(vabench_rmse=float(np.sqrt(np.mean(d[:, 0] ** 2 + d[:, 1] ** 2))),
+               vabench_mae=float(np.mean((np.abs(d[:, 0]) + np.abs(d[:, 1])) / 2)))
+    return out
+
+
 def _scaled(values: list[float], size: tuple[float, float]) -> list[float]:
     return [v * size[i % 2] for i, v in enumerate(values)]
 
@@ -150,6 +230,7 @@ def score_upstream(kind: str, pred: str, gt: str, record: dict) -> dict:
     scale = lambda pts: [(x * size[0], y * size[1]) for x, y in pts]  # noqa: E731
     d = dtw_distance(scale(p_pts), scale(g_pts)) if p_pts else math.inf
     out.update(dtw_px=0.0 if math.isinf(d) else d, upstream_points=len(p_pts))
+    out.update(vabench_trace(pred, gt, record))
     return out
 
 
@@ -174,6 +255,7 @@ def summarise_files(rows: list[dict]) -> dict:
             entry.update(score=sum(kept) / len(kept) if kept else None, mean_dtw_px=None, n_kept=len(kept),
                          n_dropped=len(sel) - len(kept))
             entry["mean_dtw_px"] = entry["score"]
+            entry.update(_vabench_means(sel))
         elif utype == "decide":
             entry.update(score=sum(1 for r in sel if r["correct"]) / len(sel))
             entry["accuracy"] = entry["score"]
@@ -181,8 +263,18 @@ def summarise_files(rows: list[dict]) -> dict:
             entry["score"] = None
         files[name] = entry
     scores = [e["score"] for e in files.values() if e["score"] is not None]
+    traces = [r for r in rows if r["kind"] == "trajectory" and "vabench_rmse" in r]
     return {"files": files, "average_score": sum(scores) / len(scores) if scores else None,
-            "files_without_score": [n for n, e in files.items() if e["score"] is None]}
+            "files_without_score": [n for n, e in files.items() if e["score"] is None],
+            **({"vabench_trace": _vabench_means(traces)} if traces else {})}
+
+
+def _vabench_means(rows: list[dict]) -> dict:
+    """Embodied-R1's averages: over the records with a value (its "Valid samples")."""
+    kept = [r for r in rows if r.get("vabench_rmse") is not None]
+    mean = (lambda k: float(np.mean([r[k] for r in kept]))) if kept else (lambda k: None)  # noqa: E731
+    return {"vabench_rmse": mean("vabench_rmse"), "vabench_mae": mean("vabench_mae"), "vabench_scored": len(kept),
+            "vabench_left_out": len(rows) - len(kept)}
 
 
 def format_files(upstream: dict) -> str:
@@ -198,6 +290,11 @@ def format_files(upstream: dict) -> str:
             lines.append(f"{name} : Accuracy: {e['accuracy']:.4f}  (n={e['count']})")
         else:
             lines.append(f"{name} : mixes box / trajectory / choice records; upstream cannot score it")
+    trace = upstream.get("vabench_trace")
+    if trace and trace["vabench_scored"]:  # RoboInter's own answers have no <point> tag: nothing to print there
+        lines.append(f"VABench-V visual trace (Embodied-R1's rule, 0-999) : RMSE: {trace['vabench_rmse']:.4f} MAE: "
+                     f"{trace['vabench_mae']:.4f}  ({trace['vabench_scored']} scored, {trace['vabench_left_out']} "
+                     "left out)")
     avg = upstream["average_score"]
     lines.append("Average Score: " + ("-" if avg is None else f"{avg:.4f}")
                  + "  (mean over files of mean IoU, mean DTW in pixels and accuracy, as upstream prints it)")

@@ -2,7 +2,7 @@
 
 vLLM loads full checkpoints only: evaluate a merged model (``lora-manip merge ADAPTER``), not an adapter folder.
 Prompts are the kit's own (the checkpoint's chat template with ``<image>`` placeholders), so both backends ask the
-same question.
+same question. Records with several images are refused (`check_single_image`): vLLM tiles them unlike training.
 """
 
 from __future__ import annotations
@@ -24,14 +24,28 @@ def require_vllm() -> None:
                         "(pip install vllm on a CUDA machine); without it use --backend hf (the default)")
 
 
+def check_single_image(samples: list[Sample]) -> None:
+    """Refuse a record with several images, before vLLM is even imported. vLLM (0.33, the `vllm` extra) gives every
+    image of a multi-image LLaVA-OneVision prompt its full anyres tiles, while transformers, and so the kit's
+    training and `--backend hf`, gives each image of a multi-image sample its base tile only
+    (data/processor.image_token_counts): vLLM would answer about an input the model never saw in training."""
+    for s in samples:
+        if len(s.images) > 1:
+            raise UserError(f"{s.source} id={s.id!r} field `images`: {len(s.images)} images; --backend vllm gives "
+                            "every image of a multi-image prompt full anyres tiles, but the model was trained with "
+                            "one base tile per image of a multi-image record (transformers): evaluate this file with "
+                            "--backend hf")
+
+
 def generate_vllm(model_path: str, samples: list[Sample], system_prompt: str | None, max_new_tokens: int,
                   on_batch: Callable[[list[int], list[str]], None], progress: bool = True, done: int = 0) -> None:
     """Greedy answers for `samples`, reported chunk by chunk through `on_batch(indices, answers)`."""
+    check_single_image(samples)
     require_vllm()
     from tqdm.auto import tqdm
     from vllm import LLM, SamplingParams
 
-    from ..data.encode import prompt_text
+    from ..data.encode import Chat, prompt_text
     from ..model.adapters import is_adapter_dir
     from ..data.processor import load_processor
     from .generate import load_images
@@ -41,9 +55,8 @@ def generate_vllm(model_path: str, samples: list[Sample], system_prompt: str | N
                         f"`lora-manip merge {model_path}` and evaluate the merged folder")
     if not Path(model_path).exists():
         raise UserError(f"{model_path}: no such model folder (the vLLM backend reads local checkpoints)")
-    processor = load_processor(model_path)
-    max_images = max((len(s.images) for s in samples), default=1) or 1
-    llm = LLM(model=str(model_path), limit_mm_per_prompt={"image": max_images}, seed=0)
+    chat = Chat(load_processor(model_path), system_prompt)
+    llm = LLM(model=str(model_path), limit_mm_per_prompt={"image": 1}, seed=0)  # one image a prompt: see above
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
     bar = tqdm(total=done + len(samples), initial=done, desc="generating (vLLM)", unit="rec", disable=not progress)
     start = time.perf_counter()
@@ -51,10 +64,10 @@ def generate_vllm(model_path: str, samples: list[Sample], system_prompt: str | N
         idx = list(range(lo, min(lo + CHUNK, len(samples))))
         requests = []
         for i in idx:
-            req = {"prompt": prompt_text(processor, samples[i].messages, system_prompt)}
+            req = {"prompt": prompt_text(chat, samples[i].messages)}
             images = load_images(samples[i])
             if images:
-                req["multi_modal_data"] = {"image": images[0] if len(images) == 1 else images}
+                req["multi_modal_data"] = {"image": images[0]}
             requests.append(req)
         outputs = llm.generate(requests, params, use_tqdm=False)
         on_batch(idx, [o.outputs[0].text.strip() for o in outputs])

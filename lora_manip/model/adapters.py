@@ -7,13 +7,14 @@ import logging
 import os
 import warnings
 from collections import Counter
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from .layouts import unwrap_peft
-from .parts import EXTRA_TRAINABLES, MODULES_TO_SAVE, PARTS, lora_target_regex, part_of
+from .layouts import (EXTRA_TRAINABLES, MODULES_TO_SAVE, PARTS, PEFT_PREFIX, lora_target_regex, part_of,
+                      unwrap_peft)
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,10 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
                         module="transformers.modeling_utils")
 
+# image_newline as runs before it moved into the adapter file wrote it (still read: load_extras, merge)
 EXTRA_FILE = "extra_trainables.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def part_modes(recipe) -> dict[str, str]:
@@ -94,10 +98,18 @@ def trainable_summary(model) -> dict[str, int]:
 
 
 def save_extras(model, out_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
-    """Write the trained tensors PEFT cannot save (image_newline) next to the adapter. Under ZeRO-3 the
-    parameters are partitioned; the Trainer passes the gathered `state_dict` then."""
+    """Add the trained tensors PEFT does not save itself to the adapter it just wrote. LLaVA-OneVision's
+    image_newline is a bare nn.Parameter, which `modules_to_save` cannot name, so PEFT leaves it out; the kit
+    trains it with the projector. It is added to adapter_model.safetensors under the key PEFT gives any model
+    parameter (`base_model.model.<name>`): PEFT's loader passes keys that are no adapter weight straight to the
+    model's load_state_dict, so stock `PeftModel.from_pretrained(base, adapter).merge_and_unload()` (and a
+    Trainer resume) restores it, and gives the model `lora-manip merge` writes. Under ZeRO-3 the parameters are
+    partitioned; the Trainer passes the gathered `state_dict` then."""
     from peft import PeftModel
-    from safetensors.torch import save_file
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    from ..fsutil import atomic_write_bytes
 
     if not isinstance(model, PeftModel):
         return  # a full save already holds every tensor
@@ -106,24 +118,59 @@ def save_extras(model, out_dir: str | os.PathLike, state_dict: dict | None = Non
     source = state_dict if state_dict is not None else dict(model.named_parameters())
     tensors = {unwrap_peft(n): t.detach().to("cpu").contiguous() for n, t in source.items()
                if unwrap_peft(n) in want and unwrap_peft(n) in trained}
-    if tensors:
+    if not tensors:
+        return
+    adapter_file = Path(out_dir) / ADAPTER_FILE
+    if not adapter_file.is_file():  # PEFT wrote a pickle (safe_serialization off): keep the kit's own file
+        from safetensors.torch import save_file
+
         save_file(tensors, str(Path(out_dir) / EXTRA_FILE))
+        return
+    with safe_open(str(adapter_file), "pt") as f:
+        metadata = f.metadata()
+    saved = load_file(str(adapter_file))
+    saved.update({PEFT_PREFIX + name: t for name, t in tensors.items()})
+    atomic_write_bytes(adapter_file, save(saved, metadata=metadata))
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
+    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def read_adapter_config(path: str | os.PathLike) -> dict:
+@dataclass(frozen=True)
+class AdapterConfig:
+    """An adapter folder's adapter_config.json, typed: the fields the kit reads, each with PEFT's own LoraConfig
+    default for a file that leaves it out (the one place the kit states them; a test holds them to PEFT's), and the
+    whole file in `raw` (the merge refuses the options it cannot fold). Read without PEFT: a merge plans from
+    headers and configs, and importing PEFT costs seconds."""
+
+    path: Path  # the file, for messages
+    raw: dict
+    peft_type: str = "LORA"
+    base_model_name_or_path: str | None = None
+    r: int = 8
+    lora_alpha: float = 8
+    use_rslora: bool = False
+    use_dora: bool = False
+    lora_bias: bool = False
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+
+
+def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
     """adapter_config.json of an adapter folder; not JSON, or not an object, is a UserError naming the file."""
     from ..fsutil import read_json
 
-    return read_json(Path(path) / "adapter_config.json")
+    file = Path(path) / ADAPTER_CONFIG
+    raw = read_json(file)
+    read = {f.name for f in fields(AdapterConfig)} - {"path", "raw"}
+    return AdapterConfig(file, raw, **{k: v for k, v in raw.items() if k in read})
 
 
 def adapter_base(path: str | os.PathLike) -> str:
     cfg = read_adapter_config(path)
-    base = cfg.get("base_model_name_or_path")
+    base = cfg.base_model_name_or_path
     if not base or not isinstance(base, str):
         raise UserError(f"{path}/adapter_config.json names no base model; pass --base")
     return base
@@ -134,11 +181,12 @@ def load_with_adapter(adapter_dir: str | os.PathLike, base: str | None = None, d
     """Base model + adapter (+ extra trainables) for inference: (PeftModel, base path)."""
     from peft import PeftModel
 
-    from .load import load_model
+    from .load import load_model, refuse_pickle_weights
 
     if not is_adapter_dir(adapter_dir):
         raise UserError(f"{adapter_dir} is not an adapter folder (no adapter_config.json); train one with "
                         "`lora-manip train` (method lora or qlora)")
+    refuse_pickle_weights(adapter_dir, "adapter")
     base = base or adapter_base(adapter_dir)
     model = load_model(base, dtype=dtype, attn=attn)
     try:
@@ -151,7 +199,8 @@ def load_with_adapter(adapter_dir: str | os.PathLike, base: str | None = None, d
 
 
 def load_extras(model, adapter_dir: str | os.PathLike) -> None:
-    """Copy the tensors of extra_trainables.safetensors (if any) into the model."""
+    """Copy the tensors of an older run's extra_trainables.safetensors (if any) into the model. A newer adapter
+    holds them in adapter_model.safetensors, which PEFT's own loading restores (save_extras)."""
     from safetensors.torch import load_file
 
     extra = Path(adapter_dir) / EXTRA_FILE

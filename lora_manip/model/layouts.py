@@ -15,6 +15,10 @@ Layouts:
   `.modules_to_save.<adapter>.` (its frozen copy in `.original_module.<adapter>.`).
 
 A spelling that ends in "." is a prefix; one that does not is a whole tensor name.
+
+Each row also says which part of the model (language_model, projector, vision_tower) it belongs to: `PARTS`, the
+lookup table that freezing, LoRA targeting, optimizer groups and merging read instead of each branching on module
+names of its own, is derived from these rows, so a new row (or a new model family) is written once.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Place:
+    part: str  # the part of the model it belongs to (a key of PARTS)
     canonical: str
     hub: str
     next: str | None  # None: no place of its own in LLaVA-NeXT (the finer rows above it have one)
@@ -32,17 +37,21 @@ class Place:
     next_rest: re.Pattern | None = None  # what must follow `next` for a key to be this part (LLaVA-NeXT's LM)
 
 
+_LM, _PROJ, _TOWER = "language_model", "projector", "vision_tower"
+
 PLACES = (
-    Place("model.language_model.", "language_model.model.", "model.",
+    Place(_LM, "model.language_model.", "language_model.model.", "model.",
           # LLaVA-NeXT's `model.` also holds the tower, projector and resampler: only these are the LM
           next_rest=re.compile(r"(embed_tokens|layers\.\d+|norm)\.")),
-    Place("lm_head.", "language_model.lm_head.", "lm_head."),
-    Place("model.vision_tower.", "vision_tower.vision_model.", "model.vision_tower.vision_tower.vision_model.",
+    Place(_LM, "lm_head.", "language_model.lm_head.", "lm_head."),
+    Place(_TOWER, "model.vision_tower.", "vision_tower.vision_model.", "model.vision_tower.vision_tower.vision_model.",
           also=("model.vision_tower.vision_model.", "vision_tower.")),
-    Place("model.multi_modal_projector.linear_1.", "multi_modal_projector.linear_1.", "model.mm_projector.0."),
-    Place("model.multi_modal_projector.linear_2.", "multi_modal_projector.linear_2.", "model.mm_projector.2."),
-    Place("model.multi_modal_projector.", "multi_modal_projector.", None),
-    Place("model.image_newline", "image_newline", "model.image_newline"),
+    Place(_PROJ, "model.multi_modal_projector.linear_1.", "multi_modal_projector.linear_1.", "model.mm_projector.0."),
+    Place(_PROJ, "model.multi_modal_projector.linear_2.", "multi_modal_projector.linear_2.", "model.mm_projector.2."),
+    Place(_PROJ, "model.multi_modal_projector.", "multi_modal_projector.", None),
+    # image_newline is a bare nn.Parameter (the separator after each row of anyres features): it trains with the
+    # projector, as in LLaVA-NeXT.
+    Place(_PROJ, "model.image_newline", "image_newline", "model.image_newline"),
 )
 
 
@@ -91,6 +100,42 @@ def from_next(key: str) -> str | None:
     if hit is None or (hit[0].next_rest is not None and not hit[0].next_rest.match(hit[1])):
         return None
     return hit[0].canonical + hit[1]
+
+
+# --------------------------------------------------------------------------------------------------------- parts
+
+
+def _part_prefixes(part: str) -> tuple[str, ...]:
+    """The part's canonical spellings, less the finer rows a coarser one of the same part already covers."""
+    mine = [p.canonical for p in PLACES if p.part == part]
+    return tuple(c for c in mine if not any(o != c and o.endswith(".") and c.startswith(o) for o in mine))
+
+
+# In this order: optimizer groups and the trainable-parameter report list the parts so.
+PARTS: dict[str, tuple[str, ...]] = {part: _part_prefixes(part) for part in (_LM, _PROJ, _TOWER)}
+
+# The module each part's LoRA may target, and the module PEFT's modules_to_save copies when a part trains in full
+# under an adapter method. The LM's lm_head is never a LoRA target (PEFT excludes output layers too).
+LORA_SCOPE = {_LM: r"model\.language_model", _TOWER: r"model\.vision_tower"}
+MODULES_TO_SAVE = {_PROJ: "multi_modal_projector", _TOWER: "vision_tower"}
+# Tensors PEFT cannot save (modules_to_save needs a module; image_newline is a parameter).
+EXTRA_TRAINABLES = {_PROJ: ("model.image_newline",)}
+
+
+def part_of(name: str) -> str:
+    n = unwrap_peft(name)
+    for part, prefixes in PARTS.items():
+        if n.startswith(prefixes):
+            return part
+    raise KeyError(f"parameter {name} belongs to no known LLaVA-OneVision part")
+
+
+def lora_target_regex(parts: list[str], names: list[str]) -> str:
+    """A PEFT target_modules regex (full match on the module path) that puts LoRA only under `parts`: SigLIP has
+    q/k/v projections too, so bare names would also adapt the vision tower."""
+    scopes = "|".join(LORA_SCOPE[p] for p in parts)
+    leaves = "|".join(re.escape(n) for n in names)
+    return rf"^({scopes})\..*\.({leaves})$"
 
 
 # ---------------------------------------------------------------------------------------------------------- PEFT

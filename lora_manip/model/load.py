@@ -1,5 +1,7 @@
 """Load LLaVA-OneVision for training or inference: device-aware dtype, attention implementation, 4-bit/8-bit
-quantisation (vision tower, projector and lm_head are never quantised)."""
+quantisation (vision tower, projector and lm_head are never quantised). Weights are read from safetensors only:
+a folder whose weights are pickle files alone (pytorch_model.bin, *.pt, ...) is refused before anything opens
+them, since unpickling can run code the file carries (`refuse_pickle_weights`)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 
 from ..dtypes import TORCH_DTYPES
 from ..errors import UserError
-from ..hub import check_model_path
+from ..hub import check_model_path, local_folder
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +74,34 @@ def quantization_config(q, dtype: torch.dtype):
         llm_int8_skip_modules=NEVER_QUANTISED)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickle_weights(path: str | os.PathLike, what: str = "model") -> None:
+    """A UserError when a local (or hub-cached) folder holds pickle weight files and no safetensors. The kit's own
+    message, so no loader's advice to unpickle it anyway (torch suggests weights_only=False) ever reaches a user."""
+    folder = local_folder(str(path))
+    if folder is None or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
+    if pickles:
+        shown = ", ".join(pickles[:3]) + (", ..." if len(pickles) > 3 else "")
+        raise UserError(f"{what} {path}: its weights are pickle files only ({shown}); the kit never loads pickle "
+                        "weights, because unpickling can run code hidden in the file. Convert them to safetensors "
+                        "where you trust the file (transformers: from_pretrained, then save_pretrained with "
+                        "safe_serialization=True) and pass that folder")
+
+
 def load_model(path: str, dtype: str = "float32", attn: str = "auto", quantization=None, device_map=None):
     """LlavaOnevisionForConditionalGeneration from a local folder or hub id. `quantization`: a recipe QuantCfg
     (QLoRA) or None."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     check_model_path(path)
+    refuse_pickle_weights(path)
     torch_dtype = compute_dtype(dtype)
-    kwargs = dict(dtype=torch_dtype, attn_implementation=resolve_attention(attn))
+    # use_safetensors: transformers never falls back to a pickle file, even one placed beside the safetensors
+    kwargs = dict(dtype=torch_dtype, attn_implementation=resolve_attention(attn), use_safetensors=True)
     if quantization is not None:
         kwargs["quantization_config"] = quantization_config(quantization, torch_dtype)
         local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from ..fsutil import atomic_dir
+from ..outputs import atomic_dir
 
 # The chat template the llava-hf OneVision checkpoints ship (written by transformers'
 # convert_llava_onevision_weights_to_hf.py): message content is a LIST of typed parts, images rendered first, the
@@ -207,7 +207,7 @@ def write_tiny_model(out: str | os.PathLike, seed: int = 0, force: bool = False,
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False)
     out = Path(out)
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, kind="tiny-model") as tmp:
         model.save_pretrained(tmp)
         # transformers 5 writes the SigLIP tower without its `vision_model.` level; the hub has it.
         weights = load_file(str(tmp / "model.safetensors"))

@@ -13,21 +13,67 @@ _PARTS = ("language_model", "projector", "vision_tower")
 
 
 def cross_check(r) -> list[str]:
-    return (_unread_blocks(r) + _parts(r) + _deepspeed(r) + _grpo(r) + _train_eval(r) + _processes(r)
+    return (_unread(r) + _parts(r) + _deepspeed(r) + _grpo(r) + _train_eval(r) + _processes(r)
             + _batching(r))
 
 
-def _unread_blocks(r) -> list[str]:
-    # model_fields_set holds the keys the recipe spelt out: a default block is fine, a written one would look like
-    # it does something.
-    errors = []
-    if "quantization" in r.model_fields_set and r.method != "qlora":
-        errors.append(f"quantization: only read with method: qlora (method is {r.method}); remove the block or set "
-                      "method: qlora")
-    if "lora" in r.model_fields_set and r.method == "full":
-        errors.append("lora: only read with method: lora or qlora (method is full, which trains no adapter); remove "
-                      "the block or set method: lora")
-    return errors
+def unread_settings(r) -> dict[str, str]:
+    """Key path -> why this recipe never reads it (and the fix): blocks its method does not use, settings of one
+    objective under the other, settings that only matter with another one switched on. cross_check refuses those
+    the recipe spells out (`model_fields_set`: a default is no setting); dump_recipe leaves them all out of the run
+    folder's copy, so that copy loads again."""
+    t, out = r.train, {}
+    if r.method != "qlora":
+        out["quantization"] = (f"only read with method: qlora (method is {r.method}); remove the block or set "
+                               "method: qlora")
+    if r.method == "full":
+        out["lora"] = ("only read with method: lora or qlora (method is full, which trains no adapter); remove the "
+                       "block or set method: lora")
+    if r.objective == "grpo":
+        # TRL's GRPOTrainer batches prompts itself (one group of num_generations completions per prompt, its own
+        # sampler) and has its own loss (grpo.loss_type); these only shape the SFT trainer's batches and loss.
+        why = "not read by objective grpo (TRL batches prompts in groups of grpo.num_generations)"
+        out["data.packing"] = f"{why}; remove it"
+        out["data.group_by_length"] = f"{why}; remove it"
+        out["train.max_tokens_per_batch"] = f"{why}; remove it and size batches with train.per_device_batch_size"
+        out["train.loss_reduction"] = "not read by objective grpo (its loss is grpo.loss_type); remove it"
+        for key in ("eval_limit", "eval_max_new_tokens"):
+            out[f"train.{key}"] = ("not read by objective grpo (it scores its validation prompts with its rewards, "
+                                   "grpo.eval_at_start); remove it")
+    else:
+        if not t.eval_steps:
+            for key in ("eval_limit", "eval_max_new_tokens"):
+                out[f"train.{key}"] = ("only read with train.eval_steps (no eval during training); remove it or "
+                                       "set train.eval_steps")
+        if t.max_tokens_per_batch:
+            out["data.group_by_length"] = ("not read with train.max_tokens_per_batch (token-budget batches are "
+                                           "always of similar length); remove it")
+    if t.optimizer != "mezo":
+        out["train.mezo_eps"] = f"only read with train.optimizer: mezo (optimizer is {t.optimizer}); remove it"
+    return out
+
+
+def _spelt_out(r, path: str) -> bool:
+    node, keys = r, path.split(".")
+    for key in keys[:-1]:
+        node = getattr(node, key)
+    return keys[-1] in node.model_fields_set
+
+
+def _unread(r) -> list[str]:
+    return [f"{path}: {why}" for path, why in unread_settings(r).items() if _spelt_out(r, path)]
+
+
+def dump_exclude(r) -> dict:
+    """unread_settings as pydantic's `exclude` argument ({"quantization": True, "data": {"packing": True}})."""
+    out: dict = {}
+    for path in unread_settings(r):
+        *parents, last = path.split(".")
+        node = out
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = True
+    return out
 
 
 def _parts(r) -> list[str]:
@@ -132,9 +178,11 @@ def _processes(r) -> list[str]:
 
 def _batching(r) -> list[str]:
     errors = []
-    if r.data.packing and not r.train.max_tokens_per_batch:
+    # Under grpo packing and token budgets are refused as unread (unread_settings); their pairing rules do not apply.
+    packing = r.data.packing and r.objective == "sft"
+    if packing and not r.train.max_tokens_per_batch:
         errors.append("data.packing: true needs train.max_tokens_per_batch (the length of a packed row)")
-    if r.data.packing and r.train.loss_reduction == "sample":
+    if packing and r.train.loss_reduction == "sample":
         errors.append("data.packing with train.loss_reduction: sample is not supported; use token")
     if r.train.max_steps == 0:
         errors.append("train.max_steps: 0 would train nothing; use -1 (train.epochs decides) or a positive count")

@@ -1,5 +1,7 @@
 """Reading a recipe: YAML (a key given twice is an error), `--set a.b=c` overrides, validation into the schema with
-every problem listed by key path, and the resolved recipe written back as YAML for the run folder."""
+every problem listed by key path, and the resolved recipe written back as YAML for the run folder. A run folder's
+copy (`recipe.yaml` in a run, a checkpoint or a merged model) is read back here too, once and typed, by every command
+that needs it (eval's system prompt and anyres cap, merge's quantisation)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import UserError
-from .schema import Recipe
+from .checks import dump_exclude
+from .schema import SAVED_RUN, Recipe
+
+RUN_RECIPE = "recipe.yaml"  # the resolved recipe `lora-manip train` saves with a run (merge copies it along)
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -111,13 +116,7 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         raw["distributed"]["deepspeed"] = str(base / ds)
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"recipe {path} is a folder, not a recipe file; pass a .yaml file (e.g. "
-                        "recipes/tiny_cpu.yaml)")
-    if not path.is_file():
-        raise UserError(f"recipe {path} not found; shipped recipes are in recipes/ (e.g. recipes/tiny_cpu.yaml)")
+def _read_mapping(path: Path) -> dict:
     try:
         raw = safe_load_unique(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
@@ -130,22 +129,45 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise UserError(f"recipe {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
         raise UserError(f"recipe {path}: expected a mapping of sections (model, method, data, train, ...)")
-    raw = apply_overrides(raw, overrides or [])
+    return raw
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"recipe {path} is a folder, not a recipe file; pass a .yaml file (e.g. "
+                        "recipes/tiny_cpu.yaml)")
+    if not path.is_file():
+        raise UserError(f"recipe {path} not found; shipped recipes are in recipes/ (e.g. recipes/tiny_cpu.yaml)")
+    raw = apply_overrides(_read_mapping(path), overrides or [])
     _resolve_paths(raw, path.parent)
     return recipe_from_dict(raw, source=str(path))
 
 
-def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
+def recipe_from_dict(raw: dict, source: str = "recipe", *, saved_run: bool = False) -> Recipe:
+    """`saved_run`: a run folder's copy (see read_run_recipe): fields and types are checked, the cross-checks are
+    not."""
     try:
-        return Recipe.model_validate(raw)
+        return Recipe.model_validate(raw, context={SAVED_RUN: True} if saved_run else None)
     except ValidationError as e:
-        raise UserError(f"{source} is invalid:\n{_format_errors(e)}") from None
+        listed = _format_errors(e)
+        if saved_run and "\n" not in listed:  # one problem: one line, "file: key.path: what is wrong"
+            raise UserError(f"{source}: {listed.removeprefix('  - ')}") from None
+        raise UserError(f"{source} is invalid:\n{listed}") from None
+
+
+def read_run_recipe(folder: str | os.PathLike) -> Recipe | None:
+    """The recipe a training run saved in `folder` (the run's output folder, a checkpoint, a merged model), typed as
+    the schema's Recipe, with `model_fields_set` telling what the file spells out; None when the folder has none.
+    The cross-checks are not run again: they guard a run about to start (a DeepSpeed config on this machine,
+    settings the method would not read), and this one has run."""
+    path = Path(folder) / RUN_RECIPE
+    if not path.is_file():
+        return None
+    return recipe_from_dict(_read_mapping(path), source=str(path), saved_run=True)
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    """The fully resolved recipe as YAML (every default spelt out), written into the run folder. Blocks the method
-    does not read are left out, as the schema refuses them when the file is loaded again."""
-    unread = {"quantization"} if recipe.method != "qlora" else set()
-    if recipe.method == "full":
-        unread.add("lora")
-    return yaml.safe_dump(json.loads(recipe.model_dump_json(exclude=unread)), sort_keys=False)
+    """The fully resolved recipe as YAML (every default spelt out), written into the run folder. Settings the recipe
+    does not read (checks.unread_settings) are left out, as the schema refuses them when the file is loaded again."""
+    return yaml.safe_dump(json.loads(recipe.model_dump_json(exclude=dump_exclude(recipe))), sort_keys=False)

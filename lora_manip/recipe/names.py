@@ -1,7 +1,8 @@
 """The names a recipe may use for things training computes: the metrics `train.best_metric` may name (and which way
 each improves) and the rewards `grpo.rewards` may give each task kind. They live in the schema's layer so a recipe
 with a misspelt name is refused when it is loaded, before anything heavy is imported; training reads the same
-tables (train/evaluate.py for the direction, train/rewards.py implements each reward).
+tables (train/evaluate.py for the direction, train/rewards.py implements each reward). Also the defaults training's
+eval shares with the eval commands (point threshold, answer length, batch size, backend), each stated once here.
 
 A metric name is `kind.metric` as the scorer's summary spells it (lora_manip/eval/score.py, `summary["all"][kind]`):
 `box.acc@0.1`, `choice.accuracy`, `trajectory.dtw`. Distances, errors and `parse_failure_rate` improve downwards;
@@ -16,8 +17,14 @@ SYNTH_TASKS: tuple[str, ...] = (
     "current_bbox", "final_bbox", "contact_bbox", "gripper_bbox", "contact_point", "future_traj", "choice", "yesno",
 )
 
+# Defaults training's eval and the eval commands (`lora-manip eval`, `predict`, `score`) share, each stated once: the
+# schema, eval/run.py's EvalSettings and the CLI's options read them from here (this module imports nothing, so the
+# CLI can, and `--help` stays instant).
 # The scorer's point hit threshold in normalised image units: it names the metric (`point.acc@0.05`).
 POINT_THRESHOLD = 0.05
+MAX_NEW_TOKENS = 256  # longest answer generated, in tokens (a 10-point trajectory is ~150)
+EVAL_BATCH_SIZE = 8  # prompts generated together (of similar length)
+EVAL_BACKENDS = ("hf", "vllm")  # the first is the default: transformers, batched; vLLM needs a GPU machine
 
 _TRAJ = ("dtw", "frechet", "hausdorff", "endpoint_error")
 # kind -> {metric: higher is better}. `*_px` distances exist only when records state the image size (w, h).

@@ -12,6 +12,11 @@ A recipe points at it with `data.registry: path/to/datasets.yaml` (relative to t
 recipe path), or the LORA_MANIP_REGISTRY environment variable. A recipe entry that names a dataset and leaves out
 annotation_path / data_path gets them from the registry; an entry may also give them inline (then the registry is
 not consulted for that field). `name%NN` samples NN percent of the dataset, like upstream.
+
+`name: all` (upstream's mixture name) stands for every dataset of the registry, in the registry's order, each with
+the entry's other settings (`all%30` samples 30% of each). Upstream's own `all` does not work: the LLaVA-OneVision
+loader's table leaves out `manipvqa_train`, and the Qwen-VL loader registers `"all": None`, which its `data_list`
+then tries to copy. A registry that defines a dataset called `all` gets that dataset instead.
 """
 
 from __future__ import annotations
@@ -76,61 +81,114 @@ def load_registry(path: str | os.PathLike) -> dict[str, dict[str, str]]:
     return out
 
 
+ALL = "all"
+
+
+class _Registry:
+    """The registry a recipe names, loaded on first use; `why_not` says why there is none."""
+
+    def __init__(self, path: str | None, errors: list[str]):
+        self.path, self.errors = path, errors
+        self.table: dict | None = None
+        self.why_not: str | None = None
+
+    def get(self, name: str) -> dict | None:
+        if self.table is None and self.why_not is None:
+            if not self.path:
+                self.why_not = (f"dataset {name!r} is not in any registry: set data.registry (or {ENV_VAR}) to a "
+                                "datasets YAML, or give annotation_path and data_path")
+            else:
+                try:
+                    self.table = load_registry(self.path)
+                except ValueError as e:
+                    self.errors.append(f"data.registry: {e}")
+                    self.why_not = ""
+        return self.table
+
+
+def _split_name(entry: dict, key: str, errors: list[str]) -> dict | None:
+    """The entry with `name%NN` turned into name + sample, or None (error recorded) when NN is malformed."""
+    name = entry.get("name")
+    if not (isinstance(name, str) and "%" in name):
+        return entry
+    try:
+        base, fraction = split_percent(name)
+    except ValueError as e:
+        errors.append(f"{key}.name: {e}")
+        return None
+    if entry.get("sample") is not None:
+        errors.append(f"{key}.name: {name!r} samples {fraction:g} and `sample` is also set; use one")
+    return {**entry, "name": base, "sample": fraction}
+
+
+def _expand_all(entry: dict, key: str, registry: _Registry, errors: list[str]) -> list[dict]:
+    """`name: all` -> one entry per registry dataset (the entry's other settings on each)."""
+    inline = [k for k in ("annotation_path", "data_path") if entry.get(k) is not None]
+    if inline:
+        errors.append(f"{key}.name: `all` stands for every dataset of the registry; it takes no {inline[0]}")
+        return []
+    table = registry.get(ALL)
+    if table is None:
+        if registry.why_not:
+            errors.append(f"{key}.name: {registry.why_not}")
+        return []
+    if not table:
+        errors.append(f"{key}.name: `all`: registry {registry.path} lists no datasets")
+    return [{**entry, "name": name} for name in table]
+
+
 def resolve_data_section(data: dict) -> dict:
-    """A copy of a recipe's raw `data` mapping with `name%NN` split into name + sample and registry names filled
-    in. Raises ValueError whose lines each start with the key path (`data.train.0.name: ...`)."""
+    """A copy of a recipe's raw `data` mapping with `name%NN` split into name + sample, `name: all` expanded and
+    registry names filled in. Raises ValueError whose lines each start with the key path (`data.train.0.name: ...`)."""
     data = dict(data)
     errors: list[str] = []
-    registry_path = data.get("registry") or os.environ.get(ENV_VAR)
-    registry: dict | None = None
-    registry_error: str | None = None
+    registry = _Registry(data.get("registry") or os.environ.get(ENV_VAR), errors)
     for split in ("train", "val"):
         items = data.get(split)
         if not isinstance(items, list):
             continue
-        resolved = []
+        resolved, from_all = [], set()
         for i, entry in enumerate(items):
             key = f"data.{split}.{i}"
             if not isinstance(entry, dict):
                 resolved.append(entry)
                 continue
-            entry = dict(entry)
+            entry = _split_name(dict(entry), key, errors)
+            if entry is None:
+                resolved.append(items[i])
+                continue
             name = entry.get("name")
-            if isinstance(name, str) and "%" in name:
-                try:
-                    base, fraction = split_percent(name)
-                except ValueError as e:
-                    errors.append(f"{key}.name: {e}")
-                    resolved.append(entry)
-                    continue
-                if entry.get("sample") is not None:
-                    errors.append(f"{key}.name: {name!r} samples {fraction:g} and `sample` is also set; use one")
-                entry.update(name=base, sample=fraction)
-                name = base
-            needs = [k for k in ("annotation_path", "data_path") if entry.get(k) is None]
-            if needs and isinstance(name, str):
-                if registry is None and registry_error is None:
-                    if not registry_path:
-                        registry_error = (f"dataset {name!r} is not in any registry: set data.registry (or "
-                                          f"{ENV_VAR}) to a datasets YAML, or give annotation_path and data_path")
-                    else:
-                        try:
-                            registry = load_registry(registry_path)
-                        except ValueError as e:
-                            errors.append(f"data.registry: {e}")
-                            registry_error = ""
-                if registry is None:
-                    if registry_error:
-                        errors.append(f"{key}.name: {registry_error}")
-                elif name not in registry:
-                    close = difflib.get_close_matches(name, registry, n=3)
-                    hint = f"; did you mean {', '.join(close)}?" if close else ""
-                    errors.append(f"{key}.name: unknown dataset {name!r} in registry {registry_path}{hint}")
-                else:
-                    for k in needs:
-                        entry[k] = registry[name][k]
-            resolved.append(entry)
+            if name == ALL and ALL not in (registry.get(ALL) or {}):
+                expanded = _expand_all(entry, key, registry, errors)
+                from_all |= {e["name"] for e in expanded}
+                resolved += [_fill(e, key, registry, errors) for e in expanded]
+                continue
+            resolved.append(_fill(entry, key, registry, errors))
+        named = [e.get("name") for e in resolved if isinstance(e, dict)]
+        for twice in sorted({n for n in from_all if named.count(n) > 1}):
+            errors.append(f"data.{split}: dataset {twice!r} is named twice (once through `all`); list it once, or "
+                          "list the datasets one by one instead of `all`")
         data[split] = resolved
     if errors:
         raise ValueError("\n".join(dict.fromkeys(errors)))
     return data
+
+
+def _fill(entry: dict, key: str, registry: _Registry, errors: list[str]) -> dict:
+    """The entry with the annotation_path / data_path it leaves out taken from the registry."""
+    name = entry.get("name")
+    needs = [k for k in ("annotation_path", "data_path") if entry.get(k) is None]
+    if not needs or not isinstance(name, str):
+        return entry
+    table = registry.get(name)
+    if table is None:
+        if registry.why_not:
+            errors.append(f"{key}.name: {registry.why_not}")
+    elif name not in table:
+        close = difflib.get_close_matches(name, table, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        errors.append(f"{key}.name: unknown dataset {name!r} in registry {registry.path}{hint} (`all` names every "
+                      f"one of its {len(table)} datasets)")
+    else:
+        entry = {**entry, **{k: table[name][k] for k in needs}}
+    return entry

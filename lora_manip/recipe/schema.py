@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from ..dtypes import WEIGHT_NAMES, WEIGHT_SHORT_NAMES
 from .checks import cross_check
-from .names import SYNTH_TASKS
+from .names import MAX_NEW_TOKENS, SYNTH_TASKS
 from .registry import resolve_data_section
 
 PartMode = Literal["frozen", "full", "lora"]
+SAVED_RUN = "saved_run"  # validation context: a run folder's recipe.yaml, read back (load.read_run_recipe)
 
 
 class _Strict(BaseModel):
@@ -172,7 +173,8 @@ class TrainCfg(_Strict):
         "samples with the model being trained and log the manipulation metrics (eval_box.acc@0.1, "
         "eval_choice.accuracy, ...) to train_log.jsonl and report_to. Needs validation data. None: off.")
     eval_limit: int = Field(64, gt=0, description="Validation samples per eval: a seeded subset, the same each time.")
-    eval_max_new_tokens: int = Field(256, gt=0, description="Longest answer generated during eval, in tokens.")
+    eval_max_new_tokens: int = Field(MAX_NEW_TOKENS, gt=0,
+                                     description="Longest answer generated during eval, in tokens.")
     best_metric: str | None = Field(
         None, description="kind.metric (box.acc@0.1, choice.accuracy, trajectory.dtw, ...): each eval that improves "
         "it saves the model to OUTPUT_DIR/best_checkpoint (never rotated away). Lower is better for distances "
@@ -234,7 +236,7 @@ class Recipe(_Strict):
     distributed: DistributedCfg = Field(default_factory=DistributedCfg)
 
     @model_validator(mode="after")
-    def _resolve_and_cross_check(self) -> "Recipe":
+    def _resolve_and_cross_check(self, info: ValidationInfo) -> "Recipe":
         # Resolve `train: null` from the method, so the recipe written to the run folder says what really ran.
         p = self.parts
         if p.language_model.train is None:
@@ -245,6 +247,8 @@ class Recipe(_Strict):
             p.vision_tower.train = "frozen"
         if self.objective == "grpo" and self.grpo is None:
             self.grpo = GrpoCfg()
+        if (info.context or {}).get(SAVED_RUN):  # a finished run's copy: checked when that run started
+            return self
         errors = cross_check(self)
         if errors:
             raise ValueError("\n".join(errors))

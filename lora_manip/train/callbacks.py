@@ -34,11 +34,21 @@ class JsonlLogCallback(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
-def part_lrs_and_memory(optimizer) -> dict:
+def part_lrs_and_memory(optimizer, learning_rate: float | None = None) -> dict:
     """What both trainers add to each training log line: the learning rate of every part (`lr/<part>`) and the
-    peak memory so far (`peak_mem_gb`: allocated CUDA memory on a GPU, else the process's peak resident size)."""
-    out = {f"lr/{g['group_name']}": g["lr"] for g in optimizer.param_groups
-           if g.get("group_name") and not g["group_name"].endswith("/no_decay")}
+    peak memory so far (`peak_mem_gb`: allocated CUDA memory on a GPU, else the process's peak resident size).
+
+    `learning_rate` is the rate transformers logs on the same line: the first group's rate for the step just taken,
+    read before the scheduler stepped (under DeepSpeed, after: its engine steps both). By the time the line is
+    logged the groups already hold the next step's rates, so each part's rate is that one scaled by the part's
+    initial rate over the first group's: the scheduler multiplies every group by one factor (train/optim.py), so
+    this is the rate the part trained with at that step, whatever the scheduler and backend."""
+    groups = optimizer.param_groups
+    scale = None
+    if learning_rate is not None and groups and groups[0].get("initial_lr"):
+        scale = learning_rate / groups[0]["initial_lr"]
+    out = {f"lr/{g['group_name']}": g["lr"] if scale is None or "initial_lr" not in g else g["initial_lr"] * scale
+           for g in groups if g.get("group_name") and not g["group_name"].endswith("/no_decay")}
     if torch.cuda.is_available():
         out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     else:

@@ -44,6 +44,8 @@ import torch
 from transformers import TrainerCallback
 
 from ..errors import UserError
+from ..fsutil import finish_tree
+from ..outputs import remove_path  # a link planted at these names is removed, never followed
 from ..recipe import POINT_THRESHOLD, higher_is_better
 
 log = logging.getLogger(__name__)
@@ -184,11 +186,12 @@ class GenerationEval(TrainerCallback):
     # ---------------------------------------------------------------------------------------------- generate
 
     def generate(self, model, args) -> list[str]:
-        from ..data.encode import prompt_text
+        from ..data.encode import Chat, prompt_text
         from ..eval.generate import plan_batches, predict_samples
 
         processor = self.trainer.processor
-        prompts = [prompt_text(processor, s.messages, self.system_prompt) for s in self.samples]
+        chat = Chat(processor, self.system_prompt)
+        prompts = [prompt_text(chat, s.messages) for s in self.samples]
         batches = plan_batches(processor, self.samples, prompts, self.batch_size)
         n_images = [len(s.images) for s in self.samples]
         mine = deal_batches(batches, n_images, args.world_size, args.process_index)
@@ -200,8 +203,8 @@ class GenerationEval(TrainerCallback):
             # only autocast mixes; the Trainer's own autocast wraps forward(), which generate() bypasses.
             with torch.no_grad(), self.trainer.accelerator.autocast(), _zero3_gathered_loose_weights(model):
                 for b in mine:
-                    got = predict_samples(model, processor, [self.samples[i] for i in b], self.system_prompt,
-                                          batch_size=len(b), max_new_tokens=self.max_new_tokens, progress=False)
+                    got = predict_samples(model, chat, [self.samples[i] for i in b], batch_size=len(b),
+                                          max_new_tokens=self.max_new_tokens, progress=False)
                     answers.update(zip(b, got))
         finally:
             model.train(was_training)
@@ -225,7 +228,7 @@ class GenerationEval(TrainerCallback):
         out = Path(args.output_dir)
         staging = out / f".{BEST_DIR}.staging"
         if args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_path(staging)
         self.trainer.accelerator.wait_for_everyone()
         self.trainer.save_model(str(staging))  # every process: under ZeRO-3 the weights are gathered collectively
         if args.should_save:
@@ -276,16 +279,17 @@ def _swap_in(staging: Path, final: Path) -> None:
     """Replace `final` by the complete `staging` folder. Two renames: a crash between them leaves the previous
     best as `.best_checkpoint.old`, which `_recover` puts back."""
     old = final.parent / f".{final.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
+    remove_path(old)
+    finish_tree(staging)  # the umask's modes (safetensors writes 0600), on disk before the rename
     if final.exists():
         os.replace(final, old)
     os.replace(staging, final)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_path(old)
 
 
 def _recover(out: Path) -> None:
     final, old = out / BEST_DIR, out / f".{BEST_DIR}.old"
     if old.is_dir() and not final.exists():
         os.replace(old, final)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(out / f".{BEST_DIR}.staging", ignore_errors=True)
+    remove_path(old)
+    remove_path(out / f".{BEST_DIR}.staging")

@@ -3,9 +3,10 @@ train in this process, or start the processes that train.
 
 With `distributed.nproc_per_node * nnodes > 1`, started outside a distributed run, the command re-executes itself
 under `torch.distributed.run` with the recipe's process and node settings. The launcher checks the run (preflight),
-prepares the output folder and the demo inputs once, holding the folder's lock for the whole run; the processes it
-starts inherit the lock and the run id through the environment and skip what it already did. Started under torchrun
-or the deepspeed launcher (they set RANK / LOCAL_RANK / WORLD_SIZE) it just trains.
+prepares the output folder and the demo inputs once, holding the folder's lock for the whole run, and writes a
+per-run token into the folder that it also hands to the processes it starts; a process skips what the launcher did
+only when its token matches the folder's (run_folder.role). Started under torchrun or the deepspeed launcher by
+hand (they set RANK / LOCAL_RANK / WORLD_SIZE) it trains, rank 0 preparing the folder for the others.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import subprocess
 import sys
 
 from ..recipe import Recipe, load_recipe
-from .preflight import CHECKED_ENV, in_distributed_run, preflight
+from .preflight import preflight
+from .run_folder import in_distributed_run, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ def launch_training(recipe_path: str | os.PathLike, overrides: list[str], overwr
         from .plan import describe_plan
 
         return 0, describe_plan(recipe)
+    run_dir(recipe)  # resolved once: the kit and the Trainer write to the same folder
     if recipe.distributed.nproc_per_node * recipe.distributed.nnodes > 1 and not in_distributed_run():
         return launch_processes(recipe_path, overrides, recipe, overwrite, resume), ""
     from .workflow import run_training
@@ -38,17 +41,22 @@ def launch_training(recipe_path: str | os.PathLike, overrides: list[str], overwr
 
 def launch_processes(recipe_path: str | os.PathLike, overrides: list[str], recipe: Recipe, overwrite: bool,
                      resume: bool) -> int:
-    """Check and prepare once, here, then run the recipe's processes under torchrun; their exit code."""
-    from ..fsutil import output_lock
+    """Check and prepare once, here, then run the recipe's processes under torchrun; their exit code. A launch
+    whose processes fail before the first checkpoint leaves nothing behind (run_folder.undo_start)."""
     from .build import prepare_demo_inputs
-    from .run_folder import RUN_ID_ENV, prepare_output_dir
+    from .run_folder import LAUNCH_ENV, new_token, prepare_output_dir, run_lock, undo_start, write_launch
 
     preflight(recipe)
-    with output_lock(recipe.train.output_dir, "lora-manip train"):
+    with run_lock(recipe):
         run_id = prepare_output_dir(recipe, overwrite, resume)
         prepare_demo_inputs(recipe)  # not racing in every rank
+        token = new_token()
+        write_launch(run_dir(recipe), run_id, token)
         argv = [f"--set={s}" for s in overrides] + ["--overwrite"] * overwrite + ["--resume"] * resume
-        return relaunch(str(recipe_path), argv, recipe, {RUN_ID_ENV: run_id, CHECKED_ENV: "1"})
+        code = relaunch(str(recipe_path), argv, recipe, {LAUNCH_ENV: token})
+        if code != 0:
+            undo_start(run_dir(recipe))
+        return code
 
 
 def relaunch_command(recipe_path: str, argv: list[str], recipe: Recipe) -> list[str]:

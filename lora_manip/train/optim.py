@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from ..model.parts import PARTS, part_of
+from ..model.layouts import PARTS, part_of
 
 _NO_DECAY = re.compile(r"(bias|norm|image_newline|position_embedding)", re.IGNORECASE)
 

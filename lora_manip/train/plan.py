@@ -68,7 +68,7 @@ def weight_memory(model, recipe: Recipe) -> list[str]:
     from ..model.load import NEVER_QUANTISED
     from ..dtypes import TORCH_DTYPES
     from ..model.layouts import unwrap_peft
-    from ..model.parts import part_of
+    from ..model.layouts import part_of
 
     load_bytes = TORCH_DTYPES[recipe.model.dtype].itemsize
     q = recipe.quantization if recipe.method == "qlora" else None
@@ -166,13 +166,23 @@ def describe_plan(recipe: Recipe) -> str:
     lines.append(f"quantised: {_quantised_summary(model, recipe)}")
     lines += weight_memory(model, recipe)
     lines += activation_memory(model, recipe)
-    d, t = recipe.distributed, recipe.train
+    d = recipe.distributed
     lines.append(f"processes: {d.nproc_per_node} per node x {d.nnodes} node(s)"
                  f"{', DeepSpeed ' + d.deepspeed if d.deepspeed else ''}")
-    lines.append(f"effective batch size: {t.per_device_batch_size} per device x {t.gradient_accumulation_steps} "
-                 f"accumulation x {d.nproc_per_node * d.nnodes} processes = {recipe.effective_batch_size}")
     sizes = _dataset_sizes(recipe)
+    if recipe.train.max_tokens_per_batch:
+        measured, why = _measured_train_set(recipe)
+        lines.append(batch_accounting(recipe, *measured) if measured else
+                     f"{_budget_head(recipe)}; samples and tokens per optimizer step are measured from the data, "
+                     f"not here: {why}")
+        lines += [f"  {name}: {n}" for name, n in sizes]
+        if not measured:
+            lines.append(f"optimizer steps: {recipe.train.max_steps} (train.max_steps)" if recipe.train.max_steps > 0
+                         else "optimizer steps: set by the token budget (the run logs them at start)")
+        return "\n".join(lines)
+    lines.append(batch_accounting(recipe))
     lines += [f"  {name}: {n}" for name, n in sizes]
+    t = recipe.train
     if t.max_steps > 0:
         lines.append(f"optimizer steps: {t.max_steps} (train.max_steps)")
     else:
@@ -183,3 +193,67 @@ def describe_plan(recipe: Recipe) -> str:
             lines.append(f"optimizer steps: ~{steps} ({n_train:,} samples x {t.epochs} epoch(s) / "
                          f"{recipe.effective_batch_size}, before sub-sampling and length drops)")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ batch accounting
+
+
+def _budget_head(recipe: Recipe) -> str:
+    t, d = recipe.train, recipe.distributed
+    return (f"batches: token budget {t.max_tokens_per_batch:,} tokens per micro-batch x {t.gradient_accumulation_steps}"
+            f" accumulation x {d.nproc_per_node * d.nnodes} processes (train.per_device_batch_size is not read)")
+
+
+def total_steps(recipe: Recipe, steps_per_epoch: int) -> str:
+    """The optimizer steps of the whole run, as the Trainer counts them (train.max_steps, else epochs x steps per
+    epoch, rounded up)."""
+    t = recipe.train
+    if t.max_steps > 0:
+        return f"{t.max_steps} optimizer steps in all (train.max_steps)"
+    return f"{math.ceil(t.epochs * steps_per_epoch)} optimizer steps in all ({t.epochs:g} epoch(s))"
+
+
+def batch_accounting(recipe: Recipe, train_set=None, tile_tokens: int | None = None) -> str:
+    """What one optimizer step holds, for the run log and --dry-run. Without a token budget: the recipe's
+    per-device batch x accumulation x processes. Under one (train.max_tokens_per_batch) a micro-batch holds as
+    many samples as fit, so that product says nothing: the epoch's batches are built here exactly as the trainer
+    builds them (same sampler, seed and processes) from the measured `train_set`, and the samples and tokens per
+    optimizer step (mean, min, max) and the real number of steps are reported."""
+    from ..data.sampler import TokenBudgetBatchSampler, step_stats
+
+    t, d = recipe.train, recipe.distributed
+    world = d.nproc_per_node * d.nnodes
+    if not t.max_tokens_per_batch:
+        line = (f"effective batch size: {t.per_device_batch_size} per device x {t.gradient_accumulation_steps} "
+                f"accumulation x {world} processes = {recipe.effective_batch_size} samples per optimizer step")
+        if train_set is not None and len(train_set):
+            per_epoch = math.ceil(math.ceil(len(train_set) / (t.per_device_batch_size * world))
+                                  / t.gradient_accumulation_steps)
+            line += f"; {per_epoch} optimizer steps per epoch, {total_steps(recipe, per_epoch)}"
+        return line
+    if train_set is None or not len(train_set):
+        return f"{_budget_head(recipe)}; no training samples measured"
+    sampler = TokenBudgetBatchSampler(train_set.lengths, train_set.has_images, train_set.tiles, t.max_tokens_per_batch,
+                                      tile_tokens, t.seed, recipe.data.packing, world)
+    stats = step_stats(sampler.batches(0), sampler.lengths, t.gradient_accumulation_steps, world)
+    return f"{_budget_head(recipe)}: {stats.describe()}, {total_steps(recipe, stats.steps)}"
+
+
+def _measured_train_set(recipe: Recipe) -> tuple[tuple | None, str | None]:
+    """((train dataset, tokens per tile), None) measured as the run measures it (the same checks and cached length
+    scan), or (None, why not): a model or data set the first train creates, a missing file, no processor."""
+    from ..data.dataset import build_datasets
+    from ..data.processor import load_processor
+    from ..errors import UserError
+
+    if recipe.model.create_tiny_if_missing and not Path(recipe.model.path).exists():
+        return None, "the model is created on first train"
+    missing = [d.annotation_path for d in recipe.data.train if not Path(d.annotation_path).is_file()]
+    if missing:
+        return None, f"{missing[0]} does not exist" + (" yet" if recipe.data.create_synthetic_if_missing else "")
+    try:
+        processor = load_processor(recipe.model.path, recipe.data.max_image_tiles)
+    except UserError as e:
+        return None, str(e)
+    train, _ = build_datasets(recipe.data, processor, recipe.train.seed)
+    return (train, processor.num_image_tokens), None

@@ -1,6 +1,7 @@
 """Checks before training that need no model and no data: the model source exists, devices and optional packages
 are there. They run once per run: in the process the user started, and not again in the processes launch.py starts
-from it (those only set up what every process needs for itself, DeepSpeed on CPU).
+from it, which prove who started them (run_folder.role: a token, not an environment variable that may be
+inherited); those only set up what every process needs for itself, DeepSpeed on CPU.
 """
 
 from __future__ import annotations
@@ -14,13 +15,6 @@ from ..errors import UserError
 from ..recipe import Recipe
 
 log = logging.getLogger(__name__)
-
-# Set by the launcher in the environment of the processes it starts: it has run the checks for them.
-CHECKED_ENV = "LORA_MANIP_PREFLIGHT_DONE"
-
-
-def in_distributed_run() -> bool:
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 # First components that name a local folder, not a hub organisation (`runs/tiny-llava-ov` on a fresh clone).
@@ -63,7 +57,9 @@ def preflight(recipe: Recipe) -> None:
     """Everything that can be refused before data or model are touched, then this process's DeepSpeed setup."""
     import torch
 
-    if not (in_distributed_run() and os.environ.get(CHECKED_ENV) == "1"):
+    from .run_folder import role
+
+    if not role(recipe).launched:  # the launcher that started this process ran them
         check_run(recipe)
     if recipe.distributed.deepspeed and not torch.cuda.is_available():
         configure_cpu_deepspeed()
@@ -96,6 +92,8 @@ def configure_cpu_deepspeed() -> None:
 
     # importlib, not `import deepspeed.comm.torch`: that attribute path resolves to the torch package itself.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    from .run_folder import in_distributed_run
+
     if in_distributed_run():
         # accelerate's CPU path sets up torch.distributed but not DeepSpeed's own comm layer, so ZeRO-3's
         # partitioned init would see a world of 1; initialise it here, over gloo.

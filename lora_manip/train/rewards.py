@@ -36,7 +36,7 @@ from typing import Callable
 
 from ..eval.metrics import bleu, box_iou, discrete_frechet, dtw_distance, point_distance
 from ..answers.parse import parse_answer
-from ..answers.parsed import Parsed
+from ..answers.geometry import Parsed
 from ..recipe.names import REWARD_KINDS
 
 log = logging.getLogger(__name__)

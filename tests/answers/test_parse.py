@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from lora_manip.answers.kinds import KINDS, TASK_KINDS, classify_task, parse_task_map, task_from_filename
 from lora_manip.answers.parse import parse_answer
-from lora_manip.answers.parsed import Parsed
+from lora_manip.answers.geometry import Parsed
 
 BOX = (0.1, 0.2, 0.3, 0.4)
 

@@ -24,6 +24,7 @@ from lora_manip.checkpoints.verify import MergeCheckFailed, logits_of, probe_inp
 from lora_manip.cli import app
 from lora_manip.errors import UserError
 from lora_manip.model.layouts import canonical
+from tests.conftest import saved_run_recipe
 
 LM_TARGETS = r"^(model\.language_model)\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 LM_AND_VISION = r"^(model\.language_model|model\.vision_tower)\..*\.(q_proj|v_proj|down_proj|fc1)$"
@@ -56,7 +57,7 @@ def make_adapter(base_dir: Path, out: Path, seed: int = 0, model=None, **lora) -
         newline.add_(torch.randn_like(newline))
     pm.save_pretrained(out)
     save_file({"model.image_newline": newline.detach().clone()}, str(out / "extra_trainables.safetensors"))
-    (out / "recipe.yaml").write_text("method: lora\nlora: {r: 4, alpha: 8}\n")
+    (out / "recipe.yaml").write_text(saved_run_recipe(lora={"r": 4, "alpha": 8}))
     return pm
 
 
@@ -294,9 +295,8 @@ def _qlora_adapter(base: Path, out: Path, quant_type: str = "nf4", double_quant:
                 p.normal_(0, 0.1)
     pm.save_pretrained(out)
     if recipe:
-        (out / "recipe.yaml").write_text(
-            "method: qlora\nquantization: {bits: 4, quant_type: %s, double_quant: %s, compute_dtype: float32}\n"
-            % (quant_type, str(double_quant).lower()))
+        (out / "recipe.yaml").write_text(saved_run_recipe(method="qlora", quantization={
+            "bits": 4, "quant_type": quant_type, "double_quant": double_quant, "compute_dtype": "float32"}))
     return pm.eval()
 
 
@@ -376,7 +376,8 @@ def test_base_as_trained_bad_requests(base, lora_adapter, qlora, tmp_path):
     (bare / "recipe.yaml").unlink()
     cases.append(([str(bare), "--base-as-trained"], "recipe.yaml does not exist.*--quantization"))
     broken = _copy(adapter, tmp_path / "broken")
-    (broken / "recipe.yaml").write_text("method: qlora\nquantization: {bits: 4, quant_type: int4}\n")
+    (broken / "recipe.yaml").write_text(saved_run_recipe(method="qlora",
+                                                         quantization={"bits": 4, "quant_type": "int4"}))
     cases.append(([str(broken), "--base-as-trained"], rf"{broken}/recipe.yaml: quantization.quant_type"))
     for args, message in cases:
         r = CliRunner().invoke(app, ["merge", *args, "--out", str(out)])
@@ -497,8 +498,12 @@ def test_existing_output_and_protected_folders(base, lora_adapter, tmp_path):
     r = runner.invoke(app, ["merge", str(lora_adapter), "--out", str(out), "--no-verify"])
     assert r.exit_code == 2 and "already exists" in r.output and (out / "keep.txt").is_file()
     r = runner.invoke(app, ["merge", str(lora_adapter), "--out", str(out), "--no-verify", "--force"])
-    assert r.exit_code == 0, r.output
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert r.exit_code == 2 and "did not make it" in r.output and (out / "keep.txt").is_file()  # not the kit's
+    ours = tmp_path / "m2"
+    for force in ([], ["--force"]):  # a merge of the kit's own is replaced with --force
+        r = runner.invoke(app, ["merge", str(lora_adapter), "--out", str(ours), "--no-verify", *force])
+        assert r.exit_code == 0, r.output
+    assert (ours / "model.safetensors").is_file()
     for bad in (lora_adapter / "sub", base, base.parent):
         r = runner.invoke(app, ["merge", str(lora_adapter), "--out", str(bad), "--force"])
         assert r.exit_code == 2 and "would write into" in r.output, r.output

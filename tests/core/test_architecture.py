@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "lora_manip"
 # and training writes checkpoints in the base's layout. model/layouts.py (the tensor-name table) sits in model
 # because the tiny-model writer and the part table read it, and checkpoints/ builds on model/.
 LAYERS = [
-    ("core", ["errors", "dtypes", "fsutil", "runinfo", "hub"]),
+    ("core", ["errors", "dtypes", "fsutil", "outputs", "runinfo", "hub"]),
     ("recipe", ["recipe"]),
     ("answers", ["answers"]),
     ("data", ["data"]),

@@ -9,6 +9,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 
 from lora_manip.data.collate import Collator
 from lora_manip.data.dataset import ManipDataset
+from lora_manip.data.encode import Chat
 from lora_manip.data.records import load_samples
 from lora_manip.data.sampler import TokenBudgetBatchSampler, batch_cost, padding_efficiency
 from lora_manip.recipe import recipe_from_dict
@@ -99,7 +100,7 @@ def _loss_and_grads(model, batch):
 def test_packed_row_equals_the_same_samples_unpacked(tiny_model_dir, processor, samples):
     """Loss and every gradient of one packed row equal those of the padded batch (fp32, tolerance 1e-5 relative):
     attention never crosses samples and each sample's image features land on its own image tokens."""
-    ds = ManipDataset(samples, processor, SYSTEM, max_length=10_000)
+    ds = ManipDataset(samples, Chat(processor, SYSTEM), max_length=10_000)
     items = [ds[i] for i in range(len(ds))]
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
     padded = Collator(processor)(items)
@@ -118,17 +119,25 @@ def test_packed_row_equals_the_same_samples_unpacked(tiny_model_dir, processor, 
         assert abs(model(**Collator(processor, packing=True)(swapped)).loss - loss_b) > 1e-3
 
 
-def test_packed_row_attends_within_samples_only(tiny_model_dir, processor, samples):
-    """The logits of a sample are the same alone and packed behind another sample."""
-    ds = ManipDataset(samples, processor, SYSTEM, max_length=10_000)
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
-    alone = Collator(processor, packing=True)([ds[3]])
-    behind = Collator(processor, packing=True)([ds[0], ds[3]])
-    n = len(ds[3]["input_ids"])
-    with torch.no_grad():
-        a = model(**alone).logits[0]
-        b = model(**behind).logits[0, -n:]
-    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("attn,dtype", [("sdpa", torch.float32), ("eager", torch.float32), ("sdpa", torch.bfloat16)])
+def test_per_sample_packing_check_passes_packing_and_fails_crossing(tiny_model_dir, processor, samples, attn, dtype):
+    """The comparison the GPU check runs with flash-attention (tests/gpu/packing.py), shown here to discriminate at
+    its tolerances: each sample's logits packed behind the others equal its logits alone, and a row whose
+    positions run on or whose mask is one causal mask over the row (attention crosses samples) fails, the
+    first sample (nothing before it to see) excepted."""
+    from tests.gpu.packing import TOLERANCE, compare_packed
+
+    ds = ManipDataset(samples, Chat(processor, SYSTEM), max_length=10_000)
+    items = [ds[i] for i in range(len(ds))]
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model_dir, attn_implementation=attn,
+                                                                   dtype=dtype).eval()
+    tol = TOLERANCE[dtype]
+    good = compare_packed(model, processor, items, tol, dtype=dtype)
+    assert good.ok, good.describe()
+    for how in ("positions", "mask"):
+        crossed = compare_packed(model, processor, items, tol, broken=how, dtype=dtype)
+        assert not crossed.ok and crossed.diffs[0] <= tol, crossed.describe()
+        assert min(crossed.diffs[1:]) > 5 * tol, crossed.describe()  # every later sample moves, well past it
 
 
 # ------------------------------------------------------------------------------------ through the Trainer
@@ -194,7 +203,7 @@ def test_gradient_checkpointing_per_part(tiny_model_dir, processor, samples, tmp
 
     recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, tmp_path, tmp_path / "o",
                                                parts__vision_tower={"train": "full", "lr": 1e-5}))
-    ds = ManipDataset(samples[:1], processor, SYSTEM, max_length=10_000)
+    ds = ManipDataset(samples[:1], Chat(processor, SYSTEM), max_length=10_000)
     batch = Collator(processor)([ds[0]])
     torch.manual_seed(0)
     plain = prepare_trainable(LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model_dir), recipe)

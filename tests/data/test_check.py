@@ -10,6 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lora_manip.cli import app
+from lora_manip.data.encode import Chat
 from lora_manip.data.report import Entry, check_entries
 from lora_manip.data.dataset import build_datasets
 from lora_manip.errors import UserError
@@ -46,6 +47,12 @@ CASES = {
                             "look like pixel coordinates"),
     "short_trajectory": (rec("bad", '{"future_traj": [[0.1, 0.2]]}'), "conversations[1].value",
                          "1 point(s); a trajectory needs at least 2"),
+    "box_inverted": (rec("bad", '{"current_bbox": [[0.5, 0.6], [0.1, 0.2]]}'), "conversations[1].value",
+                     "inverted box"),
+    "coords_malformed": (rec("bad", '{"current_bbox": ["0.1", "0.2", "0.5", "0.6"]}'), "conversations[1].value",
+                         "not numbers"),
+    "duplicate_key": (rec("bad", '{"current_bbox": [0.1, 0.2, 0.5, 0.6], "current_bbox": [0, 0, 1, 1]}'),
+                      "conversations[1].value", "twice"),
 }
 
 
@@ -103,7 +110,7 @@ def test_statistics(root, processor):
     lines = [GOOD, rec("c", "B", task="choice"), rec("t", "ok", images=()),
              rec("two", "Yes", images=("ok.png", "ok.png"))]
     path = write(root, "a.jsonl", lines)
-    report = check_entries([Entry("mix", str(path), str(root))], processor, "You are a helpful assistant.",
+    report = check_entries([Entry("mix", str(path), str(root))], Chat(processor, "You are a helpful assistant."),
                            max_length=10_000, batch_size=2)
     (d,) = report["datasets"]
     assert report["ok"] and d["records"] == d["valid"] == 4
@@ -113,7 +120,8 @@ def test_statistics(root, processor):
     t = d["token_lengths"]
     assert t["min"] < t["p50"] <= t["max"] and d["over_max_length"] == 0
     assert 0 < report["padding_efficiency"]["random"] <= 1 and 0 < report["padding_efficiency"]["grouped"] <= 1
-    short = check_entries([Entry("mix", str(path), str(root))], processor, None, max_length=t["p50"], batch_size=2)
+    short = check_entries([Entry("mix", str(path), str(root))], Chat(processor, None), max_length=t["p50"],
+                          batch_size=2)
     assert 0 < short["datasets"][0]["over_max_length_share"] < 1
 
 
@@ -193,10 +201,10 @@ def test_process_pool_scan_equals_serial(synth_dir, processor, monkeypatch):
     lines[3] = lines[3].replace('"images": ["', '"images": ["missing/')  # one bad record among them
     path = synth_dir.parent / "pool.jsonl"
     path.write_text("\n".join(lines))
-    serial = scan.scan(RecordIndex(path), str(synth_dir), None, processor, "S", workers=1)
+    serial = scan.scan(RecordIndex(path), str(synth_dir), None, Chat(processor, "S"), workers=1)
     monkeypatch.setattr(scan, "POOL_THRESHOLD", 0)
     monkeypatch.setattr(scan, "_CHUNK", 10)  # several tasks, merged in order
-    pooled = scan.scan(RecordIndex(path), str(synth_dir), None, processor, "S", workers=2)
+    pooled = scan.scan(RecordIndex(path), str(synth_dir), None, Chat(processor, "S"), workers=2)
     assert np.array_equal(serial.positions, pooled.positions) and np.array_equal(serial.lengths, pooled.lengths)
     assert np.array_equal(serial.tiles, pooled.tiles) and (serial.tiles >= 1).all()
     assert serial.problems == pooled.problems and len(serial.problems) == 1 and serial.tasks == pooled.tasks

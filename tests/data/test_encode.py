@@ -7,7 +7,7 @@ from PIL import Image
 
 from lora_manip.data.collate import Collator
 from lora_manip.data.dataset import ManipDataset
-from lora_manip.data.encode import IGNORE, encode
+from lora_manip.data.encode import IGNORE, Chat, encode
 from lora_manip.data.records import load_samples
 from lora_manip.data.processor import image_token_counts
 
@@ -50,7 +50,7 @@ def test_labels_are_exactly_the_answers(any_processor, records):
                 "1. grasp the cup 2. place it<|im_end|>"]
     for s, want in zip(records, expected):
         sizes = [Image.open(p).size for p in s.images]
-        enc = encode(s, processor, SYSTEM, sizes)
+        enc = encode(s, Chat(processor, SYSTEM), sizes)
         assert _supervised_text(processor, enc) == want
         # every supervised token is contiguous with its answer: no image or prompt token is supervised
         image_id = processor.image_token_id
@@ -62,7 +62,7 @@ def test_ids_equal_the_processors_own_expansion(any_processor, records):
 
 
 def test_record_system_turn_wins(any_processor, records):
-    enc = encode(records[2], any_processor, SYSTEM, [])
+    enc = encode(records[2], Chat(any_processor, SYSTEM), [])
     text = any_processor.tokenizer.decode(enc["input_ids"])
     assert "Plan robot tasks." in text and SYSTEM not in text
 
@@ -70,7 +70,7 @@ def test_record_system_turn_wins(any_processor, records):
 def test_collator_pads_per_batch_and_model_accepts_batch(processor, records, tiny_model_dir):
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    ds = ManipDataset(records, processor, SYSTEM, max_length=10_000)
+    ds = ManipDataset(records, Chat(processor, SYSTEM), max_length=10_000)
     batch = Collator(processor)([ds[0], ds[1], ds[2]])
     assert batch["input_ids"].shape[1] == max(ds.lengths)
     assert batch["batch_num_images"].tolist() == [1, 2]
@@ -80,7 +80,7 @@ def test_collator_pads_per_batch_and_model_accepts_batch(processor, records, tin
 
 
 def test_too_long_samples_are_dropped_and_counted(processor, records):
-    ds = ManipDataset(records, processor, SYSTEM, max_length=100)
+    ds = ManipDataset(records, Chat(processor, SYSTEM), max_length=100)
     assert len(ds) + sum(ds.dropped.values()) == 3
     assert sum(ds.dropped.values()) >= 1 and all(n <= 100 for n in ds.lengths)
 
@@ -88,17 +88,17 @@ def test_too_long_samples_are_dropped_and_counted(processor, records):
 def test_prompts_hold_question_image_and_answer_with_either_template(any_processor, records):
     """What the hub template silently empties when given strings: question, image and answer must all be there,
     and the measured length (the sampler's) must equal the encoded one."""
-    from lora_manip.data.lengths import token_lengths
+    from lora_manip.data.encode import token_lengths
 
     processor = any_processor
     s = records[0]
     sizes = [Image.open(p).size for p in s.images]
-    enc = encode(s, processor, SYSTEM, sizes)
+    enc = encode(s, Chat(processor, SYSTEM), sizes)
     text = processor.tokenizer.decode(enc["input_ids"])
     assert "Where is the cube?" in text and '"current_bbox"' in text and SYSTEM in text
     assert enc["input_ids"].count(processor.image_token_id) == sum(image_token_counts(processor, sizes))
-    assert token_lengths(processor, SYSTEM, [(s, sizes)]) == [len(enc["input_ids"])]
-    text_only = encode(records[2], processor, SYSTEM, [])
+    assert token_lengths(Chat(processor, SYSTEM), [(s, sizes)]) == [len(enc["input_ids"])]
+    text_only = encode(records[2], Chat(processor, SYSTEM), [])
     assert sum(lab != IGNORE for lab in text_only["labels"]) > 3  # a text-only record trains on its answer
 
 
@@ -131,14 +131,14 @@ def test_unfaithful_templates_are_refused_by_name(processor, records, template, 
 
     bad = _with_template(processor, template)
     with pytest.raises(UserError, match=message) as err:
-        encode(records[0], bad, SYSTEM, [Image.open(p).size for p in records[0].images])
+        encode(records[0], Chat(bad, SYSTEM), [Image.open(p).size for p in records[0].images])
     assert "chat template of" in str(err.value)
 
 
 def test_an_encoding_that_differs_from_its_measured_length_is_an_error(processor, records):
     from lora_manip.errors import UserError
 
-    ds = ManipDataset(records, processor, SYSTEM, max_length=10_000)
+    ds = ManipDataset(records, Chat(processor, SYSTEM), max_length=10_000)
     ds.lengths[0] += 1
     with pytest.raises(UserError, match="measured"):
         ds[0]

@@ -258,12 +258,15 @@ def test_refuses_to_overwrite(tmp_path):
 
 
 def test_an_interrupted_run_is_repeated_whole(tmp_path):
-    (tmp_path / "images").mkdir()  # what a run stopped before train.json leaves
+    from lora_manip.outputs import MARKER, write_marker
+
+    write_marker(tmp_path, "synth")  # what a run stopped before train.json leaves: its own folder, images in it
+    (tmp_path / "images").mkdir()
     (tmp_path / "images" / "000000.png").write_bytes(b"half an image")
     write_synth_dataset(tmp_path, 4, seed=0)
     with Image.open(tmp_path / "images" / "000000.png") as im:
         im.load()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "train.json", "val.json"]  # no .partial left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MARKER, "images", "train.json", "val.json"]  # no .partial
 
 
 @pytest.mark.parametrize("kwargs", [{"n": 0}, {"n": 4, "val_fraction": 1.0}, {"n": 4, "val_fraction": -0.1}])

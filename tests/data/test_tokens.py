@@ -11,8 +11,7 @@ from PIL import Image
 
 from lora_manip.data.collate import Collator
 from lora_manip.data.dataset import ManipDataset, build_datasets
-from lora_manip.data.lengths import token_lengths
-from lora_manip.data.encode import IGNORE, encode
+from lora_manip.data.encode import IGNORE, Chat, encode, token_lengths
 from lora_manip.data.records import load_samples
 from lora_manip.recipe import DataCfg, DatasetCfg
 
@@ -104,7 +103,7 @@ def _runs(enc):
 def test_every_answer_and_its_end_token_is_supervised_exactly(proc, records):
     s = records[0]
     sizes = [Image.open(p).size for p in s.images]
-    enc = encode(s, proc, SYSTEM, sizes)
+    enc = encode(s, Chat(proc, SYSTEM), sizes)
     tok = proc.tokenizer
     runs = _runs(enc)
     assert [tok.decode(ids) for _, ids in runs] == [a + "<|im_end|>" for a in ANSWERS]
@@ -126,9 +125,10 @@ def test_ids_match_the_processors_own_expansion(proc, records):
 
 def test_batched_lengths_equal_encode(proc, records):
     items = [(s, [Image.open(p).size for p in s.images]) for s in records]
-    want = [len(encode(s, proc, SYSTEM, sizes)["input_ids"]) for s, sizes in items]
-    assert token_lengths(proc, SYSTEM, items) == want
-    assert token_lengths(proc, None, items[1:]) == [len(encode(s, proc, None, z)["input_ids"]) for s, z in items[1:]]
+    want = [len(encode(s, Chat(proc, SYSTEM), sizes)["input_ids"]) for s, sizes in items]
+    assert token_lengths(Chat(proc, SYSTEM), items) == want
+    assert token_lengths(Chat(proc, None), items[1:]) == [len(encode(s, Chat(proc, None), z)["input_ids"])
+                                                          for s, z in items[1:]]
 
 
 def test_length_counts_real_anyres_image_tokens(records):
@@ -144,18 +144,18 @@ def test_length_counts_real_anyres_image_tokens(records):
                                                                for j in range(1, 7)])
     real = real_processor(ip, 729)
     single, text = records[1], records[2]
-    n_text = token_lengths(real, SYSTEM, [(text, [])])[0]
-    assert n_text == len(encode(text, real, SYSTEM, [])["input_ids"]) < 60
-    n = token_lengths(real, SYSTEM, [(single, [(640, 480)]), (single, [(320, 180)])])
-    text_part = len(encode(single, real, SYSTEM, [(640, 480)])["input_ids"]) - 2929
+    n_text = token_lengths(Chat(real, SYSTEM), [(text, [])])[0]
+    assert n_text == len(encode(text, Chat(real, SYSTEM), [])["input_ids"]) < 60
+    n = token_lengths(Chat(real, SYSTEM), [(single, [(640, 480)]), (single, [(320, 180)])])
+    text_part = len(encode(single, Chat(real, SYSTEM), [(640, 480)])["input_ids"]) - 2929
     assert n == [text_part + 2929, text_part + 1149]
-    assert len(encode(single, real, SYSTEM, [(640, 480)])["input_ids"]) == n[0]
+    assert len(encode(single, Chat(real, SYSTEM), [(640, 480)])["input_ids"]) == n[0]
 
 
 def test_too_long_samples_are_dropped_never_cut(proc, records):
-    full = ManipDataset(records, proc, SYSTEM, max_length=100_000)
+    full = ManipDataset(records, Chat(proc, SYSTEM), max_length=100_000)
     limit = int(sorted(full.lengths)[1])  # the longest sample does not fit
-    ds = ManipDataset(records, proc, SYSTEM, max_length=limit)
+    ds = ManipDataset(records, Chat(proc, SYSTEM), max_length=limit)
     assert len(ds) == 2 and ds.dropped == {f"longer than model_max_length {limit}": 1}
     for i in range(len(ds)):
         enc = ds[i]
@@ -165,7 +165,7 @@ def test_too_long_samples_are_dropped_never_cut(proc, records):
 
 def test_build_datasets_reports_drops_and_collator_pads_per_batch(proc, records, tmp_path, caplog):
     cfg = DatasetCfg(annotation_path=str(tmp_path / "a.jsonl"), data_path=str(tmp_path))
-    lengths = sorted(ManipDataset(records, proc, SYSTEM, max_length=100_000).lengths)
+    lengths = sorted(ManipDataset(records, Chat(proc, SYSTEM), max_length=100_000).lengths)
     with caplog.at_level("WARNING"):
         ds, val = build_datasets(DataCfg(train=[cfg], system_prompt=SYSTEM, model_max_length=int(lengths[1])), proc,
                                  seed=0)

@@ -9,8 +9,7 @@ import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from lora_manip.model.adapters import prepare_trainable
-from lora_manip.model.layouts import unwrap_peft
-from lora_manip.model.parts import part_of
+from lora_manip.model.layouts import part_of, unwrap_peft
 from lora_manip.recipe import recipe_from_dict
 
 from tests.conftest import tiny_recipe_dict
@@ -23,9 +22,9 @@ def _recipe(tiny_model_dir, tmp_path, **over):
 def _image_batch(processor, n_images=1):
     from PIL import Image
 
-    from lora_manip.data.encode import prompt_text
+    from lora_manip.data.encode import Chat, prompt_text
 
-    text = prompt_text(processor, [{"role": "user", "content": "<image>\nWhere is the red cube?"}], None)
+    text = prompt_text(Chat(processor, None), [{"role": "user", "content": "<image>\nWhere is the red cube?"}])
     img = Image.new("RGB", (320, 180), (120, 90, 60))
     inputs = processor(images=[img], text=[text + "It is here.<|im_end|>"], return_tensors="pt")
     inputs["labels"] = inputs["input_ids"].clone()

@@ -66,7 +66,7 @@ def test_train_writes_a_peft_adapter_folder(trained):
     assert any("lora_A" in k for k in weights) and not any("vision_tower" in k for k in weights)
     assert any("multi_modal_projector" in k for k in weights)
     assert all(t.numel() > 0 for t in weights.values())
-    assert "model.image_newline" in load_file(run / "extra_trainables.safetensors")
+    assert "base_model.model.model.image_newline" in weights  # where stock PEFT loads it too
     assert_same_processor_files(trained / "base", run)
     resolved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert resolved["lora"]["r"] == 4 and resolved["parts"]["vision_tower"]["train"] == "frozen"
@@ -161,30 +161,36 @@ def test_overwrite_replaces_the_previous_run(trained, tmp_path):
 
 def test_the_launcher_checks_and_prepares_once_for_the_processes_it_starts(tmp_path, monkeypatch):
     """`train` with 2 processes: the launcher runs the checks and prepares the folder, then starts torchrun with
-    the overrides as arguments; the processes it started skip the checks (a torchrun started by hand does not)."""
+    the overrides as arguments and a token it also wrote into the run folder; the processes it started prove it with
+    that token and skip the checks (a torchrun started by hand does not, and an inherited token proves nothing)."""
+    from lora_manip.errors import UserError
     from lora_manip.recipe import load_recipe
-    from lora_manip.train import launch, preflight
-    from lora_manip.train.run_folder import RUN_ID_ENV
+    from lora_manip.train import launch, preflight, run_folder
 
-    for var in ("LOCAL_RANK", "WORLD_SIZE", "RANK", RUN_ID_ENV, preflight.CHECKED_ENV):
+    for var in ("LOCAL_RANK", "WORLD_SIZE", "RANK", run_folder.LAUNCH_ENV):
         monkeypatch.delenv(var, raising=False)
     checked, started = [], []
     monkeypatch.setattr(preflight, "check_run", checked.append)
-    monkeypatch.setattr(launch.subprocess, "call", lambda cmd, env: started.append((cmd, env)) or 0)
+    monkeypatch.setattr(launch.subprocess, "call", lambda cmd, env: started.append(
+        (cmd, env, run_folder.read_launch(tmp_path / "run"))) or 0)  # what the processes find while they run
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "m", tmp_path / "d", tmp_path / "run")))
     code, out = cli("train", recipe, "--set", "distributed.nproc_per_node=2", "--set", "lora.r=4")
     assert code == 0 and len(checked) == 1 and len(started) == 1, out
-    cmd, env = started[0]
+    cmd, env, proof = started[0]
     assert cmd[-4:] == ["train", str(recipe), "--set=distributed.nproc_per_node=2", "--set=lora.r=4"]
-    assert "--nproc_per_node=2" in cmd and env[preflight.CHECKED_ENV] == "1"
-    assert env[RUN_ID_ENV] == json.loads((tmp_path / "run" / "run.json").read_text())["run_id"]
+    assert "--nproc_per_node=2" in cmd and env[run_folder.LAUNCH_ENV] == proof["token"]
+    assert proof["run_id"] == json.loads((tmp_path / "run" / "run.json").read_text())["run_id"]
+    assert run_folder.read_launch(tmp_path / "run") is None  # the proof ends with the launch
 
     recipe_obj = load_recipe(recipe)
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     preflight.preflight(recipe_obj)  # torchrun started by hand: nobody checked yet
     assert len(checked) == 2
-    monkeypatch.setenv(preflight.CHECKED_ENV, "1")
+    monkeypatch.setenv(run_folder.LAUNCH_ENV, proof["token"])  # the launch that token belonged to is over
+    with pytest.raises(UserError, match="matches no launch"):
+        preflight.preflight(recipe_obj)
+    run_folder.write_launch(tmp_path / "run", "run-id", proof["token"])  # a launch in progress, this process's
     preflight.preflight(recipe_obj)  # started by the launcher, which checked
     assert len(checked) == 2

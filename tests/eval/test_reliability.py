@@ -93,18 +93,23 @@ def test_score_input_reached_through_a_symlink_is_never_replaced(tmp_path):
 
 
 def test_existing_results_are_kept_without_force(tiny_model_dir, val, tmp_path):
-    mine = tmp_path / "s"
-    mine.mkdir()
-    (mine / "metrics.json").write_text("{}\n")
     preds = tmp_path / "p.jsonl"
     preds.write_text('{"id": 1, "pred": "A", "gt": "A"}\n')
-    one_line_error(*cli("score", preds, "--out", mine), "metrics.json already exists", "--force")
-    one_line_error(*cli("eval", tiny_model_dir, "--data", val, "--out", mine, *FAST), "already holds an eval",
+    ours = tmp_path / "ours"
+    code, out = cli("score", preds, "--out", ours)
+    assert code == 0, out
+    one_line_error(*cli("score", preds, "--out", ours), "metrics.json already exists", "--force")
+    one_line_error(*cli("eval", tiny_model_dir, "--data", val, "--out", ours, *FAST), "already holds an eval",
                    "--force")
-    (mine / "metrics.json").unlink()
+    mine = tmp_path / "s"  # results of the user's own: never replaced, whatever the flag
+    mine.mkdir()
+    (mine / "metrics.json").write_text("{}\n")
     (mine / "predictions.jsonl").write_text("mine\n")
-    one_line_error(*cli("eval", tiny_model_dir, "--data", val, "--out", mine, *FAST), "predictions.jsonl")
-    assert (mine / "predictions.jsonl").read_text() == "mine\n" and not (mine / "metrics.json").exists()
+    for force in ([], ["--force"]):
+        one_line_error(*cli("score", preds, "--out", mine, *force), "did not make it", "metrics.json")
+        one_line_error(*cli("eval", tiny_model_dir, "--data", val, "--out", mine, *FAST, *force), "did not make it",
+                       "predictions.jsonl")
+    assert (mine / "predictions.jsonl").read_text() == "mine\n" and (mine / "metrics.json").read_text() == "{}\n"
 
 
 def test_out_that_is_a_file_or_the_model_folder(tiny_model_dir, val, tmp_path):
@@ -270,7 +275,10 @@ def test_results_folder_has_one_owner_and_leftovers_are_removed(tiny_model_dir, 
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+    from lora_manip.outputs import RESULTS, write_marker
+
     out.mkdir(exist_ok=True)
+    write_marker(out, RESULTS)  # the folder of an eval that was killed: the kit's, with its leftovers
     overlays = out / ".overlays.abcd1234.partial"  # left by an eval killed while drawing
     overlays.mkdir()
     tmp = out / ".metrics.json.abcd1234.tmp"  # left by a kill between write and rename
@@ -287,9 +295,15 @@ def _full(*args, **kwargs):
 def test_full_disk_while_writing_predictions_is_one_line(tiny_model_dir, val, tmp_path, monkeypatch):
     from lora_manip.eval import resume
 
-    monkeypatch.setattr(resume.PredictionLog, "append", _full)
-    one_line_error(*cli("eval", tiny_model_dir, "--data", val, "--out", tmp_path / "ev", *FAST),
+    append = resume.PredictionLog.append
+    monkeypatch.setattr(resume.PredictionLog, "append", lambda self, batch: (
+        append(self, batch) if not self.records else _full()))  # the first batch is written, the second is not
+    one_line_error(*cli("eval", tiny_model_dir, "--data", val, "--out", tmp_path / "ev", *FAST, "--batch-size", "1"),
                    str(tmp_path / "ev"), "disk is full", "--resume")
+    assert len((tmp_path / "ev/predictions.jsonl").read_text().splitlines()) == 1  # kept for --resume
+    monkeypatch.setattr(resume.PredictionLog, "append", _full)  # nothing made yet: nothing is left
+    one_line_error(*cli("eval", tiny_model_dir, "--data", val, "--out", tmp_path / "ev2", *FAST), "disk is full")
+    assert not (tmp_path / "ev2").exists()
 
 
 def test_full_disk_while_writing_scores_is_one_line(tmp_path, monkeypatch):
@@ -298,4 +312,4 @@ def test_full_disk_while_writing_scores_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", _full)
     one_line_error(*cli("score", preds, "--out", tmp_path / "s"), "disk is full")
     monkeypatch.undo()
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == []
+    assert not (tmp_path / "s").exists()  # the folder it made for the results is taken back

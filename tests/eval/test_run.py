@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 import lora_manip.eval.generate as gen
 from lora_manip.cli import app
 from lora_manip.eval.generate import resolve_system_prompt
-from lora_manip.eval.run import run_eval
+from lora_manip.eval.run import EvalSettings, run_eval
+from tests.conftest import saved_run_recipe
 
 runner = CliRunner()
 
@@ -56,21 +57,21 @@ def test_eval_writes_predictions_metrics_scores_and_overlays(tiny_model_dir, syn
 
 
 def test_batched_answers_equal_one_at_a_time(tiny_model_dir, synth_dir):
-    one, _ = run_eval(str(tiny_model_dir), str(synth_dir / "val.json"), max_new_tokens=12, batch_size=1,
-                      progress=False)
-    many, _ = run_eval(str(tiny_model_dir), str(synth_dir / "val.json"), max_new_tokens=12, batch_size=5,
-                       progress=False)
+    one, _ = run_eval(str(tiny_model_dir), str(synth_dir / "val.json"),
+                      settings=EvalSettings(max_new_tokens=12, batch_size=1, progress=False))
+    many, _ = run_eval(str(tiny_model_dir), str(synth_dir / "val.json"),
+                       settings=EvalSettings(max_new_tokens=12, batch_size=5, progress=False))
     assert [r["id"] for r in one] == [r["id"] for r in many]
     assert [r["pred_text"] for r in one] == [r["pred_text"] for r in many]
 
 
 def test_batches_group_by_length(processor, synth_dir):
-    from lora_manip.data.encode import prompt_text
+    from lora_manip.data.encode import Chat, prompt_text
     from lora_manip.data.records import load_samples
 
     samples, _ = load_samples(synth_dir / "train.json", synth_dir)
     samples = samples[:12]
-    prompts = [prompt_text(processor, s.messages, None) for s in samples]
+    prompts = [prompt_text(Chat(processor, None), s.messages) for s in samples]
     batches = gen.plan_batches(processor, samples, prompts, 4)
     assert sorted(i for b in batches for i in b) == list(range(12)) and all(len(b) <= 4 for b in batches)
     lengths = [len(processor.tokenizer(p)["input_ids"]) for p in prompts]
@@ -90,7 +91,8 @@ def test_resume_after_interruption_redoes_nothing(tiny_model_dir, synth_dir, tmp
 
     monkeypatch.setattr(gen, "generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_eval(str(tiny_model_dir), data, out_dir=str(out), max_new_tokens=8, batch_size=2, progress=False)
+        run_eval(str(tiny_model_dir), data, out_dir=str(out),
+                 settings=EvalSettings(max_new_tokens=8, batch_size=2, progress=False))
     first = _lines(out / "predictions.jsonl")
     assert len(first) == 2 and not (out / "metrics.json").exists()
     with open(out / "predictions.jsonl", "a") as f:
@@ -134,7 +136,8 @@ def test_eval_refuses_to_mix_or_overwrite(tiny_model_dir, synth_dir, tmp_path, m
     assert longer.exit_code == 2 and "max_new_tokens" in longer.output
     monkeypatch.setattr(gen, "generate", _interrupt)
     with pytest.raises(KeyboardInterrupt):  # --force starts over: no metrics of the old run stay beside new answers
-        run_eval(str(other), data, out_dir=str(out), max_new_tokens=4, limit=3, force=True, progress=False)
+        run_eval(str(other), data, out_dir=str(out),
+                 settings=EvalSettings(max_new_tokens=4, limit=3, force=True, progress=False))
     assert not (out / "metrics.json").exists() and not (out / "predictions.jsonl").read_text()
     monkeypatch.undo()
     assert runner.invoke(app, [base[0], str(other), *base[1:], "--force"]).exit_code == 0
@@ -144,17 +147,17 @@ def test_eval_refuses_to_mix_or_overwrite(tiny_model_dir, synth_dir, tmp_path, m
 
 def test_system_prompt_from_the_runs_recipe(tiny_model_dir, synth_dir, tmp_path, monkeypatch):
     assert resolve_system_prompt(str(tmp_path)) == ("You are a helpful assistant.", "default")
-    (tmp_path / "recipe.yaml").write_text("data:\n  system_prompt: You control a robot arm.\n")
+    (tmp_path / "recipe.yaml").write_text(saved_run_recipe(data__system_prompt="You control a robot arm."))
     assert resolve_system_prompt(str(tmp_path)) == ("You control a robot arm.", str(tmp_path / "recipe.yaml"))
     assert resolve_system_prompt(str(tmp_path), "Other.") == ("Other.", "--system-prompt")
-    (tmp_path / "recipe.yaml").write_text("data:\n  system_prompt: null\n")
+    (tmp_path / "recipe.yaml").write_text(saved_run_recipe(data__system_prompt=None))
     assert resolve_system_prompt(str(tmp_path))[0] is None  # trained without a system turn: evaluated without
-    (tmp_path / "recipe.yaml").write_text("method: lora\n")
+    (tmp_path / "recipe.yaml").write_text(saved_run_recipe())  # data.system_prompt not spelt out
     assert resolve_system_prompt(str(tmp_path))[0] == "You are a helpful assistant."  # the recipe default
 
     model = tmp_path / "run"
     shutil.copytree(tiny_model_dir, model)
-    (model / "recipe.yaml").write_text("data:\n  system_prompt: You control a robot arm.\n")
+    (model / "recipe.yaml").write_text(saved_run_recipe(data__system_prompt="You control a robot arm."))
     seen, real = [], gen.generate
     monkeypatch.setattr(gen, "generate", lambda m, p, prompts, *a: seen.extend(prompts) or real(m, p, prompts, *a))
     args = ["eval", str(model), "--data", str(synth_dir / "val.json"), "--limit", "2", "--max-new-tokens", "2"]
@@ -280,8 +283,7 @@ def test_predict_answers_and_draws(tiny_model_dir, tmp_path, monkeypatch):
         assert picture.getpixel((288, 126)) == PRED_COLOR  # the box's right edge, in the prediction's colour
         assert picture.getpixel((220, 126)) == original.getpixel((220, 126))  # inside the box: the input's pixels
 
-    # an existing file is kept unless --force
-    Image.new("RGB", (8, 8)).save(drawn)
+    # an existing file is kept unless --force (and replaced only when lora-manip drew it: tests/core/test_hostile.py)
     before = drawn.read_bytes()
     again = runner.invoke(app, ask)
     assert again.exit_code == 2 and "already exists" in again.output and "--force" in again.output

@@ -152,3 +152,57 @@ def test_upstream_does_not_need_a_parsable_choice_ground_truth():
     assert rows[0]["correct"] is True and not s["data_errors"]
     rows, s = score_records(rec)  # strict needs an option letter in the ground truth
     assert not rows and s["data_errors"][0]["field"] == "gt"
+
+
+# ------------------------------------------------------------------------ VABench-V traces, Embodied-R1's scorer
+# pickxiguapi/Embodied-R1 eval/hf_inference_vabench_visual_trace.py: <point>[...]</point> in pixels, x / w * 999,
+# resampled by INDEX to the longer trace, RMSE = sqrt(mean(dx^2 + dy^2)), MAE = mean((|dx| + |dy|) / 2).
+TRACE_GT = '{"trajectory": [[0, 0], [0.5, 0.5], [1.0, 0.5]]}'  # 0-999: (0, 0), (499.5, 499.5), (999, 499.5)
+
+
+def _trace(rid, pred, gt=TRACE_GT, **extra):
+    return {"id": rid, "task": "traj", "gt": gt, "pred": pred, "w": 100, "h": 50, **extra}
+
+
+def test_vabench_trace_by_hand():
+    # pred (0, 0), (100, 50) px -> (0, 0), (999, 999); by index to 3 points: (0, 0), (499.5, 499.5), (999, 999)
+    # differences (0, 0), (0, 0), (0, 499.5): RMSE = 499.5 / sqrt(3), MAE = (499.5 / 2) / 3
+    rows, s = score_records([
+        _trace("two", "<think>up and right</think><answer><point>[[0, 0], [100, 50]]</point></answer>"),
+        _trace("same", "<point>[[0, 0], [50, 25], [100, 25]]</point>"),  # untagged: read whole
+        _trace("one", "<point>[[10, 10]]</point>"),  # under 2 points: left out
+        _trace("no_tag", '{"trajectory": [[0, 0], [1, 1]]}'),  # no <point> tag, no points: left out
+        _trace("multiline", "<answer>\n<point>[[0, 0], [100, 50]]</point></answer>"),  # regex without DOTALL
+        _trace("triple", "<point>[[0, 0, 1], [1, 1, 1]]</point>"),  # x, y = point raises upstream
+        _trace("gt_one", "<point>[[0, 0], [100, 50]]</point>", gt='{"trajectory": [[0.2, 0.2]]}'),
+    ], upstream_compatible=True)
+    by = {r["id"]: r for r in rows}
+    assert by["two"]["vabench_rmse"] == approx(499.5 / 3 ** 0.5) and by["two"]["vabench_mae"] == approx(83.25)
+    assert by["same"]["vabench_rmse"] == approx(0.0) and by["same"]["vabench_mae"] == approx(0.0)
+    for rid in ("one", "no_tag", "multiline", "triple", "gt_one"):
+        assert by[rid]["vabench_rmse"] is None and by[rid]["vabench_note"], rid
+    assert "raises" in by["triple"]["vabench_note"] and by["no_tag"]["vabench_points"] == 0
+    trace = s["upstream"]["vabench_trace"]
+    assert trace["vabench_rmse"] == approx(499.5 / 3 ** 0.5 / 2) and trace["vabench_mae"] == approx(83.25 / 2)
+    assert (trace["vabench_scored"], trace["vabench_left_out"]) == (2, 5)
+    assert "VABench-V visual trace (Embodied-R1's rule, 0-999) : RMSE: 144.1932 MAE: 41.6250" in format_table(s)
+
+
+def test_vabench_rule_differs_from_the_kits_arc_length_trace():
+    rec = _trace("two", "<point>[[0, 0], [100, 50]]</point>")
+    upstream_rows, _ = score_records([rec], upstream_compatible=True)
+    strict_rows, _ = score_records([{**rec, "pred": "[[0, 0], [1, 1]]"}])  # the same trace in [0, 1]
+    assert upstream_rows[0]["vabench_rmse"] == approx(288.386, abs=1e-3)
+    assert strict_rows[0]["trace_rmse"] != approx(upstream_rows[0]["vabench_rmse"], abs=1.0)  # by arc length
+
+
+def test_vabench_points_reader():
+    assert up.trace_points("<point>[[1.5, 2], [3, 4]]</point>") == ([(1.5, 2.0), (3.0, 4.0)], None)
+    assert up.trace_points("<point>[(1, 2), (3, 4)]</point>") == ([], None)  # JSON fails, no [x, y] pairs
+    assert up.trace_points("<point>[[1, 2], [3, -4]]</point>")[0] == [(1.0, 2.0), (3.0, -4.0)]  # JSON keeps signs
+    assert up.trace_points("<point>[['1', 2]]</point>")[0] is None  # a string coordinate raises upstream
+    assert up.trace_points("<point>[[1, 2], [3 4]]</point>") == ([(1.0, 2.0)], None)  # fallback: unsigned pairs
+    assert up.trace_points("<answer>no tag</answer> <point>[[1, 2]]</point>") == ([], None)  # only the answer
+    rows, _ = score_records([{k: v for k, v in _trace("nosize", "<point>[[0, 0], [1, 1]]</point>").items()
+                              if k not in ("w", "h")}], upstream_compatible=True)
+    assert rows[0]["vabench_rmse"] is None and "image size" in rows[0]["vabench_note"]

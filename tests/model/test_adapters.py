@@ -4,8 +4,7 @@ import pytest
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from lora_manip.model.adapters import prepare_trainable, trainable_summary
-from lora_manip.model.layouts import unwrap_peft
-from lora_manip.model.parts import part_of
+from lora_manip.model.layouts import part_of, unwrap_peft
 from lora_manip.recipe import recipe_from_dict
 from lora_manip.train.optim import param_groups
 

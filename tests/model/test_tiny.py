@@ -17,7 +17,9 @@ HUB_PREFIXES = ("language_model.model.", "language_model.lm_head.", "vision_towe
 
 
 def test_files_and_processor_configs_are_the_hubs(tiny_model_dir):
-    assert {p.name for p in tiny_model_dir.iterdir()} == HUB_FILES
+    from lora_manip.outputs import MARKER
+
+    assert {p.name for p in tiny_model_dir.iterdir()} == HUB_FILES | {MARKER}  # and the kit's ownership marker
     read = lambda name: json.loads((tiny_model_dir / name).read_text())  # noqa: E731
     proc = read("processor_config.json")
     assert proc["processor_class"] == "LlavaOnevisionProcessor" and proc["vision_aspect_ratio"] == "anyres_max_9"
@@ -49,13 +51,13 @@ def test_hub_template_empties_string_content(processor):
 def test_loads_and_round_trips_with_identical_logits(tiny_model_dir, processor, tmp_path):
     from PIL import Image
 
-    from lora_manip.data.encode import prompt_text
+    from lora_manip.data.encode import Chat, prompt_text
 
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model_dir)
     assert model.model.vision_tower.head is None if hasattr(model.model.vision_tower, "head") else True
     model.save_pretrained(tmp_path / "copy")
     again = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "copy")
-    text = prompt_text(processor, [{"role": "user", "content": "<image>\nWhere is the cube?"}], None)
+    text = prompt_text(Chat(processor, None), [{"role": "user", "content": "<image>\nWhere is the cube?"}])
     assert text == "<|im_start|>user\n<image>\nWhere is the cube?<|im_end|>\n<|im_start|>assistant\n"
     inputs = processor(images=[Image.new("RGB", (320, 180), (200, 30, 30))], text=[text], return_tensors="pt")
     assert (inputs["input_ids"] == processor.image_token_id).sum() > 16

@@ -66,7 +66,7 @@ def test_grpo_recipe_raises_heldout_reward_over_the_demo_model(demo, tmp_path):
     """`lora-manip train recipes/grpo_tiny_cpu.yaml` as shipped, on the demo's merged SFT model: it renders its own
     gripper-box prompt set, and the held-out reward (sampled, GRPO's own validation) and the greedy box IoU and mean
     reward `lora-manip eval` measures must rise above the SFT start."""
-    from lora_manip.eval.run import run_eval
+    from lora_manip.eval.run import EvalSettings, run_eval
     from lora_manip.train import rewards as R
 
     folder, r = demo
@@ -84,8 +84,8 @@ def test_grpo_recipe_raises_heldout_reward_over_the_demo_model(demo, tmp_path):
     table = yaml.safe_load((ROOT / "recipes" / "grpo_tiny_cpu.yaml").read_text())["grpo"]["rewards"]
 
     def heldout(model, name):
-        _, summary = run_eval(str(model), data=str(data / "val.json"), max_new_tokens=40,
-                              out_dir=str(tmp_path / name), progress=False)
+        _, summary = run_eval(str(model), data=str(data / "val.json"), out_dir=str(tmp_path / name),
+                              settings=EvalSettings(max_new_tokens=40, progress=False))
         preds = [json.loads(x) for x in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
         return summary["all"]["box"], R.mean_rewards(preds, table)["all"]
 

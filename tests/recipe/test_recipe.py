@@ -143,3 +143,61 @@ def test_reward_names_match_the_rewards_training_computes():
     from lora_manip.train.rewards import REWARDS
 
     assert REWARD_KINDS == {name: kinds for name, (_, kinds) in REWARDS.items()}
+
+
+GRPO = {**BASE, "objective": "grpo", "train": {"output_dir": "runs/x", "per_device_batch_size": 4}}
+SFT_ONLY = {"data": {"packing": True, "group_by_length": False},
+            "train": {"max_tokens_per_batch": 4096, "loss_reduction": "token", "eval_limit": 8,
+                      "eval_max_new_tokens": 32}}
+
+
+@pytest.mark.parametrize("section, key", [(s, k) for s, keys in SFT_ONLY.items() for k in keys])
+def test_settings_grpo_does_not_read_are_refused_with_key_path_and_fix(section, key):
+    """TRL's GRPOTrainer batches prompts in groups with its own sampler and loss: SFT's batching, loss and
+    eval-during-training settings would do nothing in a grpo recipe, even set to their defaults."""
+    raw = {**GRPO, section: {**GRPO[section], key: SFT_ONLY[section][key]}}
+    with pytest.raises(UserError) as e:
+        recipe_from_dict(raw)
+    lines = [line.strip(" -") for line in str(e.value).splitlines()[1:]]
+    assert any(line.startswith(f"{section}.{key}: not read by objective grpo") and "remove it" in line
+               for line in lines), lines
+
+
+def test_the_same_settings_are_read_by_sft():
+    data = {"train": [{"annotation_path": "a.json", "data_path": "imgs", "val_fraction": 0.1}], "packing": True}
+    r = recipe_from_dict({**BASE, "data": data, "train": {**SFT_ONLY["train"], "output_dir": "x", "eval_steps": 5}})
+    assert (r.data.packing, r.train.max_tokens_per_batch, r.train.eval_limit) == (True, 4096, 8)
+    assert recipe_from_dict({**BASE, "data": {**BASE["data"], "group_by_length": False}}).data.group_by_length is False
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"mezo_eps": 1e-2}, "train.mezo_eps: only read with train.optimizer: mezo (optimizer is adamw_torch)"),
+    ({"eval_limit": 8}, "train.eval_limit: only read with train.eval_steps"),
+    ({"eval_max_new_tokens": 16}, "train.eval_max_new_tokens: only read with train.eval_steps"),
+])
+def test_settings_another_setting_switches_off_are_refused(train, message):
+    with pytest.raises(UserError) as e:
+        recipe_from_dict({**BASE, "train": {**BASE["train"], **train}})
+    assert message in str(e.value)
+    with pytest.raises(UserError, match="data.group_by_length: not read with train.max_tokens_per_batch"):
+        recipe_from_dict({**BASE, "data": {**BASE["data"], "group_by_length": False},
+                          "train": {**BASE["train"], "max_tokens_per_batch": 4096}})
+    recipe_from_dict({**BASE, "train": {**BASE["train"], "optimizer": "mezo", "mezo_eps": 1e-2}})
+
+
+def test_every_unread_setting_is_left_out_of_the_run_folder_copy_which_reloads():
+    from lora_manip.recipe.checks import unread_settings
+
+    for raw in (GRPO, {**GRPO, "method": "full"}, BASE, {**BASE, "train": {**BASE["train"],
+                                                                          "max_tokens_per_batch": 512}}):
+        r = recipe_from_dict(raw)
+        dumped = yaml.safe_load(dump_recipe(r))
+        for path in unread_settings(r):
+            *parents, last = path.split(".")
+            node = dumped
+            for key in parents:
+                node = node[key]
+            assert last not in node, path
+        assert recipe_from_dict(dumped) == r
+    assert "packing" not in yaml.safe_load(dump_recipe(recipe_from_dict(GRPO)))["data"]
+    assert "packing" in yaml.safe_load(dump_recipe(recipe_from_dict(BASE)))["data"]

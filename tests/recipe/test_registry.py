@@ -136,3 +136,71 @@ def test_mixture_split_and_sample_are_reproducible_and_disjoint(tmp_path, proces
     assert v_all == val  # the validation split does not depend on `sample`
     r_all = {x for x in t_all if x.startswith("r")}
     assert len(r_all) == 48 and {x for x in train if x.startswith("r")} < r_all  # sampled from the train part
+
+
+# --- the RoboInter-VQA release as published (tests/fixtures/robointer_release.py is a stand-in of it) -----------
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    from tests.fixtures.robointer_release import write_release
+
+    return write_release(tmp_path_factory.mktemp("RoboInter-VQA"))
+
+
+def _example_with_root(release: Path, tmp_path: Path) -> Path:
+    """The example registry with nothing changed but `root`, as its header tells a user to do."""
+    text = EXAMPLE.read_text()
+    assert text.count("root: /path/to/RoboInter-VQA\n") == 1
+    path = tmp_path / "datasets.yaml"
+    path.write_text(text.replace("root: /path/to/RoboInter-VQA\n", f"root: {release}\n"))
+    return path
+
+
+def test_example_registry_names_every_released_training_file(release, tmp_path):
+    from tests.fixtures.robointer_release import train_annotation_files
+
+    reg = load_registry(_example_with_root(release, tmp_path))
+    listed = sorted(Path(e["annotation_path"]) for e in reg.values())
+    assert listed == train_annotation_files(release)  # each file once, nothing the release lacks
+    assert {e["data_path"] for e in reg.values()} == {str(release)}  # records carry the release-relative paths
+    assert "rh20t_graspppose_choice_qa_train" in reg and "droid_graspppose_choice_qa_train" not in reg
+    assert Path(reg["rh20t_vla_traj_qa_train"]["annotation_path"]).name.endswith("_traj_qa_wo_init_pos.json")
+
+
+def test_data_check_passes_on_the_release_with_only_root_set(release, tmp_path):
+    from lora_manip.data.check import run_check
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(base({"registry": str(_example_with_root(release, tmp_path)),
+                                           "train": [{"name": "all"}]})))
+    report = run_check(str(recipe))
+    assert report["ok"], report["problems"][:3]
+    assert len(report["datasets"]) == 26 and report["problem_count"] == 0 and not report["warnings"]
+
+
+def test_all_names_every_registry_dataset(registry):
+    r = recipe_from_dict(base({"registry": str(registry), "train": [{"name": "all%30", "val_fraction": 0.1}]}))
+    assert [(d.name, d.sample, d.val_fraction) for d in r.data.train] == [  # in the file's order (safe_dump sorts)
+        ("droid_traj_choice_qa_train", 0.3, 0.1), ("rh20t_vla_current_box_train", 0.3, 0.1)]
+    assert r.data.train[0].annotation_path == "/abs/traj_choice_droid.json"
+
+
+@pytest.mark.parametrize("train, message", [
+    ([{"name": "all"}, {"name": "droid_traj_choice_qa_train%10"}],
+     "data.train: dataset 'droid_traj_choice_qa_train' is named twice (once through `all`)"),
+    ([{"name": "all", "annotation_path": "a.json"}], "data.train.0.name: `all` stands for every dataset of the "
+                                                      "registry; it takes no annotation_path"),
+    ([{"name": "rh20t"}], "(`all` names every one of its 2 datasets)"),
+])
+def test_all_refusals(registry, train, message):
+    with pytest.raises(UserError) as e:
+        recipe_from_dict(base({"registry": str(registry), "train": train}))
+    assert message in str(e.value)
+
+
+def test_a_registry_dataset_called_all_is_that_dataset(tmp_path):
+    path = tmp_path / "datasets.yaml"
+    path.write_text(yaml.safe_dump({"datasets": {"all": {"annotation_path": "mix.json", "data_path": "img"},
+                                                 "other": {"annotation_path": "o.json", "data_path": "img"}}}))
+    r = recipe_from_dict(base({"registry": str(path), "train": [{"name": "all"}]}))
+    assert [(d.name, Path(d.annotation_path).name) for d in r.data.train] == [("all", "mix.json")]

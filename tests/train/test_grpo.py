@@ -172,7 +172,6 @@ def _log(out):
 
 def test_grpo_run_outputs_logs_resume_merge(tmp_path, tiny_model_dir, synth_dir):
     from lora_manip.checkpoints.merge import merge_adapter
-    from lora_manip.model.adapters import EXTRA_FILE
     from lora_manip.train.workflow import run_training
 
     out = tmp_path / "run"
@@ -180,7 +179,7 @@ def test_grpo_run_outputs_logs_resume_merge(tmp_path, tiny_model_dir, synth_dir)
     g["grpo"]["max_completion_length"] = 4  # an untrained model fills every completion: keep them short
     g["data"]["val"] = [{"annotation_path": str(synth_dir / "val.json"), "data_path": str(synth_dir)}]
     run_training(recipe_from_dict(g))
-    for f in ("adapter_config.json", "adapter_model.safetensors", EXTRA_FILE, "processor_config.json",
+    for f in ("adapter_config.json", "adapter_model.safetensors", "processor_config.json",
               "chat_template.json", "recipe.yaml", "loss.png", "reward.png", "grpo_eval.json", "run_complete.json",
               "checkpoint-2/checkpoint_complete"):
         assert (out / f).is_file(), f
@@ -215,3 +214,41 @@ def test_grpo_continues_sft_adapter(tmp_path, tiny_model_dir, synth_dir):
     assert adapter_base(out) == adapter_base(sft)
     assert not (out / "ref").exists()
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
+
+
+# --------------------------------------------------------------------------------------------- one skeleton
+
+
+def test_sft_and_grpo_build_the_same_capped_processor_model_and_trainable_parts(tmp_path, tiny_model_dir,
+                                                                               synth_dir):
+    """The same recipe under both objectives goes through one build: the processor capped by data.max_image_tiles
+    (the one TRL tiles GRPO's prompts with too), the model given that grid, the same parts and the same trainable
+    parameters. A capped GRPO run that trained uncapped would be evaluated on another grid than it trained on."""
+    from lora_manip.data.processor import load_processor
+    from lora_manip.model.layouts import part_of, unwrap_peft
+    from lora_manip.train.workflow import build_trainer
+
+    capped = load_processor(tiny_model_dir, 4).image_processor.image_grid_pinpoints
+    assert capped != load_processor(tiny_model_dir).image_processor.image_grid_pinpoints  # the cap drops grids
+    over = dict(data__max_image_tiles=4, train__max_steps=1, parts={"vision_tower": {"train": "full"}})
+    sft = build_trainer(recipe_from_dict(tiny_recipe_dict(tiny_model_dir, synth_dir, tmp_path / "sft", **over)))
+    g = _grpo_dict(tiny_model_dir, synth_dir, tmp_path / "grpo", **over)
+    g["grpo"]["max_completion_length"] = 4
+    grpo = build_trainer(recipe_from_dict(g))
+    assert grpo.processing_class is grpo.processor  # what TRL makes pixel values with
+    for t in (sft, grpo):
+        assert [list(p) for p in t.processor.image_processor.image_grid_pinpoints] == [list(p) for p in capped]
+        assert t.model.config.image_grid_pinpoints == [list(p) for p in capped]
+    assert sft.processor.image_processor.to_dict() == grpo.processor.image_processor.to_dict()
+    assert (sft.processor.chat_template, sft.processor.num_image_tokens) == \
+        (grpo.processor.chat_template, grpo.processor.num_image_tokens)
+
+    def params(t):  # TRL's frozen reference copy of the adapter ("ref") is GRPO's own and left out
+        return {n: (p.requires_grad, p.dtype, tuple(p.shape)) for n, p in t.model.named_parameters()
+                if ".ref." not in n}
+
+    assert params(sft) == params(grpo)
+    assert {part_of(unwrap_peft(n)) for n, (trained, *_) in params(grpo).items() if trained} == \
+        {"language_model", "projector", "vision_tower"}
+    grpo.train()  # TRL's capped pixel values fit the policy's grid
+    assert grpo.state.global_step == 1

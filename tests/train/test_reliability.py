@@ -264,12 +264,13 @@ def test_nan_and_inf_coordinates_get_their_own_message(data_root, value):
 
 
 def test_files_get_the_umask_mode(tmp_path):
-    from lora_manip.fsutil import atomic_dir, atomic_write_text
+    from lora_manip.fsutil import atomic_write_text
+    from lora_manip.outputs import atomic_dir
 
     old = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "a.txt", "x")
-        with atomic_dir(tmp_path / "d") as tmp:
+        with atomic_dir(tmp_path / "d", kind="convert") as tmp:
             (tmp / "f").write_text("y")
     finally:
         os.umask(old)
@@ -371,15 +372,19 @@ def test_killed_overwrite_leaves_no_mix_and_merge_refuses_it(tiny_model_dir, syn
 
 
 def test_leftover_partial_folders_are_removed_on_the_next_run(tiny_model_dir, tmp_path):
+    from lora_manip.outputs import partial_dir
+
     out = tmp_path / "conv"
-    leftover = tmp_path / ".conv.abcd1234.partial"
-    leftover.mkdir()
+    leftover = partial_dir(out, kind="convert")  # what a convert killed mid-write leaves: marked as the kit's
     (leftover / "model.safetensors").write_bytes(b"x" * 100)
     other = tmp_path / ".conv.x.abcd1234.partial"  # another output's (conv.x): not ours to remove
     other.mkdir()
+    lookalike = tmp_path / ".conv.abcd1234.partial"  # named like one, but not made by the kit: kept
+    lookalike.mkdir()
+    (lookalike / "mine.txt").write_text("mine")
     code, text = cli("convert", tiny_model_dir, out, "--from", "hf", "--to", "llava-next")
     assert code == 0, text
-    assert not leftover.exists() and other.exists()
+    assert not leftover.exists() and other.exists() and (lookalike / "mine.txt").is_file()
 
 
 def test_full_disk_is_a_one_line_error_and_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):

@@ -197,7 +197,7 @@ def test_eval_during_training_logs_metrics_and_keeps_the_best_step(tiny_model_di
     assert saved.keys() == snaps[3].keys()
     assert all(torch.equal(saved[k], snaps[3][k]) for k in saved)
     assert not all(torch.equal(saved[k], snaps[5][k]) for k in saved)
-    assert (best / "recipe.yaml").is_file() and (best / "extra_trainables.safetensors").is_file()
+    assert (best / "recipe.yaml").is_file() and "base_model.model.model.image_newline" in saved
 
     # The answers logged at step 3 are what `lora-manip eval`'s loader and generation give for best_checkpoint (it
     # is the model that answered at step 3), and the logged metrics are those answers' scores.
@@ -210,13 +210,14 @@ def test_eval_during_training_logs_metrics_and_keeps_the_best_step(tiny_model_di
 
 
 def _assert_same_answers(run, model_dir, step, samples, system_prompt):
+    from lora_manip.data.encode import Chat
     from lora_manip.eval.generate import load_for_inference, predict_samples
 
     logged = [json.loads(x) for x in (run / "eval_predictions" / f"step-{step}.jsonl").read_text().splitlines()]
     assert [r["id"] for r in logged] == [s.id for s in samples]
     assert all(r["gt"] == s.messages[-1]["content"] for r, s in zip(logged, samples))
     model, processor = load_for_inference(str(model_dir))
-    answers = predict_samples(model, processor, samples, system_prompt, 5, 8, progress=False)
+    answers = predict_samples(model, Chat(processor, system_prompt), samples, 5, 8, progress=False)
     assert [r["pred"] for r in logged] == answers
 
 

@@ -1,0 +1,94 @@
+"""How the kit reads the JSON files a user gives it, one rule for every reader (annotation files, prediction files,
+the eval's own predictions.jsonl), and how it tells that a file changed (scan cache, `eval --resume`).
+
+Format: `.jsonl` means one record a line and `.json` a JSON array, in any letter case (`.JSONL` too); any other
+name is a JSON array when its first character is `[`, else JSON lines. A leading UTF-8 byte order mark is skipped
+wherever a record can start. An object that gives a key twice is refused: JSON leaves it open which value counts
+(Python keeps the last, other readers the first), so the record would mean different things to different tools.
+
+Identity: a file's content digest (annotation files: small next to their images, and an edit in place keeps the
+path) and an image's stamp (size and modification time: hashing every image would cost as much as decoding it).
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+from pathlib import Path
+
+BOM = codecs.BOM_UTF8
+
+
+class DuplicateKey(ValueError):
+    """An object with a key given twice; `value` is what the text decodes to otherwise (for the record's id)."""
+
+    def __init__(self, key, value):
+        super().__init__(f"duplicate key {key!r} in one object (which value is meant?)")
+        self.key, self.value = key, value
+
+
+def loads(data: bytes | str):
+    """One JSON value: a leading BOM skipped, duplicate keys refused (DuplicateKey, a ValueError). Raises
+    json.JSONDecodeError / UnicodeDecodeError like json.loads."""
+    if isinstance(data, bytes):
+        data = data[len(BOM):] if data.startswith(BOM) else data
+        data = data.decode("utf-8")
+    elif data.startswith("\ufeff"):
+        data = data[1:]
+    twice: list = []
+
+    def pairs(items: list) -> dict:
+        out = dict(items)
+        if len(out) != len(items):
+            keys = [k for k, _ in items]
+            twice.extend(k for i, k in enumerate(keys) if k in keys[:i])
+        return out
+
+    value = json.loads(data, object_pairs_hook=pairs)
+    if twice:
+        raise DuplicateKey(twice[0], value)
+    return value
+
+
+def json_format(path: str | os.PathLike) -> str:
+    """"jsonl" or "json" (an array) for a file, by its extension in any case, else by its first character."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        return suffix[1:]
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return "json"
+    head = head[len(BOM):] if head.startswith(BOM) else head
+    return "json" if head.lstrip()[:1] == b"[" else "jsonl"
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    """The content's blake2b digest (40 hex digits)."""
+    h = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_stamp(path: str | os.PathLike) -> tuple[int, int]:
+    """(size in bytes, modification time in ns), or (-1, -1) for a file that is not there: a rewritten, truncated or
+    replaced image changes it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def path_under(root: str | os.PathLike, rel: str) -> str | None:
+    """`rel` (a path a record names) resolved against `root`, normalised and absolute, or None when it lies outside
+    it (`..`, an absolute path elsewhere). Lexical, no file system access: symlinks inside the root are followed
+    when the file is read (roots assembled from links to other disks are common; images.py reports them)."""
+    base = os.path.abspath(root)
+    p = os.path.normpath(os.path.join(base, rel))
+    return p if p.startswith(base.rstrip(os.sep) + os.sep) else None

@@ -1,0 +1,273 @@
+"""A lab's own labels for `lora-manip data normalize`: a CSV table or a COCO-style JSON with coordinates in pixels,
+in; the kit's records (LLaVA conversations, coordinates in [0, 1]) out, with one line of report per input row.
+
+CSV: UTF-8, one header row, one row per image and question. Columns (names case-insensitive, no others):
+  image      the image's path, relative to --data-root (default: the CSV's folder)                    required
+  task       a kind (box, point, trajectory, choice, yesno, planning) or a task name the scorer knows
+             (current_box, contact_point, traj, traj_choice, ...): how the answer is read and scored   required
+  question   the question; "<image>\\n" is put in front when it has no <image>                           required
+  answer     box, point and trajectory tasks: the geometry in the --from unit (pixels by default), in any
+             shape the scorer reads: "x1 y1 x2 y2", "[x1, y1, x2, y2]", "[[x1, y1], [x2, y2]]", "(x, y),
+             (x, y)", ... A box is two corners, not x, y, width, height. Other tasks: the answer text.    required
+  id         the record's id (default: FILE-LINE)                                                         optional
+  width, height   the image's size in pixels (default: read from the image)                              optional
+Coordinate lists in a question ("starting at (320, 240)") are converted with the answer's.
+
+COCO: a JSON object with `images` (id, file_name, width, height) and `annotations` (image_id, category_id, bbox,
+keypoints); `categories` (id, name, keypoints) optional. Each annotation gives one record per geometry it has:
+`bbox` ([x, y, width, height] in pixels, COCO's convention) a box; `keypoints` ([x, y, v] triples; v = 0 means
+not labelled) a point record of its labelled points, or with `--keypoints trajectory` a trajectory in keypoint
+order. The question is the annotation's `question` field, else one made from the category's name; the task is
+the annotation's `task` field, else the kind. COCO coordinates are pixels by definition.
+
+Output records: {"id", "task", "images": [image], "width", "height", "conversations": [human, gpt]}, the answer
+{"bbox": [[x1, y1], [x2, y2]]} / {"points": [[x, y], ...]} / {"trajectory": [...]} (or the task's own name when
+it names a coordinate key, as `current_bbox` does), rounded to --decimals.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..answers.coordinates import COORD_KEY
+from ..answers.kinds import GEOMETRIC, classify_task
+from ..answers.parse import parse_answer
+from ..answers.units import find, rescale_text, stray_coordinates, value_points
+from ..errors import UserError
+from .records import IMAGE_PLACEHOLDER, Problem
+
+CSV_REQUIRED = ("image", "task", "question", "answer")
+CSV_OPTIONAL = ("id", "width", "height")
+KEYPOINT_MODES = ("points", "trajectory")
+_KEYS = {"box": "bbox", "point": "points", "pointing": "points", "trajectory": "trajectory"}
+_TOLERANCE = 1e-6
+
+
+class Scaler(Protocol):
+    """What normalize.py supplies: the unit, and the divisors (x, y) for a record (or why there are none)."""
+
+    mode: str
+    decimals: int
+
+    def divisors(self, rec: dict) -> tuple[float, float] | str: ...
+
+
+@dataclass
+class Row:
+    where: str  # "line 4" (CSV), "annotations[3] (id 17)" (COCO)
+    rid: str | None
+    image: str = ""
+    task: str = ""
+    question: str = ""
+    answer: str | None = None  # CSV: the answer's text
+    points: list | None = None  # COCO: the geometry in pixels
+    kind: str | None = None  # COCO knows it; CSV rows are classified like every record
+    width: int | None = None
+    height: int | None = None
+    error: tuple[str, str] | None = None  # (field, reason): the row cannot become a record
+
+
+def is_coco(path: Path) -> bool:
+    """A .json file whose top level is an object (records files are arrays)."""
+    if path.suffix.lower() != ".json":
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"{")
+
+
+def _int(value: str, name: str) -> int | None:
+    if not value:
+        return None
+    try:
+        n = int(float(value))
+    except ValueError:
+        raise ValueError(f"{name} {value!r} is not a number of pixels") from None
+    if n <= 0 or n != float(value):
+        raise ValueError(f"{name} {value!r} must be a positive whole number of pixels")
+    return n
+
+
+def read_csv(path: Path) -> list[Row]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [(h or "").strip().lower() for h in reader.fieldnames or []]
+            missing = [c for c in CSV_REQUIRED if c not in header]
+            unknown = [h for h in header if h not in CSV_REQUIRED + CSV_OPTIONAL]
+            if missing or unknown or len(set(header)) != len(header):
+                raise UserError(f"{path}: header {header}: " + (f"lacks {', '.join(missing)}; " if missing else "")
+                                + (f"unknown column(s) {', '.join(unknown)}; " if unknown else "")
+                                + f"expected columns {', '.join(CSV_REQUIRED)} (required) and "
+                                f"{', '.join(CSV_OPTIONAL)} (optional), each once (see `lora-manip data normalize "
+                                "--help`)")
+            reader.fieldnames = header
+            rows, end = [], reader.line_num
+            for raw in reader:
+                start, end = end + 1, reader.line_num  # a quoted field may span lines: name the row's first
+                where = f"line {start}"
+                if None in raw:
+                    rows.append(Row(where, None, error=("-", f"{len(raw[None])} more field(s) than columns")))
+                    continue
+                v = {k: (raw.get(k) or "").strip() for k in header}
+                row = Row(where, v.get("id") or f"{path.stem}-{start}", v["image"], v["task"],
+                          v["question"], answer=v["answer"])
+                empty = [c for c in CSV_REQUIRED if not v[c]]
+                try:
+                    row.width, row.height = _int(v.get("width", ""), "width"), _int(v.get("height", ""), "height")
+                except ValueError as e:
+                    row.error = ("width/height", str(e))
+                if empty:
+                    row.error = (empty[0], "empty")
+                rows.append(row)
+            return rows
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_coco(path: Path, keypoints: str = "points") -> list[Row]:
+    if keypoints not in KEYPOINT_MODES:
+        raise UserError(f"--keypoints {keypoints!r}: choose {' or '.join(KEYPOINT_MODES)}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations"), list):
+        raise UserError(f"{path}: a JSON object that is not COCO-style (expected `images` and `annotations` lists); "
+                        "a records file is a JSON array")
+    images = {img["id"]: img for img in data["images"] if isinstance(img, dict) and "id" in img}
+    cats = {c.get("id"): c for c in data.get("categories") or [] if isinstance(c, dict)}
+    rows: list[Row] = []
+    for i, ann in enumerate(data["annotations"]):
+        aid = ann.get("id", i) if isinstance(ann, dict) else i
+        where = f"annotations[{i}]" + (f" (id {aid})" if isinstance(ann, dict) and "id" in ann else "")
+        if not isinstance(ann, dict):
+            rows.append(Row(where, None, error=("-", f"not an object ({type(ann).__name__})")))
+            continue
+        img = images.get(ann.get("image_id"))
+        if img is None or not isinstance(img.get("file_name"), str):
+            rows.append(Row(where, str(aid), error=("image_id", f"no image with id {ann.get('image_id')!r} and a "
+                                                               "file_name in `images`")))
+            continue
+        cat = cats.get(ann.get("category_id"), {})
+        name = str(cat.get("name") or "object")
+        common = dict(image=img["file_name"], width=img.get("width"), height=img.get("height"))
+        rows += _coco_geometries(ann, aid, where, name, cat, keypoints, common)
+    return rows
+
+
+def _number_list(value, size: int | None = None) -> bool:
+    return isinstance(value, list) and (size is None or len(value) == size) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
+def _coco_geometries(ann: dict, aid, where: str, name: str, cat: dict, keypoints: str, common: dict) -> list[Row]:
+    out = []
+    task, question = ann.get("task"), ann.get("question")
+    if "bbox" in ann:
+        b = ann["bbox"]
+        if not _number_list(b, 4) or b[2] <= 0 or b[3] <= 0:
+            out.append(Row(where, f"{aid}-box", error=("bbox", f"{b!r} is not [x, y, width, height] with a positive "
+                                                               "width and height")))
+        else:
+            out.append(Row(where, f"{aid}-box", task=task or "box", kind="box", points=[
+                (b[0], b[1]), (b[0] + b[2], b[1] + b[3])], question=question or f"Give the bounding box of the "
+                                                                               f"{name}.", **common))
+    kp = ann.get("keypoints")
+    if kp:
+        kind = "trajectory" if keypoints == "trajectory" else "point"
+        rid = f"{aid}-{'trajectory' if kind == 'trajectory' else 'points'}"
+        names = cat.get("keypoints") if isinstance(cat.get("keypoints"), list) else []
+        if not _number_list(kp) or len(kp) % 3:
+            out.append(Row(where, rid, error=("keypoints", "not a list of [x, y, v] number triples")))
+            return out
+        seen = [k for k in range(len(kp) // 3) if kp[3 * k + 2] > 0]
+        pts = [(kp[3 * k], kp[3 * k + 1]) for k in seen]
+        if len(pts) < (2 if kind == "trajectory" else 1):
+            out.append(Row(where, rid, error=("keypoints", f"{len(pts)} labelled point(s) (v > 0): too few for a "
+                                                           f"{kind}")))
+            return out
+        what = ", ".join(str(names[k]) for k in seen if k < len(names)) or "keypoints"
+        default = (f"Trace the path of the {name}." if kind == "trajectory" else f"Point to the {what} of the {name}.")
+        out.append(Row(where, rid, task=task or kind, kind=kind, points=pts, question=question or default, **common))
+    if not out:
+        out.append(Row(where, str(aid), error=("-", "no bbox and no keypoints: nothing to convert")))
+    return out
+
+
+def _answer_key(task: str, kind: str) -> str:
+    return task if COORD_KEY.search(task) and task not in _KEYS else _KEYS[kind]
+
+
+def convert_row(row: Row, scaler: Scaler, seen: set) -> tuple[dict | None, str, str]:
+    """(record, action, detail) with action converted | copied, or (None, "refused", reason)."""
+    if row.error:
+        return None, "refused", f"{row.error[0]}: {row.error[1]}"
+    if row.rid in seen:
+        return None, "refused", f"id: {row.rid!r} is used by an earlier row"
+    seen.add(row.rid)
+    rec: dict = {"id": row.rid, "task": row.task, "images": [row.image]}
+    if row.width and row.height:
+        rec.update(width=row.width, height=row.height)
+    kind = row.kind or classify_task(row.task, row.answer).kind
+    question = row.question if IMAGE_PLACEHOLDER in row.question else f"{IMAGE_PLACEHOLDER}\n{row.question}"
+    in_question = find(question, bare=False)
+    divisors = None
+    if kind in GEOMETRIC or in_question.lists or in_question.odd:
+        divisors = scaler.divisors(rec)
+        if isinstance(divisors, str):
+            return None, "refused", f"images: no image size ({divisors}); add width and height"
+    notes = []
+    if in_question.lists or in_question.odd:
+        question, outside, err = rescale_text(question, *divisors, scaler.decimals, bare=False)
+        if err or outside:
+            return None, "refused", f"question: {err or f'coordinates outside the image ({outside[0]:.3f})'}"
+        notes.append(f"{len(in_question.lists)} coordinate list(s) in the question converted")
+    if kind in GEOMETRIC:
+        sx, sy = divisors
+        if row.points is not None:
+            pts = [(x / sx, y / sy) for x, y in row.points]
+        else:
+            parsed = parse_answer(row.answer, kind, "pixels", (sx, sy))
+            if not parsed.ok:
+                return None, "refused", f"answer: does not read as a {kind} ({parsed.error}): {row.answer[:60]!r}"
+            pts = value_points(parsed.value)
+        bad = [v for p in pts for v in p if not -_TOLERANCE <= v <= 1 + _TOLERANCE]
+        if bad:
+            return None, "refused", (f"answer: outside the image after dividing by {sx:g} x {sy:g} (e.g. {bad[0]:.3f})"
+                                     f": wrong --from, or the image is not {sx:g} x {sy:g}?")
+        pts = [[round(min(max(v, 0.0), 1.0), scaler.decimals) for v in p] for p in pts]
+        answer = json.dumps({_answer_key(row.task, kind): pts})
+        notes.insert(0, f"{kind} divided by {sx:g} x {sy:g}")
+        action = "converted"
+    else:
+        stray = stray_coordinates(row.answer, row.task)
+        if stray:
+            return None, "refused", f"answer: {stray}"
+        answer, action = row.answer, "copied"
+        notes.insert(0, f"{kind} answer copied")
+    rec["conversations"] = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return rec, action, "; ".join(notes)
+
+
+def read_labels(src: Path, scaler: Scaler, keypoints: str = "points") -> tuple[list[dict], list[dict], list[Problem]]:
+    """(records, one report line per row, problems) of a CSV or COCO file."""
+    rows = read_csv(src) if src.suffix.lower() == ".csv" else read_coco(src, keypoints)
+    if not rows:
+        raise UserError(f"{src}: no rows to convert")
+    records, report, problems, seen = [], [], [], set()
+    for row in rows:
+        rec, action, detail = convert_row(row, scaler, seen)
+        report.append({"where": row.where, "id": row.rid, "action": action, "detail": detail})
+        if rec is None:
+            field, _, reason = detail.partition(": ")
+            problems.append(Problem(str(src), row.where, row.rid, field, reason,
+                                    "coords_out_of_range" if "outside the image" in reason else "invalid_record"))
+        else:
+            records.append(rec)
+    return records, report, problems
