@@ -15,6 +15,7 @@ accumulation (the peak is one micro-batch's plus the optimizer step's; accumulat
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -40,17 +41,17 @@ def write_random_7b(folder: Path, shard_bytes: int = 4 << 30) -> Path:
 
     from lora_manip.data.processor import write_hub_processor
     from lora_manip.model.layouts import canonical, hub_name
-    from lora_manip.model.tiny import build_config, build_processor, build_tokenizer
+    from lora_manip.model.tiny import GEOMETRIES, build_config, build_processor, build_tokenizer
 
     if (folder / "model.safetensors.index.json").is_file():
         return folder
+    # the 0.5B's tiles, pinpoints and tokenizer (the 7B shares them) with the 7B's widths and depths
+    g = copy.deepcopy(GEOMETRIES["ov-0.5b"])
+    g["text"].update(TEXT_7B)
+    g["vision"].update(VISION_SO400M)
+    GEOMETRIES["ov-7b"] = g
     tok = build_tokenizer("qwen2")
-    config = build_config(tok, "ov-0.5b")  # the 0.5B and the 7B share tiles, pinpoints and tokenizer
-    for k, v in TEXT_7B.items():
-        setattr(config.text_config, k, v)
-    for k, v in VISION_SO400M.items():
-        setattr(config.vision_config, k, v)
-    config.tie_word_embeddings = False
+    config = build_config(tok, "ov-7b")
     with init_empty_weights():
         model = LlavaOnevisionForConditionalGeneration(config)
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,7 @@ def write_random_7b(folder: Path, shard_bytes: int = 4 << 30) -> Path:
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(index.items()))}, indent=2))
     config.torch_dtype = torch.bfloat16
     config.save_pretrained(folder)
-    write_hub_processor(build_processor(tok, "ov-0.5b"), folder)
+    write_hub_processor(build_processor(tok, "ov-7b"), folder)
     return folder
 
 

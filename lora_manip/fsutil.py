@@ -11,7 +11,7 @@ modes that follow the umask, one-line errors for a full disk or a read-only fold
   included), so a lock whose flock can be taken is stale: it is taken over with a warning, but only when it is a
   lock file this kit wrote (a regular file with one link whose content is a kit lock): never a link, never a user's
   file. Nesting in one process is a no-op; nothing in the environment can make a process skip it.
-- The ownership rules built on these (markers, guards, atomic folders) are in outputs.py.
+- The ownership rules built on these (markers, guards, atomic folders) are in outputs/.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ hold. `data check` validates them and `data normalize` rescales them by this one
 accepts is a file check accepts.
 
 A gpt answer counts when it parses as JSON (it starts with { or [); a key ending in bbox/box/point/traj, at any
-depth, holds coordinates: a point `[x, y]`, corner lists `[[x1, y1], [x2, y2]]`, flat boxes `[x1, y1, x2, y2]`.
+depth (or in `bbox_2d` / `point_2d`), holds coordinates: a point `[x, y]`, corner lists `[[x1, y1], [x2, y2]]`, flat boxes `[x1, y1, x2, y2]`.
 
 `value_problems` is the one rule for what such a value must be, read by `data check` for every answer and by the
 scorer for ground truths: numbers (not strings), finite, in [0, 1], a box as 4 numbers or 2 corners with its
@@ -16,9 +16,10 @@ import json
 import math
 import re
 
-COORD_KEY = re.compile(r"(bbox|box|boxes|point|points|traj|trajectory)$", re.IGNORECASE)
-TRAJ_KEY = re.compile(r"traj(ectory)?$", re.IGNORECASE)
-BOX_KEY = re.compile(r"(bbox|box|boxes)$", re.IGNORECASE)
+# `_2d`: Qwen2.5-VL's `bbox_2d` / `point_2d`, which the scorer reads and `data normalize` writes.
+COORD_KEY = re.compile(r"(bbox|box|boxes|point|points|traj|trajectory)(_2d)?$", re.IGNORECASE)
+TRAJ_KEY = re.compile(r"traj(ectory)?(_2d)?$", re.IGNORECASE)
+BOX_KEY = re.compile(r"(bbox|box|boxes)(_2d)?$", re.IGNORECASE)
 PIXEL_HINT = ("; values above 1 look like pixel coordinates: convert the file with `lora-manip data normalize` "
               "(answers must be normalised to [0, 1])")
 _BOX_FORM = "a box: [x1, y1, x2, y2] or [[x1, y1], [x2, y2]] (or a list of boxes)"

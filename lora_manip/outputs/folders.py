@@ -96,10 +96,9 @@ def atomic_dir(out: str | os.PathLike, force: bool = False, kind: str = "", flag
     out = resolve(out)
     if os.path.lexists(out) and not out.is_dir():
         raise UserError(f"{flag} {out} is a file, not a folder; choose another output folder")
-    if contents(out):
-        check_owned(out, kind, flag, inside=True)
-        if not force:
-            raise UserError(f"{out} already exists; pass --force to replace it or choose another output folder")
+    check_owned(out, kind, flag, inside=True)
+    if os.path.lexists(out) and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it or choose another output folder")
     with disk_errors(out):
         made = make_parents(out.parent)
         try:

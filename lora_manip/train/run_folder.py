@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
-from ..fsutil import KIT, atomic_write_text, create_exclusive, finish_tree
+from ..fsutil import KIT, atomic_write_text, create_exclusive, finish_tree, output_lock
 from ..outputs import Claim, check_folder, claim_folder, cleanup_partials, contents, holds_cwd, move_aside, resolve
 from ..recipe import Recipe, dump_recipe
 from ..runinfo import DONE_FILE, read_run, start_run
@@ -127,11 +127,14 @@ def _alive(info: dict) -> bool:
     """The launch that wrote `info` still runs (checked on its own host; another node's cannot be asked)."""
     if info.get("host") != socket.gethostname():
         return True
+    pid = info.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
     try:
-        os.kill(int(info.get("pid", 0)), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, ValueError, OverflowError):
+    except (PermissionError, OverflowError):
         pass
     return True
 
@@ -277,8 +280,6 @@ def undo_start(out: Path) -> None:
 def run_lock(recipe: Recipe):
     """One run per output folder: the preparing process owns train.output_dir while the run lasts; a start that
     fails is taken back (undo_start)."""
-    from ..fsutil import output_lock
-
     if role(recipe).launched:
         yield  # the launcher holds the lock for the whole launch
         return

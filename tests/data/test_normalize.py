@@ -179,7 +179,9 @@ def test_data_check_and_score_refuse_pixel_ground_truths(tmp_path):
     report = check_entries([Entry("p", str(path), str(tmp_path))])
     flagged = {p["record_id"]: p["reason"] for p in report["problems"] if p["kind"] == "coords_out_of_range"}
     assert set(flagged) == {"qwen", "tuple"}
-    assert "pixels of the 640x480 image" in flagged["qwen"] and "data normalize --from pixels" in flagged["tuple"]
+    # `bbox_2d` is a coordinate key: the key-by-key check names it (and the unit); the tuple gets the unit rule
+    assert "`bbox_2d`" in flagged["qwen"] and "pixel coordinates" in flagged["qwen"]
+    assert "data normalize --from pixels" in flagged["tuple"]
     preds = [{"id": "b", "task": "current_box", "gt": "[[320, 240], [640, 480]]", "pred": "[[320, 240], [640, 480]]",
               "w": 640, "h": 480},
              {"id": "t", "task": "traj", "gt": "[[64, 48], [128, 96]]", "pred": "[[64, 48], [128, 96]]", "w": 640,
