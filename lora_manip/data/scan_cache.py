@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..fsutil import atomic_write_bytes
+from ..outputs import write_cache_file
 
 from .files import file_digest, file_stamp
 from .records import Problem
@@ -96,7 +96,7 @@ def cached_scan(index, data_root, positions, chat=None, min_traj_points: int = 2
             log.warning("scan cache %s is damaged (checksum or format); scanning again", path)
     result = scan(index, data_root, positions, chat, min_traj_points, workers)
     try:
-        atomic_write_bytes(path, _encode(result))
+        write_cache_file(path, _encode(result))  # into a cache folder of the kit's only (outputs/)
     except (OSError, UserError) as e:  # a read-only or full cache disk costs a rescan next time, never the run
         log.warning("could not write the scan cache %s (%s); the next run scans again", path,
                     getattr(e, "strerror", None) or e)

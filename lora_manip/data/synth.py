@@ -28,8 +28,8 @@ from ..recipe.names import SYNTH_TASKS
 TASKS = SYNTH_TASKS
 # Record i asks CYCLE[i % len(CYCLE)]: each grounding task once, choice five times, yes/no once. With one record in
 # eight a choice question, the tiny demo model answers every one with the same letter; at five in twelve (with
-# the demo recipe's sample loss reduction and batches of 16) the letter follows the image. README, "What the demo
-# does", has the measurements.
+# the demo recipe's sample loss reduction and batches of 16) the letter follows the image. docs/experiments.md
+# has the measurements.
 CYCLE: tuple[str, ...] = (
     "current_bbox", "choice", "final_bbox", "choice", "contact_bbox", "choice", "gripper_bbox", "choice",
     "contact_point", "choice", "future_traj", "yesno",

@@ -2,7 +2,8 @@
 
 Reproduces ``RoboInterVLM-QwenVL/eval/benchmark/eval_llava_format/manip/generation.py`` with source "llava"
 (coordinates in [0, 1], scaled by the image size), so that numbers can be put next to RoboInter's tables. Use the
-strict scorer (score.py) for anything else; README "Reproducing published numbers" lists what differs and why.
+strict scorer (score.py) for anything else; docs/evaluation.md ("Reproducing published numbers") lists what differs
+and why.
 
 Upstream knows three task types and scores every file (task) with one of them:
 

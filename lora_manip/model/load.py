@@ -5,6 +5,7 @@ them, since unpickling can run code the file carries (`refuse_pickle_weights`)."
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -47,12 +48,36 @@ def compute_dtype(name: str) -> torch.dtype:
     return torch.float32
 
 
+@functools.lru_cache(maxsize=1)
+def flash_attention_problem() -> str | None:
+    """Why flash-attention 2 cannot be used here, or None. Installed is not enough: a wheel built for another torch
+    or CUDA imports with "undefined symbol" or fails at its first kernel call, so it is imported and run once on a
+    tiny input (milliseconds) before a run relies on it."""
+    if not has_cuda():
+        return "no CUDA GPU"
+    if importlib.util.find_spec("flash_attn") is None:
+        return ("flash-attn is not installed (pip install -e \".[gpu]\" && pip install \"flash-attn>=2.6\" "
+                "--no-build-isolation)")
+    try:
+        from flash_attn import flash_attn_func
+
+        q = torch.zeros(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
+        flash_attn_func(q, q, q)
+    except Exception as e:  # noqa: BLE001 - any failure (ImportError, OSError, CUDA error) means "not usable"
+        return f"flash-attn is installed but fails ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
+
+
 def resolve_attention(requested: str) -> str:
-    flash_ok = has_cuda() and importlib.util.find_spec("flash_attn") is not None
-    if requested == "flash_attention_2" and not flash_ok:
-        raise UserError("model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package "
-                        "(pip install 'lora-manip[gpu]'); set it to auto or sdpa")
-    chosen = requested if requested != "auto" else ("flash_attention_2" if flash_ok else "sdpa")
+    """`auto`: flash-attention 2 where it works, else sdpa (with a warning when it is installed but broken);
+    `flash_attention_2` asked for explicitly where it cannot work is refused."""
+    problem = flash_attention_problem() if requested in ("auto", "flash_attention_2") else None
+    if requested == "flash_attention_2" and problem:
+        raise UserError(f"model.attn_implementation: flash_attention_2 cannot be used: {problem}; set it to auto "
+                        "or sdpa")
+    if requested == "auto" and problem and problem.startswith("flash-attn is installed"):
+        log.warning("attention: %s; using sdpa instead", problem)
+    chosen = requested if requested != "auto" else ("sdpa" if problem else "flash_attention_2")
     log.info("attention implementation: %s%s", chosen, " (auto)" if requested == "auto" else "")
     return chosen
 

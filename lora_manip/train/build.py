@@ -104,17 +104,17 @@ def training_arguments(recipe: Recipe):
 
 
 def reporters(asked: list[str]) -> list[str]:
-    """The asked-for loggers that are installed (a missing one is a warning, not a crash hours into a run).
-    wandb defaults to offline mode: runs never depend on the network; `wandb sync` uploads later."""
+    """The asked-for loggers; one that is not installed is refused (preflight calls this before anything is
+    written or loaded: a run that was asked to log must not train for hours unlogged). wandb defaults to offline
+    mode: runs never depend on the network; `wandb sync` uploads later."""
     import importlib.util
 
     modules = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
-    out = []
-    for r in (r for r in asked if r != "none"):
-        if any(importlib.util.find_spec(m) for m in modules[r]):
-            out.append(r)
-        else:
-            log.warning("train.report_to: %s is not installed (pip install %s); not reporting to it", r, r)
+    out = [r for r in asked if r != "none"]
+    missing = [r for r in out if not any(importlib.util.find_spec(m) for m in modules[r])]
+    if missing:
+        raise UserError(f"train.report_to: {', '.join(missing)} is not installed; pip install "
+                        f"\"lora-manip[{','.join(missing)}]\" or remove it from train.report_to")
     if "wandb" in out:
         os.environ.setdefault("WANDB_MODE", "offline")
     return out

@@ -11,7 +11,7 @@ with the rewards of that kind (train/rewards.py) and takes the clipped policy-gr
 batching and loss settings (data.packing, data.group_by_length, train.max_tokens_per_batch, train.loss_reduction)
 are refused in a grpo recipe (recipe/checks.py): TRL batches prompts in groups and has its own loss.
 
-Where GRPO starts (README, "Reinforcement fine-tuning"):
+Where GRPO starts (docs/grpo.md):
 - `model.path` a merged SFT checkpoint: a fresh LoRA (recipe `lora`, `parts`) is trained on it; the reference for
   the KL term is that checkpoint. The result is an adapter on the merged checkpoint.
 - `model.path` the base and `model.adapter` the SFT adapter: the adapter is loaded with PEFT and trained further,

@@ -70,8 +70,11 @@ def check_run(recipe: Recipe) -> None:
 
     from ..model.load import require_bitsandbytes, resolve_attention
 
+    from .build import reporters
+
     check_model_source(recipe)
     resolve_attention(recipe.model.attn_implementation)
+    reporters(recipe.train.report_to)  # a logger asked for but missing fails now, not after hours unlogged
     n = recipe.distributed.nproc_per_node
     if torch.cuda.is_available() and n > torch.cuda.device_count():
         raise UserError(f"distributed.nproc_per_node: {n} processes but this machine has "

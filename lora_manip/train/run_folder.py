@@ -147,7 +147,10 @@ def role(recipe: Recipe) -> Role:
     key = (str(out), token, os.environ.get("RANK"))
     if key in _roles:
         return _roles[key]
-    rank = int(os.environ.get("RANK", "0") or 0)
+    try:
+        rank = int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        raise UserError(f"RANK={os.environ['RANK']!r} is not a process rank; unset it") from None
     if token:
         info = read_launch(out)
         if info is None or not secrets.compare_digest(str(info["token"]), token) or not _alive(info):
@@ -168,9 +171,9 @@ def _wait_for_rank0(out: Path) -> str | None:
         if info is not None and secrets.compare_digest(str(info["token"]), want) and _alive(info):
             return info.get("run_id")
         time.sleep(0.5)
-    raise UserError(f"RANK={os.environ.get('RANK')} is set, but no rank 0 of this launch prepared {_shown(out)} within "
-                    f"{EXTERNAL_WAIT_S:.0f} s (RANK/LOCAL_RANK/WORLD_SIZE inherited from elsewhere?); unset them, or "
-                    "start the run with `lora-manip train` or torchrun")
+    raise UserError(f"RANK={os.environ.get('RANK')} is set, but no rank 0 of this launch prepared {_shown(out)} "
+                    f"within {EXTERNAL_WAIT_S:.0f} s (RANK/LOCAL_RANK/WORLD_SIZE inherited from elsewhere?); unset "
+                    "them, or start the run with `lora-manip train` or torchrun")
 
 
 # ------------------------------------------------------------------------------------------ checks, start

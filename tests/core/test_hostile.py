@@ -122,8 +122,9 @@ def inputs(tiny_model_dir, synth_dir, tmp_path_factory) -> Inputs:
     preds = tmp / "p.jsonl"
     preds.write_text('{"id": 1, "pred": "A", "gt": "A"}\n{"id": 2, "pred": "B", "gt": "A"}\n')
     pixels = tmp / "px.json"
+    answer = '{"current_bbox": [[10, 20], [30, 40]]}'  # pixels of a 100 x 50 image
     pixels.write_text(json.dumps([{"id": "a", "width": 100, "height": 50, "conversations": [
-        {"from": "human", "value": "<image>\nWhere?"}, {"from": "gpt", "value": '{"current_bbox": [[10, 20], [30, 40]]}'}]}]))
+        {"from": "human", "value": "<image>\nWhere?"}, {"from": "gpt", "value": answer}]}]))
     image = tmp / "scene.png"
     Image.new("RGB", (64, 48), (90, 60, 30)).save(image)
     return Inputs(tiny_model_dir, synth_dir, tmp / "run", recipe, preds, pixels, image)
@@ -321,6 +322,27 @@ def test_a_writer_killed_mid_write_leaves_nothing_the_next_run_trips_on(tmp_path
     code, text = cli("data", "synth", out, "--n", "4")
     assert code == 0, text
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "images", "train.json", "val.json"]
+
+
+def test_a_cache_is_written_only_into_a_cache_folder_of_the_kits(tmp_path):
+    from lora_manip.errors import UserError
+    from lora_manip.outputs import write_cache_file
+
+    mine = victim(tmp_path, WRITERS[0])  # LORA_MANIP_CACHE pointed at someone's folder
+    before = tree(mine)
+    with pytest.raises(UserError, match="did not make it"):
+        write_cache_file(mine / "scan" / ".." / "k.npz", b"entry")
+    assert tree(mine) == before
+    cache = tmp_path / "cache"  # a cache a kit version before markers wrote: nothing but entries, adopted
+    cache.mkdir()
+    (cache / "a.npz").write_bytes(b"old entry")
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    write_cache_file(cache / "b.npz", b"entry")
+    (cache / "c.npz").symlink_to(precious)
+    write_cache_file(cache / "c.npz", b"entry")  # an entry's name taken by a link: the link is replaced
+    assert read_marker(cache)["kind"] == "cache" and precious.read_text() == "keep me"
+    assert not (cache / "c.npz").is_symlink() and (cache / "c.npz").read_bytes() == b"entry"
 
 
 # ---------------------------------------------------------------------------------------------- training only

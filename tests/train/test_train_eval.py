@@ -194,10 +194,11 @@ def test_eval_during_training_logs_metrics_and_keeps_the_best_step(tiny_model_di
     assert (info["metric"], info["value"], info["step"], info["higher_is_better"]) == ("trajectory.dtw", 0.1, 3,
                                                                                        False)
     saved = load_file(best / "adapter_model.safetensors")
+    newline = saved.pop("base_model.model.model.image_newline")  # beside PEFT's own keys (adapters.save_extras)
     assert saved.keys() == snaps[3].keys()
     assert all(torch.equal(saved[k], snaps[3][k]) for k in saved)
     assert not all(torch.equal(saved[k], snaps[5][k]) for k in saved)
-    assert (best / "recipe.yaml").is_file() and "base_model.model.model.image_newline" in saved
+    assert (best / "recipe.yaml").is_file() and newline.numel() > 0
 
     # The answers logged at step 3 are what `lora-manip eval`'s loader and generation give for best_checkpoint (it
     # is the model that answered at step 3), and the logged metrics are those answers' scores.
