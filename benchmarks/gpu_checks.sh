@@ -31,9 +31,10 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a limit, keep going on failure,
     tail -n 3 "$LOG/$name.log"
     # the programs' own RESULT lines, pytest's skip reasons and summary
     while IFS= read -r line; do
-        row "$name" "$status" "$secs" "${line#RESULT }"; found=1
+        case $line in SKIPPED*) row "$name" SKIP "$secs" "${line#SKIPPED }" ;; *) row "$name" "$status" "$secs" "${line#RESULT }" ;; esac
+        found=1
     done < <(grep -E '^RESULT |^SKIPPED|^[0-9]+ (passed|failed|skipped|error)' "$LOG/$name.log")
-    [ $found -eq 1 ] || row "$name" "$status" "$secs" "(no result line: see $LOG/$name.log)"
+    [ $found -eq 1 ] || row "$name" "$status" "$secs" "$(grep -v '^\s*$' "$LOG/$name.log" | tail -n 1 | cut -c1-100)"
 }
 needs() {  # needs NAME MODULE...: true when every module imports, else a SKIP row naming the missing ones
     local name=$1 missing=""; shift

@@ -101,6 +101,8 @@ def main() -> None:
 
     import torch
 
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU (the 4-bit 7B model and its peak memory are what this measures)")
     from lora_manip.data.synth import write_synth_dataset
     from lora_manip.recipe import load_recipe
     from lora_manip.train.plan import describe_plan

@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak, for MFU")
     args = ap.parse_args()
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA GPU here")
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from lora_manip.data.collate import Collator

@@ -175,3 +175,7 @@ def pytest_collection_modifyitems(config, items):
         rel = Path(str(item.fspath)).resolve().relative_to(ROOT / "tests")
         if rel.parts[0] in SLOW_FOLDERS:
             item.add_marker(pytest.mark.slow)
+        # `-n 2 --dist loadgroup` (pytest-xdist): a file's tests stay on one worker, so a module fixture (the demo
+        # run, a merge) is built once; the tests that read the shared 2-process ZeRO-3 run go to one worker too.
+        shared = "zero3_lora_run" in getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.xdist_group("zero3_lora_run" if shared else rel.as_posix()))

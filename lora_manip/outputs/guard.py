@@ -174,7 +174,7 @@ class Claim:
         """Remove the folder this command created, or everything in the empty folder it adopted."""
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)
-        elif self.adopted:
+        elif self.adopted and self.path.is_dir():
             for p in self.path.iterdir():
                 remove_path(p)
         remove_empty(self.parents)

@@ -42,6 +42,7 @@ def build_trainer(recipe: Recipe, overwrite: bool = False, resume: bool = False,
     from ..hub import local_folder
     from ..model.adapters import trainable_summary
     from .callbacks import JsonlLogCallback
+    from .plan import batch_accounting
     from .preflight import preflight
 
     objective = objective_of(recipe)
@@ -55,9 +56,9 @@ def build_trainer(recipe: Recipe, overwrite: bool = False, resume: bool = False,
     if objective.check is not None:
         objective.check(recipe, processor)
     train_ds, val_ds = build_datasets(recipe.data, processor, recipe.train.seed)
-    log.info("train samples: %d (%s), effective batch size %d", len(train_ds),
+    log.info("train samples: %d (%s); %s", len(train_ds),
              ", ".join(f"dropped {n}: {r}" for r, n in train_ds.dropped.items()) or "none dropped",
-             recipe.effective_batch_size)
+             batch_accounting(recipe, train_ds, processor.num_image_tokens))  # under a budget: what a step holds
     inputs = objective.inputs(recipe, processor, train_ds, val_ds)  # before the model: refusals come early
     args = objective.arguments(recipe)  # before the model: under ZeRO-3 it makes from_pretrained partition
     # Reading world_size sets up the process group (and DeepSpeed's), which ZeRO-3's partitioned init needs.

@@ -49,19 +49,23 @@ def _budget_recipe(tiny_model_dir, synth_dir, tmp_path, **over):
                             train__gradient_accumulation_steps=2, train__max_steps=-1, train__epochs=2, **over)
 
 
-def test_log_line_is_what_the_dataloader_yields(tiny_model_dir, synth_dir, tmp_path):
-    """The accounting line's samples per step and step count are those of the trainer's own dataloader, not
+def test_log_line_is_what_the_dataloader_yields(tiny_model_dir, synth_dir, tmp_path, caplog):
+    """The run log's accounting line: samples per step and step count of the trainer's own dataloader, not
     per_device_batch_size x accumulation (4 x 2 = 8 in this recipe)."""
+    import logging
+
     from lora_manip.train.workflow import build_trainer
 
     recipe = recipe_from_dict(_budget_recipe(tiny_model_dir, synth_dir, tmp_path))
-    trainer = build_trainer(recipe)
+    with caplog.at_level(logging.INFO, logger="lora_manip"):
+        trainer = build_trainer(recipe)
     sizes = [len(b["labels"]) for b in trainer.get_train_dataloader()]  # padded rows: one per sample
     per_step = [sum(sizes[i:i + 2]) for i in range(0, len(sizes), 2)]
     line = batch_accounting(recipe, trainer.train_dataset, trainer.processor.num_image_tokens)
     assert f"per optimizer step {np.mean(per_step):.1f} samples (min {min(per_step)}, max {max(per_step)})" in line
     assert f"{len(per_step)} optimizer steps per epoch, {2 * len(per_step)} optimizer steps in all" in line
     assert max(per_step) != recipe.effective_batch_size or min(per_step) != recipe.effective_batch_size
+    assert line in caplog.text and "effective batch size" not in caplog.text  # what the run logs
 
 
 def test_dry_run_reports_samples_tokens_and_steps_under_a_budget(tiny_model_dir, synth_dir, tmp_path):
