@@ -17,6 +17,7 @@ import typer
 from .answers.geometry import COORDS, DEFAULT_COORDS
 from .answers.kinds import KINDS
 from .dtypes import WEIGHT_NAMES, WEIGHT_SHORT_NAMES
+from .eval.table import TABLE_NAMES
 from .errors import UserError
 from .model.tiny import GEOMETRIES, TEMPLATES
 from .recipe.names import EVAL_BACKENDS, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, POINT_THRESHOLD, SYNTH_TASKS
@@ -209,6 +210,20 @@ CoordsOpt = typer.Option(DEFAULT_COORDS, "--coords", help=f"How to read predicte
 PointThresholdOpt = typer.Option(POINT_THRESHOLD, help="Contact-point hit radius (normalised units).")
 
 
+TableOpt = typer.Option(None, "--table", help=f"Also print a published table's layout: {_one_of(TABLE_NAMES)} "
+                        "(the RoboInter paper's rows: one per val file), upstream-compatible and strict side by side; "
+                        "in metrics.json as `table`.")
+
+
+def _echo_tables(summary: dict) -> None:
+    from .eval.report import format_table
+    from .eval.table import format_paper_table
+
+    typer.echo(format_table(summary))
+    if summary.get("table"):
+        typer.echo("\n" + format_paper_table(summary["table"]))
+
+
 def _exit_on_data_errors(summary: dict) -> None:
     if summary.get("data_errors"):
         raise typer.Exit(1)
@@ -228,16 +243,24 @@ def _system_prompt(option: str | None):
 @app.command("eval")
 @command
 def eval_(model: str = typer.Argument(..., help="Merged/full checkpoint, adapter folder, or base model (path or hub id)."),
-          data: Path = typer.Option(..., "--data", help="Annotation file (LLaVA JSON/JSONL) to evaluate on."),
-          data_root: Optional[Path] = typer.Option(None, help="Folder image paths are relative to (default: the "
-                                                   "annotation file's folder)."),
+          data: Optional[List[str]] = typer.Option(None, "--data", help="Annotation file (LLaVA JSON/JSONL) or a "
+                                                   "dataset name of the registry; repeatable: every file in one run, "
+                                                   "one model load, one row each."),
+          split: Optional[str] = typer.Option(None, help="Also every registry dataset named *_SPLIT (e.g. val: "
+                                              "upstream names its sets *_train)."),
+          registry: Optional[Path] = typer.Option(None, help="Dataset registry YAML that names and --split read "
+                                                  "(default: the LORA_MANIP_REGISTRY environment variable, as "
+                                                  "recipes)."),
+          data_root: Optional[Path] = typer.Option(None, help="Folder every file's image paths are relative to "
+                                                   "(default: a registry dataset's data_path, else the annotation "
+                                                   "file's folder)."),
           out: Optional[Path] = typer.Option(None, help="Write predictions.jsonl (as answers come), metrics.json, "
                                              "scores.jsonl and overlays here."),
-          limit: Optional[int] = typer.Option(None, help="Evaluate only the first N records."),
+          limit: Optional[int] = typer.Option(None, help="Evaluate only the first N records of each file."),
           batch_size: int = typer.Option(EVAL_BATCH_SIZE, help="Generation batch size (prompts of similar length "
                                          "together)."),
-          max_new_tokens: int = typer.Option(MAX_NEW_TOKENS, help="Longest answer generated (a 10-point trajectory "
-                                             "is ~150 tokens)."),
+          max_new_tokens: int = typer.Option(MAX_NEW_TOKENS, help="Longest answer generated (RoboInter's eval "
+                                             "scripts: 512; a 10-point trajectory is ~150 tokens)."),
           base: Optional[str] = typer.Option(None, help="Base model for an adapter (default: the one it names)."),
           upstream_compatible: bool = typer.Option(False, help="Score as RoboInter's / RoboPoint's scripts do "
                                                    "(flaws included) and print upstream's per-file table."),
@@ -249,11 +272,12 @@ def eval_(model: str = typer.Argument(..., help="Merged/full checkpoint, adapter
                                       "batched; vllm: needs vLLM (GPU machines)."),
           resume: bool = typer.Option(False, help="Continue the eval in --out: keep its answers, generate the rest "
                                       "(same model and settings, else refused)."),
-          force: bool = typer.Option(False, help="Start over in an --out that already holds an eval.")):
-    """Generate answers with MODEL on --data and score them (boxes, points, trajectories, choice, yes/no, BLEU,
-    pointing). Exit 1 when some records could not be scored (listed)."""
+          force: bool = typer.Option(False, help="Start over in an --out that already holds an eval."),
+          table: Optional[str] = TableOpt):
+    """Generate answers with MODEL on the --data files (and a registry --split) and score them (boxes, points,
+    trajectories, choice, yes/no, BLEU, pointing), one row per file. Exit 1 when some records could not be scored
+    (listed)."""
     from .answers.kinds import parse_task_map
-    from .eval.report import format_table
     from .eval.run import EvalSettings, run_eval
 
     try:
@@ -263,10 +287,10 @@ def eval_(model: str = typer.Argument(..., help="Merged/full checkpoint, adapter
     settings = EvalSettings(limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                             system_prompt=_system_prompt(system_prompt), base=base,
                             upstream_compatible=upstream_compatible, task_map=tmap, coords=coords,
-                            point_threshold=point_threshold, backend=backend, resume=resume, force=force)
-    _, summary = run_eval(model, str(data), str(data_root) if data_root else None, str(out) if out else None,
-                          settings)
-    typer.echo(format_table(summary))
+                            point_threshold=point_threshold, backend=backend, resume=resume, force=force, table=table)
+    _, summary = run_eval(model, data or [], str(data_root) if data_root else None, str(out) if out else None,
+                          settings, split=split, registry=str(registry) if registry else None)
+    _echo_tables(summary)
     typer.echo(f"system prompt ({summary['system_prompt_from']}): {summary['system_prompt']!r}")
     if out:
         typer.echo(f"wrote {out}/predictions.jsonl, metrics.json, scores.jsonl and overlays")
@@ -286,19 +310,20 @@ def score(predictions: List[Path] = typer.Argument(..., help="JSON/JSONL files o
           coords: str = CoordsOpt,
           data_root: Optional[Path] = typer.Option(None, help="Folder `mask` paths are relative to (default: "
                                                    "each predictions file's folder)."),
-          force: bool = typer.Option(False, help="Replace metrics.json / scores.jsonl in --out.")):
+          force: bool = typer.Option(False, help="Replace metrics.json / scores.jsonl in --out."),
+          table: Optional[str] = TableOpt):
     """Score predictions made elsewhere (vLLM, upstream scripts) with the same metrics as `eval`. Exit 1 when some
     records could not be scored (listed with id, field and reason)."""
     from .answers.kinds import parse_task_map
-    from .eval.report import format_table
     from .eval.score import score_files
 
     try:
         tmap = parse_task_map(task_map)
     except ValueError as e:
         raise UserError(str(e)) from None
-    summary = score_files(predictions, out, force, upstream_compatible, point_threshold, tmap, coords, data_root)
-    typer.echo(format_table(summary))
+    summary = score_files(predictions, out, force, upstream_compatible, point_threshold, tmap, coords, data_root,
+                          table)
+    _echo_tables(summary)
     if out:
         typer.echo(f"wrote {out}/metrics.json and {out}/scores.jsonl")
     _exit_on_data_errors(summary)

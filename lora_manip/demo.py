@@ -32,7 +32,8 @@ def run_demo(recipe_path: Path, overrides: list[str], limit: int) -> str:
     merged, diff = merge_adapter(str(adapter))
     val = recipe.data.val[0] if recipe.data.val else recipe.data.train[0]
     common = dict(data=val.annotation_path, data_root=val.data_path,
-                  settings=EvalSettings(limit=limit, system_prompt=recipe.data.system_prompt))
+                  settings=EvalSettings(limit=limit, system_prompt=recipe.data.system_prompt,
+                                        max_new_tokens=recipe.train.eval_max_new_tokens))
     _, before = run_eval(recipe.model.path, out_dir=str(Path(adapter) / "eval-before"), **common)
     _, after = run_eval(str(merged), out_dir=str(Path(adapter) / "eval-after"), **common)
     return "\n\n".join([

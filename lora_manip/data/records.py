@@ -66,7 +66,7 @@ class Sample:
     images: list[str]
     source: str  # "file line N" / "file index N" for error messages
     size: tuple[int, int] | None = None  # (width, height) of the single image when the record states it
-    extra: dict = field(default_factory=dict, compare=False)  # task, width, height, dataset name...
+    extra: dict = field(default_factory=dict, compare=False)  # task, width/height or w/h, dataset name...
 
 
 @dataclass(frozen=True)
@@ -352,7 +352,7 @@ def to_sample(raw: object, file: str, where: str, data_root: str | os.PathLike) 
     size = None
     if len(images) == 1 and isinstance(raw.get("width"), int) and isinstance(raw.get("height"), int):
         size = (raw["width"], raw["height"])
-    extra = {k: raw[k] for k in ("task", "width", "height") if k in raw}
+    extra = {k: raw[k] for k in ("task", "width", "height", "w", "h") if k in raw}
     return Sample(str(rid), messages, paths, f"{file} {where}", size, extra)
 
 

@@ -110,8 +110,9 @@ def generate(model, processor, prompts: list[str], images: list[list], max_new_t
 def _image_sizes(s: Sample) -> list[tuple[int, int]]:
     from ..data.images import image_size
 
-    if s.size and len(s.images) == 1:
-        return [tuple(s.size)]
+    size = stated_size(s)
+    if size and len(s.images) == 1:  # stated in the record: no header to read (RoboInter's val files: tens of
+        return [(int(size[0]), int(size[1]))]  # thousands of images)
     sizes = []
     for p in s.images:
         try:
@@ -165,13 +166,24 @@ def predict_samples(model, chat: Chat, samples: list[Sample], batch_size: int = 
     return [preds[i] for i in range(len(samples))]
 
 
+def stated_size(s: Sample) -> tuple[float, float] | None:
+    """(width, height) of the image as the record states it: `width` / `height` (the kit's records), else `w` / `h`
+    (RoboInter's), else None."""
+    for wk, hk in (("width", "height"), ("w", "h")):
+        if wk in s.extra and hk in s.extra:
+            return s.extra[wk], s.extra[hk]
+    return None
+
+
 def eval_record(s: Sample, pred: str, dataset: str, task: str | None = None) -> dict:
-    """The record the scorer reads: the last answer of the conversation is the ground truth."""
+    """The record the scorer reads: the last answer of the conversation is the ground truth; the image size the
+    record states (either spelling) as `w` / `h`, so distances are also reported in pixels."""
     rec = {"id": s.id, "pred": pred, "gt": s.messages[-1]["content"], "dataset": dataset,
            "prompt": s.messages[-2]["content"] if len(s.messages) > 1 else ""}
     task = s.extra.get("task") or task
     if task:
         rec["task"] = task
-    if "width" in s.extra and "height" in s.extra:
-        rec["w"], rec["h"] = s.extra["width"], s.extra["height"]
+    size = stated_size(s)
+    if size:
+        rec["w"], rec["h"] = size
     return rec

@@ -68,7 +68,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _main_metrics(kind: str, stats: dict) -> list[tuple[str, Any]]:
+def main_metrics(kind: str, stats: dict) -> list[tuple[str, Any]]:
     if kind == "box":
         keys = ["mean_iou", "acc@0.1", "acc@0.5"]
     elif kind == "point":
@@ -103,7 +103,7 @@ def format_table(summary: dict, max_errors: int = 10) -> str:
         groups = groups[:1]  # one dataset: its rows would repeat "all"
     for name, kinds in groups:
         for kind, stats in kinds.items():
-            metrics = "  ".join(f"{k}={_fmt(v)}" for k, v in _main_metrics(kind, stats))
+            metrics = "  ".join(f"{k}={_fmt(v)}" for k, v in main_metrics(kind, stats))
             body.append([name, kind, str(stats["count"]), f"{100.0 * stats['parse_failure_rate']:.1f}%", metrics])
     widths = [max(len(r[c]) for r in [header] + body) for c in range(len(header))]
 

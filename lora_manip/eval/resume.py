@@ -3,11 +3,16 @@
 Each batch's records are appended and flushed to disk before the next batch starts; a run killed mid-write loses at
 most that batch's last line, which is cut off on resume. ``predictions.meta.json`` (written atomically before the
 first answer) records everything the answers depend on (`run_identity`): the model (resolved path and a fingerprint
-of its weight, config and processor files) and the base an adapter sits on; the data file's content (a hash: an
-edit in place keeps the path, and old answers would be scored against the new ground truth) and every image's size
-and modification time; and each setting that changes an answer (system prompt, max_new_tokens, the training run's
-image cap data.max_image_tiles, --limit, the backend). `--resume` refuses to add answers to a file whose
-metadata differs, naming every difference, so results of two models, data sets or settings are never mixed.
+of its weight, config and processor files) and the base an adapter sits on; each data file's content (a hash: an
+edit in place keeps the path, and old answers would be scored against the new ground truth), its dataset name and
+every image's size and modification time; and each setting that changes an answer (system prompt, max_new_tokens,
+the training run's image cap data.max_image_tiles, --limit, the backend). `--resume` refuses to add answers to a file
+whose metadata differs, naming every difference, so results of two models, data sets or settings are never mixed.
+
+Nothing is written before the first answer exists: a run that fails earlier (a missing image, a model that does not
+load, a bad flag) leaves no file that would refuse the next try. A run interrupted after it made answers keeps them
+for `--resume`. An answer is matched to its record by (dataset, id, occurrence): one eval may read several files, and
+a file may repeat an id.
 """
 
 from __future__ import annotations
@@ -25,14 +30,16 @@ from ..fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PredictionLog", "model_identity", "run_identity", "PREDICTIONS", "META"]
+__all__ = ["PredictionLog", "model_identity", "run_identity", "record_keys", "PREDICTIONS", "META"]
 
 PREDICTIONS = "predictions.jsonl"
 META = "predictions.meta.json"
 _DERIVED = ("metrics.json", "scores.jsonl")
 # What the answers depend on: a resumed run must match it all (run_identity writes these keys).
-_MUST_MATCH = ("model", "model_fingerprint", "base", "base_fingerprint", "data", "data_digest", "images", "limit",
-               "system_prompt", "max_new_tokens", "max_image_tiles", "backend")
+_MUST_MATCH = ("model", "model_fingerprint", "base", "base_fingerprint", "data", "data_digest", "datasets", "images",
+               "limit", "system_prompt", "max_new_tokens", "max_image_tiles", "backend")
+# Keys a one-file eval does not write (its meta reads as before several files could be evaluated at once).
+_ABSENT_IS_NONE = ("datasets",)
 # Weights, configs, tokenizer and processor files, the chat template. Not recipe.yaml: the settings in it that
 # change answers are keys of their own (system_prompt, max_image_tiles), so the refusal can name them.
 _MODEL_FILES = (".safetensors", ".bin", ".json", ".jinja", ".model", ".txt", ".tiktoken")
@@ -52,18 +59,37 @@ def model_identity(model_path: str) -> tuple[str, str | None]:
     return str(p.resolve()), h.hexdigest()[:16]
 
 
-def run_identity(model_path: str, data: str, samples: list, *, base: str | None, limit: int | None,
-                 system_prompt: str | None, system_prompt_from: str, max_new_tokens: int, backend: str) -> dict:
-    """predictions.meta.json: what the answers of an eval depend on (see the module docstring)."""
+def record_keys(pairs) -> list[tuple[str, str, int]]:
+    """(dataset, id, occurrence) for every (dataset, id) pair, in order: the key an answer is matched to its record
+    by (a file may repeat an id, and two files may share one)."""
+    seen: Counter = Counter()
+    out = []
+    for dataset, rid in pairs:
+        key = (str(dataset), str(rid))
+        out.append((*key, seen[key]))
+        seen[key] += 1
+    return out
+
+
+def run_identity(model_path: str, data: list[tuple[str, str]], samples: list, *, base: str | None,
+                 limit: int | None, system_prompt: str | None, system_prompt_from: str, max_new_tokens: int,
+                 backend: str) -> dict:
+    """predictions.meta.json: what the answers of an eval depend on (see the module docstring). `data`: the
+    (dataset name, annotation file) pairs, in order; one file is written as before (a path, not a list)."""
     from ..model.adapters import adapter_base, is_adapter_dir
     from .generate import run_data_setting
 
     model_id, fingerprint = model_identity(model_path)
     base_path = base or (adapter_base(model_path) if is_adapter_dir(model_path) else None)
     images = {p: list(file_stamp(p)) for s in samples for p in s.images}
+    data = sorted(data)  # the order --data names the files in does not change an answer
+    paths = [str(Path(p).resolve()) for _, p in data]
+    digests = [file_digest(p) for _, p in data]
+    one = len(data) == 1
     return {"model": model_id, "model_fingerprint": fingerprint, "base": base,
             "base_fingerprint": model_identity(base_path)[1] if base_path else None,
-            "data": str(Path(data).resolve()), "data_digest": file_digest(data), "images": images, "limit": limit,
+            "data": paths[0] if one else paths, "data_digest": digests[0] if one else digests,
+            "datasets": None if one else [name for name, _ in data], "images": images, "limit": limit,
             "system_prompt": system_prompt, "system_prompt_from": system_prompt_from,
             "max_new_tokens": max_new_tokens, "max_image_tiles": run_data_setting(model_path, "max_image_tiles"),
             "backend": backend}
@@ -75,6 +101,10 @@ def _difference(key: str, old, new) -> str:
         return f"{key} (not recorded: an older lora-manip wrote the file)"
     if key == "data_digest":
         return "the data file's content (edited since the answers were made: they hold its old ground truth)"
+    if key in ("data", "datasets") and isinstance(old, list) and isinstance(new, list):
+        gone, added = [x for x in old if x not in new], [x for x in new if x not in old]
+        return (f"{key}: {len(old)} file(s) then, {len(new)} now" + (f"; not now: {', '.join(gone[:3])}" if gone else "")
+                + (f"; new: {', '.join(added[:3])}" if added else ""))
     if key in ("model_fingerprint", "base_fingerprint"):
         return f"the {key.split('_')[0]} files (weights, config or processor files changed)"
     if key == "images":
@@ -90,31 +120,43 @@ _UNRECORDED = object()
 class PredictionLog:
     """The append-only predictions file of one eval run in `out_dir`.
 
-    fresh run: refuses a folder with earlier predictions or metrics unless `force` (which starts over);
+    fresh run: refuses a folder with earlier answers or metrics unless `force` (which starts over);
     `resume`: keeps the answers already there (metadata must match `meta`), or starts fresh when there are none.
+    Nothing in the folder changes until the first `append`: a run that makes no answer leaves it as it was.
     """
 
     def __init__(self, out_dir: str | os.PathLike, meta: dict, resume: bool = False, force: bool = False):
         self.dir = Path(out_dir)
         self.path, self.meta_path = self.dir / PREDICTIONS, self.dir / META
+        self.meta = meta
         self.records: list[dict] = []
-        if resume and self.path.exists():
+        self.fresh = not (resume and self._has_answers())
+        if not self.fresh:
             self._check_meta(meta)
             self.records = self._read()
             log.info("resuming %s: %d answers already there", self.path, len(self.records))
         else:
-            existing = [n for n in (PREDICTIONS, META, *_DERIVED) if (self.dir / n).exists()]
+            # A meta file beside no answer is what a run that failed before its first answer left: no eval.
+            existing = [n for n in (PREDICTIONS, *_DERIVED) if (self.dir / n).exists()
+                        and (n != PREDICTIONS or self._has_answers())]
             if existing and not force:
                 raise UserError(f"{self.dir} already holds an eval ({', '.join(existing)}); pass --resume to "
                                 "continue it, --force to start over, or choose another --out")
             if resume:
-                log.info("--resume: no %s yet in %s, starting fresh", PREDICTIONS, self.dir)
-            self.dir.mkdir(parents=True, exist_ok=True)
+                log.info("--resume: no answers yet in %s, starting fresh", self.dir)
+        self._fh = None
+
+    def _has_answers(self) -> bool:
+        return self.path.is_file() and self.path.stat().st_size > 0
+
+    def _open(self) -> None:
+        """The first answer: only now is the folder changed (an old eval replaced, the metadata written)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.fresh:
             self.path.unlink(missing_ok=True)
-            atomic_write_json(self.meta_path, meta)
+            atomic_write_json(self.meta_path, self.meta)
         for name in _DERIVED:  # scored from the finished file at the end; until then they would describe another run
             (self.dir / name).unlink(missing_ok=True)
-        self.done = Counter(str(r.get("id")) for r in self.records)
         self._fh = open(self.path, "a", encoding="utf-8")
 
     def _check_meta(self, meta: dict) -> None:
@@ -125,8 +167,9 @@ class PredictionLog:
                             "model; pass --force to start over") from None
         except (OSError, ValueError) as e:
             raise UserError(f"{self.meta_path}: unreadable ({e}); pass --force to start over") from None
-        changes = [_difference(key, old.get(key, _UNRECORDED), meta.get(key)) for key in _MUST_MATCH
-                   if old.get(key, _UNRECORDED) != meta.get(key)]
+        recorded = {k: old.get(k, None if k in _ABSENT_IS_NONE else _UNRECORDED) for k in _MUST_MATCH}
+        changes = [_difference(key, recorded[key], meta.get(key)) for key in _MUST_MATCH
+                   if recorded[key] != meta.get(key)]
         if changes:
             raise UserError(f"--resume: {self.path} holds answers made with other inputs or settings: "
                             f"{'; '.join(changes)}; answers of different runs are never mixed: use the same inputs "
@@ -154,11 +197,13 @@ class PredictionLog:
         return records
 
     def append(self, records: list[dict]) -> None:
+        if self._fh is None:
+            self._open()
         self._fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self.records.extend(records)
-        self.done.update(str(r.get("id")) for r in records)
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()

@@ -1,11 +1,13 @@
-"""`lora-manip eval`: the whole evaluation of one model on one annotation file. Checks the request, loads the
-records, generates the answers not made yet (generate.py, or vllm_backend.py), scores them (score.py) and writes
-predictions.jsonl, metrics.json, scores.jsonl and overlays. `lora-manip predict` (`predict_one`: one image, one
-question) shares its loading, prompt and generation.
+"""`lora-manip eval`: the whole evaluation of one model on one or more annotation files, with one model load.
+Checks the request (the files, their images, the flags), loads the records, generates the answers not made yet
+(generate.py, or vllm_backend.py) with one progress bar over every file, scores them (score.py) and writes
+predictions.jsonl, metrics.json (per file and overall), scores.jsonl and overlays; `--table` adds a published table's
+layout (table.py). `lora-manip predict` (`predict_one`: one image, one question) shares its loading, prompt and
+generation.
 
 The model is a merged/full checkpoint, an adapter folder (loaded onto its base) or a bare base model. With ``out_dir``
 every batch's answers are appended to ``predictions.jsonl`` as soon as they exist (resume.py), so an interrupted run
-continues where it stopped (``resume=True``).
+continues where it stopped (``resume=True``); a run that fails before its first answer leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -57,22 +58,12 @@ def _safe(name) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))[:100]
 
 
-def _keyed(ids: list[str]) -> list[tuple[str, int]]:
-    """(id, occurrence) for every id: resume and matching work even when a data set repeats an id."""
-    seen: Counter = Counter()
-    out = []
-    for i in ids:
-        out.append((i, seen[i]))
-        seen[i] += 1
-    return out
-
-
 @dataclass(frozen=True)
 class EvalSettings:
     """How `lora-manip eval` (and `predict`) generate and read answers: one field per command-line option, with the
     same defaults (each stated once, in recipe/names.py and answers/geometry.py)."""
 
-    limit: int | None = None  # evaluate only the first N records
+    limit: int | None = None  # evaluate only the first N records of each file
     batch_size: int = EVAL_BATCH_SIZE
     max_new_tokens: int = MAX_NEW_TOKENS
     system_prompt: Any = UNSET  # UNSET: the run's own (see resolve_system_prompt); None: no system turn
@@ -85,18 +76,25 @@ class EvalSettings:
     resume: bool = False  # continue the eval in out_dir (same model and settings)
     force: bool = False  # start over in an out_dir that holds an eval (predict: replace the --draw file)
     progress: bool = True  # a progress bar while generating
+    table: str | None = None  # also a published table's layout (table.py's TABLES), both scorers side by side
 
 
-def run_eval(model_path: str, data: str, data_root: str | None = None, out_dir: str | None = None,
-             settings: EvalSettings | None = None):
-    """Generate answers for an annotation file and score them. Returns (rows, summary).
+def run_eval(model_path: str, data: str | list[str], data_root: str | None = None, out_dir: str | None = None,
+             settings: EvalSettings | None = None, split: str | None = None, registry: str | None = None):
+    """Generate answers for one or more annotation files with one model load and score them. Returns (rows,
+    summary).
 
-    With `out_dir`: ``predictions.jsonl`` (appended per batch), ``predictions.meta.json``, ``metrics.json``,
-    ``scores.jsonl`` and ``overlays/``. An existing eval there is refused unless `settings.resume` (continue it;
-    the model and settings must match) or `settings.force` (start over).
+    `data`: annotation files or dataset names of the registry (`registry`, else LORA_MANIP_REGISTRY); `split`: also
+    every registry dataset named ``*_<split>`` (sources.py). `data_root`: the folder every file's image paths start
+    at (default: a registry dataset's data_path, a file's own folder). With `out_dir`: ``predictions.jsonl``
+    (appended per batch), ``predictions.meta.json``, ``metrics.json``, ``scores.jsonl`` and ``overlays/``. An
+    existing eval there is refused unless `settings.resume` (continue it; the model and settings must match) or
+    `settings.force` (start over).
     """
     from ..outputs import check_results, results_folder
     from .safety import check_model
+    from .sources import missing_images, resolve_data
+    from .table import table_problem
 
     cfg = settings or EvalSettings()
     if cfg.resume and not out_dir:
@@ -105,7 +103,7 @@ def run_eval(model_path: str, data: str, data_root: str | None = None, out_dir: 
         raise UserError(f"--backend {cfg.backend}: choose one of {', '.join(EVAL_BACKENDS)}")
     from .score import settings_problem
 
-    problem = settings_problem(cfg.upstream_compatible, cfg.point_threshold, cfg.coords)
+    problem = settings_problem(cfg.upstream_compatible, cfg.point_threshold, cfg.coords) or table_problem(cfg.table)
     if problem:
         raise UserError(problem)
     if cfg.batch_size < 1:
@@ -117,51 +115,62 @@ def run_eval(model_path: str, data: str, data_root: str | None = None, out_dir: 
 
         require_vllm()
     check_model(model_path)
+    sources = resolve_data([data] if isinstance(data, str) else list(data), split, registry, data_root)
+    files = [src.path for src in sources]
     if out_dir:  # resolved once; refused before any work when it is a file, the model, not a results folder
-        out_dir = str(check_results(out_dir, EVAL_OUTPUTS, folders={"model folder": model_path}, files=[data]))
-    root = data_root or str(Path(data).parent)  # image paths (and pointing masks) are relative to it
-    samples, problems = load_samples(data, root)
-    if problems:
-        raise UserError(f"{len(problems)} bad record(s) in {data}, first: {problems[0]}")
-    if not samples:
-        raise UserError(f"{data}: no records to evaluate (the annotation file is empty)")
-    samples = samples[:cfg.limit] if cfg.limit else samples
+        out_dir = str(check_results(out_dir, EVAL_OUTPUTS, folders={"model folder": model_path}, files=files))
+    samples = []
+    for src in sources:
+        got, problems = load_samples(src.path, src.root)
+        if problems:
+            raise UserError(f"{len(problems)} bad record(s) in {src.path}, first: {problems[0]}")
+        if not got:
+            raise UserError(f"{src.path}: no records to evaluate (the annotation file is empty)")
+        samples.append(got[:cfg.limit] if cfg.limit else got)
+    missing = missing_images(sources, samples)  # before the model loads: a wrong root costs seconds, not a load
+    if missing:
+        raise UserError(missing)
     if cfg.backend == "vllm":  # before any output is made: a record vLLM would tile unlike training is refused
         from .vllm_backend import check_single_image
 
-        check_single_image(samples)
+        check_single_image([s for group in samples for s in group])
     prompt, prompt_from = resolve_system_prompt(model_path, cfg.system_prompt)
     log.info("system prompt (from %s): %r", prompt_from, prompt)
     owner = results_folder(out_dir, "lora-manip eval", EVAL_OUTPUTS, ("overlays",), _FULL_DISK,
                            keep=("predictions.jsonl",)) if out_dir else nullcontext()
     with owner:
-        return _generate_and_score(model_path, data, root, out_dir, samples, prompt_from,
+        return _generate_and_score(model_path, sources, out_dir, samples, prompt_from,
                                    replace(cfg, system_prompt=prompt))
 
 
-def _generate_and_score(model_path: str, data: str, root: str, out_dir: str | None, samples: list[Sample],
+def _generate_and_score(model_path: str, sources: list, out_dir: str | None, groups: list[list[Sample]],
                         prompt_from: str, cfg: EvalSettings):
     """The eval once its request is checked; `cfg.system_prompt` is resolved (`prompt_from` says from where)."""
     from ..answers.kinds import task_from_filename
     from ..outputs import check_results
     from .report import write_outputs
-    from .resume import PredictionLog, run_identity
+    from .resume import PredictionLog, record_keys, run_identity
     from .score import score_records
+    from .table import build_table
 
     prompt, max_new_tokens, backend = cfg.system_prompt, cfg.max_new_tokens, cfg.backend
-    dataset, file_task = Path(data).stem, task_from_filename(str(data))
+    samples = [s for group in groups for s in group]
+    origin = [(src, task_from_filename(src.path)) for src, group in zip(sources, groups) for _ in group]
     plog = None
     if out_dir:
-        check_results(out_dir, EVAL_OUTPUTS, files=[data])  # again, holding the folder
-        meta = run_identity(model_path, data, samples, base=cfg.base, limit=cfg.limit, system_prompt=prompt,
-                            system_prompt_from=prompt_from, max_new_tokens=max_new_tokens, backend=backend)
+        check_results(out_dir, EVAL_OUTPUTS, files=[src.path for src in sources])  # again, holding the folder
+        meta = run_identity(model_path, [(src.name, src.path) for src in sources], samples, base=cfg.base,
+                            limit=cfg.limit, system_prompt=prompt, system_prompt_from=prompt_from,
+                            max_new_tokens=max_new_tokens, backend=backend)
         plog = PredictionLog(out_dir, meta, resume=cfg.resume, force=cfg.force)
-    keys = _keyed([s.id for s in samples])
-    done_keys = set(_keyed([str(r["id"]) for r in plog.records])) if plog else set()
-    todo = [s for s, k in zip(samples, keys) if k not in done_keys]
+    keys = record_keys((src.name, s.id) for (src, _), s in zip(origin, samples))
+    done_keys = set(record_keys((r.get("dataset"), r["id"]) for r in plog.records)) if plog else set()
+    todo = [i for i, k in enumerate(keys) if k not in done_keys]
     made: list[dict] = []
 
-    def keep(batch: list[dict]) -> None:
+    def keep(idx: list[int], answers: list[str]) -> None:
+        batch = [eval_record(samples[todo[i]], a, origin[todo[i]][0].name, origin[todo[i]][1])
+                 for i, a in zip(idx, answers)]
         (plog.append if plog else made.extend)(batch)
 
     if todo:
@@ -169,31 +178,36 @@ def _generate_and_score(model_path: str, data: str, root: str, out_dir: str | No
         if backend == "vllm":
             from .vllm_backend import generate_vllm
 
-            generate_vllm(model_path, todo, prompt, max_new_tokens, lambda idx, ans: keep(
-                [eval_record(todo[i], a, dataset, file_task) for i, a in zip(idx, ans)]), cfg.progress, len(done_keys))
+            generate_vllm(model_path, [samples[i] for i in todo], prompt, max_new_tokens, keep, cfg.progress,
+                          len(samples) - len(todo))
         else:
             model, processor = load_for_inference(model_path, cfg.base)
-            predict_samples(model, Chat(processor, prompt), todo, cfg.batch_size, max_new_tokens, cfg.progress,
-                            lambda idx, ans: keep([eval_record(todo[i], a, dataset, file_task)
-                                                   for i, a in zip(idx, ans)]), len(done_keys))
+            predict_samples(model, Chat(processor, prompt), [samples[i] for i in todo], cfg.batch_size,
+                            max_new_tokens, cfg.progress, keep, len(samples) - len(todo))
         dt = time.perf_counter() - t0
         log.info("generated %d answers in %.1f s (%.2f records/s, %s backend)", len(todo), dt, len(todo) / dt, backend)
     if plog:
         plog.close()
-    by_key = dict(zip(_keyed([str(r["id"]) for r in (plog.records if plog else made)]),
-                      plog.records if plog else made))
+    have = plog.records if plog else made
+    by_key = dict(zip(record_keys((r.get("dataset"), r["id"]) for r in have), have))
     records = [by_key[k] for k in keys]
+    roots = list(dict.fromkeys(src.root for src in sources))
+    kwargs = dict(point_threshold=cfg.point_threshold, task_map=cfg.task_map, coords=cfg.coords, mask_roots=roots)
     try:
-        rows, summary = score_records(records, cfg.upstream_compatible, cfg.point_threshold, cfg.task_map,
-                                      cfg.coords, [root])
+        rows, summary = score_records(records, cfg.upstream_compatible, **kwargs)
+        if cfg.table:
+            summary["table"] = build_table(cfg.table, records, rows, summary, kwargs,
+                                           {src.name: src.path for src in sources})
     except ValueError as e:
         raise UserError(str(e)) from None
     prompts = {k: r.get("prompt", "") for k, r in zip(keys, records)}
-    row_keys = _keyed([str(r["id"]) for r in rows])
+    row_keys = record_keys((r["dataset"], r["id"]) for r in rows)
     for row, k in zip(rows, row_keys):
         row["prompt"] = prompts.get(k, "")
     summary.update(model=str(model_path), system_prompt=prompt, system_prompt_from=prompt_from, backend=backend,
-                   max_new_tokens=max_new_tokens)
+                   max_new_tokens=max_new_tokens, datasets={
+                       src.name: {"annotation_path": src.path, "data_root": src.root, "records": len(group)}
+                       for src, group in zip(sources, groups)})
     if out_dir:
         write_outputs(out_dir, rows, summary)
         sample_by_key = dict(zip(keys, samples))

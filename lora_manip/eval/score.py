@@ -30,17 +30,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .metrics import (
-    bleu,
-    box_iou,
-    discrete_frechet,
-    dtw_distance,
-    endpoint_error,
-    hausdorff_distance,
-    point_distance,
-    to_pixels,
-    trace_rmse_mae,
-)
+from .metrics import (bleu, box_iou, discrete_frechet, dtw_distance, endpoint_error, hausdorff_distance,
+                      point_distance, to_pixels, trace_rmse_mae)
 from ..answers.geometry import COORDS, DEFAULT_COORDS, Parsed, coords_above_one
 from ..answers.coordinates import truth_problem
 from ..answers.units import value_problem
@@ -51,7 +42,7 @@ from ..recipe.names import POINT_THRESHOLD
 from . import pointing, upstream as up
 from .report import load_predictions, write_outputs
 
-__all__ = ["score_records", "score_files", "DEFAULT_DATASET"]
+__all__ = ["score_records", "score_files", "summarise_kind", "DEFAULT_DATASET"]
 
 DEFAULT_DATASET = "default"
 _TRAJ_METRICS = ("dtw", "frechet", "hausdorff", "endpoint_error")
@@ -220,14 +211,14 @@ def task_map_problem(task_map: dict | None, tasks) -> str | None:
 
 
 def _duplicates(records: list, origins: list | None) -> dict[int, int]:
-    """{index: index of the first record with the same id (from the same file)} for each repeat: a record given
-    twice is scored once."""
+    """{index: index of the first record with the same id (from the same file and `dataset`: an eval of several
+    files writes one predictions file)} for each repeat: a record given twice is scored once."""
     first: dict = {}
     out = {}
     for i, rec in enumerate(records):
         rid = rec.get("id") if isinstance(rec, dict) else None
         if rid is not None and not isinstance(rid, (dict, list)):
-            j = first.setdefault((origins[i] if origins else None, str(rid)), i)
+            j = first.setdefault((origins[i] if origins else None, str(rec.get("dataset")), str(rid)), i)
             if j != i:
                 out[i] = j
     return out
@@ -245,7 +236,7 @@ def _mean(xs: list[float]) -> float | None:
     return float(sum(xs) / len(xs)) if xs else None
 
 
-def _summarise(kind: str, rows: list[dict], thr: float) -> dict:
+def summarise_kind(kind: str, rows: list[dict], thr: float) -> dict:
     n = len(rows)
     fails = sum(1 for r in rows if r.get("parse_error") is not None)
     out: dict[str, Any] = {"count": n, "parse_failures": fails, "parse_failure_rate": fails / n if n else 0.0}
@@ -283,7 +274,7 @@ def _summarise(kind: str, rows: list[dict], thr: float) -> dict:
 
 
 def _group_by_kind(rows: list[dict], thr: float) -> dict[str, dict]:
-    return {k: _summarise(k, sel, thr) for k in KINDS if (sel := [r for r in rows if r["kind"] == k])}
+    return {k: summarise_kind(k, sel, thr) for k in KINDS if (sel := [r for r in rows if r["kind"] == k])}
 
 
 def settings_problem(upstream_compatible: bool, point_threshold, coords: str) -> str | None:
@@ -342,7 +333,7 @@ def score_records(records: list[dict], upstream_compatible: bool = False, point_
     for t in dict.fromkeys(r["task"] for r in rows):
         sel = [r for r in rows if r["task"] == t]
         if len({r["kind"] for r in sel}) == 1:  # a task name used for several kinds cannot share one set of metrics
-            by_task[t] = {"kind": sel[0]["kind"], **_summarise(sel[0]["kind"], sel, point_threshold)}
+            by_task[t] = {"kind": sel[0]["kind"], **summarise_kind(sel[0]["kind"], sel, point_threshold)}
     geometric = [r for r in rows if r["kind"] in GEOMETRIC and r.get("pred") is not None]
     summary: dict[str, Any] = {
         "mode": "upstream_compatible" if upstream_compatible else "strict",
@@ -366,12 +357,17 @@ def score_records(records: list[dict], upstream_compatible: bool = False, point_
 def score_files(predictions: list[str | os.PathLike], out: str | os.PathLike | None = None, force: bool = False,
                 upstream_compatible: bool = False, point_threshold: float = POINT_THRESHOLD,
                 task_map: dict | None = None, coords: str = DEFAULT_COORDS,
-                data_root: str | os.PathLike | None = None) -> dict:
+                data_root: str | os.PathLike | None = None, table: str | None = None) -> dict:
     """`lora-manip score`: read and score prediction files; with `out`, write metrics.json and scores.jsonl there
-    (never over an input, nor over earlier results unless `force`). Returns the summary."""
+    (never over an input, nor over earlier results unless `force`). `table`: also a published table's layout
+    (table.py), in the summary as ``table``. Returns the summary."""
     from ..outputs import check_results, results_folder
     from .report import OUTPUT_FILES
 
+    from .table import build_table, table_problem
+
+    if table_problem(table):
+        raise UserError(table_problem(table))
     paths = [Path(p) for p in predictions]
     if out is not None:
         out = check_results(out, OUTPUT_FILES, force, files=paths)  # before any work; again below, holding it
@@ -391,6 +387,9 @@ def score_files(predictions: list[str | os.PathLike], out: str | os.PathLike | N
                                       origins)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if table:
+        summary["table"] = build_table(table, records, rows, summary, dict(
+            point_threshold=point_threshold, task_map=task_map, coords=coords, mask_roots=roots, origins=origins))
     if out is not None:
         with results_folder(out, "lora-manip score", OUTPUT_FILES):
             check_results(out, OUTPUT_FILES, force, files=paths)

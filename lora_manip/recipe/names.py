@@ -22,7 +22,12 @@ SYNTH_TASKS: tuple[str, ...] = (
 # CLI can, and `--help` stays instant).
 # The scorer's point hit threshold in normalised image units: it names the metric (`point.acc@0.05`).
 POINT_THRESHOLD = 0.05
-MAX_NEW_TOKENS = 256  # longest answer generated, in tokens (a 10-point trajectory is ~150)
+# Longest answer `eval` / `predict` generate, in tokens: RoboInter's eval scripts generate up to 512
+# (eval_manip/scripts/eval.sh, evaluation_intermediate.py), so a long answer is scored as upstream scores it.
+MAX_NEW_TOKENS = 512
+# Training's eval (train.eval_max_new_tokens) runs every eval_steps on a small subset and needs only the answer's
+# shape: a 10-point trajectory is ~150 tokens. Kept at 256 so a run's logged metrics and the demo's numbers stay.
+TRAIN_EVAL_MAX_NEW_TOKENS = 256
 EVAL_BATCH_SIZE = 8  # prompts generated together (of similar length)
 EVAL_BACKENDS = ("hf", "vllm")  # the first is the default: transformers, batched; vLLM needs a GPU machine
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validat
 
 from ..dtypes import WEIGHT_NAMES, WEIGHT_SHORT_NAMES
 from .checks import cross_check
-from .names import MAX_NEW_TOKENS, SYNTH_TASKS
+from .names import SYNTH_TASKS, TRAIN_EVAL_MAX_NEW_TOKENS
 from .registry import resolve_data_section
 
 PartMode = Literal["frozen", "full", "lora"]
@@ -173,7 +173,7 @@ class TrainCfg(_Strict):
         "samples with the model being trained and log the manipulation metrics (eval_box.acc@0.1, "
         "eval_choice.accuracy, ...) to train_log.jsonl and report_to. Needs validation data. None: off.")
     eval_limit: int = Field(64, gt=0, description="Validation samples per eval: a seeded subset, the same each time.")
-    eval_max_new_tokens: int = Field(MAX_NEW_TOKENS, gt=0,
+    eval_max_new_tokens: int = Field(TRAIN_EVAL_MAX_NEW_TOKENS, gt=0,
                                      description="Longest answer generated during eval, in tokens.")
     best_metric: str | None = Field(
         None, description="kind.metric (box.acc@0.1, choice.accuracy, trajectory.dtw, ...): each eval that improves "

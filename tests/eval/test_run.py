@@ -134,11 +134,20 @@ def test_eval_refuses_to_mix_or_overwrite(tiny_model_dir, synth_dir, tmp_path, m
     longer = runner.invoke(app, [base[0], str(tiny_model_dir), *base[1:-4], "--max-new-tokens", "9", "--limit", "3",
                                  "--resume"])
     assert longer.exit_code == 2 and "max_new_tokens" in longer.output
+    old = {n: (out / n).read_bytes() for n in ("predictions.jsonl", "predictions.meta.json", "metrics.json")}
     monkeypatch.setattr(gen, "generate", _interrupt)
-    with pytest.raises(KeyboardInterrupt):  # --force starts over: no metrics of the old run stay beside new answers
+    with pytest.raises(KeyboardInterrupt):  # --force replaces the old eval only once it has an answer to put there
         run_eval(str(other), data, out_dir=str(out),
                  settings=EvalSettings(max_new_tokens=4, limit=3, force=True, progress=False))
-    assert not (out / "metrics.json").exists() and not (out / "predictions.jsonl").read_text()
+    assert {n: (out / n).read_bytes() for n in old} == old  # the first model's eval, whole
+    calls = []
+    monkeypatch.setattr(gen, "generate", lambda m, p, prompts, *a: calls.append(1) or (
+        ["B"] * len(prompts) if len(calls) == 1 else _interrupt()))
+    with pytest.raises(KeyboardInterrupt):  # one batch made: no metrics of the old run stay beside the new answers
+        run_eval(str(other), data, out_dir=str(out),
+                 settings=EvalSettings(max_new_tokens=4, limit=3, batch_size=2, force=True, progress=False))
+    assert not (out / "metrics.json").exists() and _lines(out / "predictions.jsonl")[0]["pred"] == "B"
+    assert json.loads((out / "predictions.meta.json").read_text())["model"] == str(other.resolve())
     monkeypatch.undo()
     assert runner.invoke(app, [base[0], str(other), *base[1:], "--force"]).exit_code == 0
     assert json.loads((out / "predictions.meta.json").read_text())["model"] == str(other.resolve())

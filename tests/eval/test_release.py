@@ -1,0 +1,252 @@
+"""Issue 24: one `eval` over every val file of the RoboInter-VQA release (the stand-in of
+tests/fixtures/robointer_release.py): several --data files or a registry split in one model load and one progress
+bar, one row per file, the image size carried into the predictions (pixel DTW), missing images refused before the
+model loads, a failed run that leaves nothing in the way of the next, and a resume across files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import lora_manip.eval.generate as gen
+import lora_manip.eval.run as run_mod
+from lora_manip.cli import app
+from lora_manip.errors import UserError
+from tests.fixtures.robointer_release import SOURCES, UNDERSTANDING, write_release
+
+runner = CliRunner()
+PLANNING_VAL = ("planning", "choice", "decide")
+
+
+def _val_files(root: Path) -> list[Path]:
+    """The release's val layout (the dataset card: Generation/meta/val/llava_format/, Understanding/meta/val/,
+    Task_planning/meta/val/{planning,choice,decide}/task_planning.json), one file per task with both robots'
+    records, made from the stand-in's training records (their images exist). Task planning's three files share
+    one name and the ids of their records, as upstream's val files may."""
+    files = []
+    for stem in sorted({p.name for p in root.glob("Generation/meta/train/*/llava_format/*.json")}):
+        records = [r for src in SOURCES for r in json.loads(
+            (root / f"Generation/meta/train/{src}/llava_format/{stem}").read_text())]
+        files.append(_write(root / "Generation/meta/val/llava_format" / stem, records))
+    for task in UNDERSTANDING["rh20t"]:
+        records = [r for src in SOURCES if task in UNDERSTANDING[src]
+                   for r in json.loads((root / f"Understanding/meta/train/{src}/{task}.json").read_text())]
+        files.append(_write(root / f"Understanding/meta/val/{task}.json", records))
+    plans = json.loads((root / "Task_planning/meta/train/manipvqa/task_planning.json").read_text())
+    for kind in PLANNING_VAL:
+        answers = {"planning": None, "choice": "C", "decide": "Yes"}
+        records = [{**r, "conversations": [r["conversations"][0], {"from": "gpt", "value": answers[kind] or
+                                                                     r["conversations"][1]["value"]}]} for r in plans]
+        files.append(_write(root / f"Task_planning/meta/val/{kind}/task_planning.json", records))
+    return files
+
+
+def _write(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """(release root, its val files, a registry naming them *_val beside the training sets)."""
+    root = write_release(tmp_path_factory.mktemp("release") / "RoboInter-VQA")
+    files = _val_files(root)
+    datasets = {"rh20t_vla_current_box_train": {"annotation_path": "Generation/meta/train/rh20t/llava_format/"
+                                                "full_single_multi_contact_obj_current_box_qa.json", "data_path": "."}}
+    for f in files:
+        rel = f.relative_to(root)
+        name = "_".join(rel.with_suffix("").parts[-2 if rel.parts[0] == "Task_planning" else -1:])
+        datasets[f"{name}_val"] = {"annotation_path": str(rel), "data_path": "."}
+    registry = root / "datasets.yaml"
+    registry.write_text(yaml.safe_dump({"root": str(root), "datasets": datasets}, sort_keys=False))
+    return root, files, registry
+
+
+def _answers(model, processor, prompts, images, max_new_tokens):
+    """A trajectory for trajectory questions, a box for box questions, a letter otherwise: answers that parse."""
+    out = []
+    for p in prompts:
+        if "future_traj" in p:
+            out.append('{"future_traj": [[0.2, 0.3], [0.4, 0.5], [0.6, 0.7]]}')
+        elif "bbox" in p or "contact_point" in p:
+            out.append("[[0.1, 0.2], [0.5, 0.6]]")
+        else:
+            out.append("A")
+    return out
+
+
+@pytest.fixture()
+def counted(monkeypatch):
+    """Counts model loads and generation passes (progress bars), and answers without the model's randomness."""
+    calls = {"load": 0, "passes": 0, "prompts": 0}
+    load, predict = run_mod.load_for_inference, run_mod.predict_samples
+
+    def loading(*a, **k):
+        calls["load"] += 1
+        return load(*a, **k)
+
+    def predicting(model, chat, samples, *a, **k):
+        calls["passes"] += 1
+        return predict(model, chat, samples, *a, **k)
+
+    def answering(model, processor, prompts, *a):
+        calls["prompts"] += len(prompts)
+        return _answers(model, processor, prompts, *a)
+
+    monkeypatch.setattr(run_mod, "load_for_inference", loading)
+    monkeypatch.setattr(run_mod, "predict_samples", predicting)
+    monkeypatch.setattr(gen, "generate", answering)
+    return calls
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_every_val_file_in_one_model_load_with_one_row_each(tiny_model_dir, release, counted, tmp_path):
+    root, files, registry = release
+    out = tmp_path / "ev"
+    res = runner.invoke(app, ["eval", str(tiny_model_dir), "--split", "val", "--registry", str(registry),
+                              "--out", str(out), "--max-new-tokens", "4", "--table", "robointer"])
+    assert res.exit_code == 0, res.output
+    total = sum(len(json.loads(f.read_text())) for f in files)
+    assert counted == {"load": 1, "passes": 1, "prompts": total}  # one model load, one progress bar
+    metrics = json.loads((out / "metrics.json").read_text())
+    names = list(metrics["datasets"])
+    assert len(names) == len(files) == 16 and set(metrics["by_dataset"]) == set(names)
+    assert {"task_planning_planning_val", "task_planning_choice_val", "contact_decide_val"} <= set(names)
+    assert sum(d["records"] for d in metrics["datasets"].values()) == metrics["count"] == total
+    for name, d in metrics["datasets"].items():  # each file's numbers are its own, in metrics.json
+        assert sum(s["count"] for s in metrics["by_dataset"][name].values()) == d["records"]
+    preds = _lines(out / "predictions.jsonl")
+    assert len({p["id"] for p in preds}) < len({(p["dataset"], p["id"]) for p in preds}) == len(preds) == total
+    # (the three planning files share their ids: an answer is matched by its file and id)
+    traj = [p for p in preds if p.get("task") == "traj"]
+    assert traj and all((p["w"], p["h"]) in ((64, 48), (32, 18)) for p in traj)  # RoboInter's h / w carried
+    stats = metrics["by_dataset"]["full_single_multi_contact_obj_traj_qa_val"]["trajectory"]
+    assert stats["dtw_px"] > 0 and stats["n_scored_px"] == len(traj)  # DTW in pixels, as the paper reports
+    report = res.output[:res.output.index("robointer table")]
+    assert all(name in report for name in names)  # one row per file in the printed report
+    table = metrics["table"]
+    by_row = {r["key"]: r for r in table["rows"]}
+    assert by_row["traj"]["count"] == by_row["traj_wo_init_pos"]["count"] == len(traj)
+    assert by_row["grasppose_choice"]["count"] == 2 and by_row["trajlang_sub_choice"]["count"] == 0
+    assert {o["dataset"] for o in table["others"]} >= {"full_single_multi_contact_obj_contact_point_qa_val",
+                                                        "task_planning_planning_val"}
+    assert "upstream-compatible" in res.output and "not evaluated" in res.output
+
+
+def test_several_data_options_and_their_names(tiny_model_dir, release, counted, tmp_path):
+    root, files, registry = release
+    plans = [f for f in files if f.name == "task_planning.json"]
+    res = runner.invoke(app, ["eval", str(tiny_model_dir), *[a for f in plans for a in ("--data", str(f))],
+                              "--data", "contact_decide_val", "--registry", str(registry), "--data-root", str(root),
+                              "--out", str(tmp_path / "ev"), "--max-new-tokens", "4", "--limit", "1"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert list(metrics["datasets"]) == ["planning/task_planning", "choice/task_planning", "decide/task_planning",
+                                         "contact_decide_val"]  # the same stem told apart by its folder
+    assert all(d["records"] == 1 for d in metrics["datasets"].values())  # --limit counts per file
+    twice = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", str(plans[0]), "--data", str(plans[0])])
+    assert twice.exit_code == 2 and "given twice" in twice.output
+    typo = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", "contact_decid_val", "--registry",
+                               str(registry)])
+    assert typo.exit_code == 2 and "did you mean contact_decide_val" in typo.output
+    none = runner.invoke(app, ["eval", str(tiny_model_dir), "--split", "test", "--registry", str(registry)])
+    assert none.exit_code == 2 and "*_test" in none.output and "_val" in none.output
+    unset = runner.invoke(app, ["eval", str(tiny_model_dir), "--split", "val"], env={"LORA_MANIP_REGISTRY": ""})
+    assert unset.exit_code == 2 and "--registry" in unset.output
+    assert counted["load"] == 1 and "Traceback" not in twice.output + typo.output + none.output + unset.output
+
+
+def test_missing_images_are_reported_before_the_model_loads(tiny_model_dir, release, counted, tmp_path):
+    root, files, registry = release
+    out = tmp_path / "ev"
+    out.mkdir()  # made by the user beforehand
+    res = runner.invoke(app, ["eval", str(tiny_model_dir), "--split", "val", "--registry", str(registry),
+                              "--data-root", str(root / "Generation"), "--out", str(out)])
+    assert res.exit_code == 2 and "image(s) not found" in res.output and "--data-root" in res.output, res.output
+    assert str(root / "Generation") in res.output and "Traceback" not in res.output
+    assert counted["load"] == 0 and not list(out.iterdir())
+
+
+def test_a_failed_run_leaves_nothing_in_the_way_and_an_interrupted_one_resumes(tiny_model_dir, release, counted,
+                                                                               tmp_path, monkeypatch):
+    root, files, registry = release
+    out = tmp_path / "ev"
+    out.mkdir()
+    args = ["eval", str(tiny_model_dir), "--split", "val", "--registry", str(registry), "--out", str(out),
+            "--max-new-tokens", "4", "--batch-size", "4"]
+
+    def broken(*a, **k):
+        raise UserError("the model does not load")
+
+    monkeypatch.setattr(run_mod, "load_for_inference", broken)
+    assert runner.invoke(app, args).exit_code == 2
+    assert not [p for p in out.iterdir() if not p.name.startswith(".")]  # no answer made: nothing left behind
+    monkeypatch.undo()
+    answered = []
+
+    def interrupted(model, processor, prompts, *a):
+        if len(answered) >= 3:
+            raise KeyboardInterrupt
+        answered.append(len(prompts))
+        return _answers(model, processor, prompts, *a)
+
+    monkeypatch.setattr(gen, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner.invoke(app, args, catch_exceptions=False)
+    kept = _lines(out / "predictions.jsonl")
+    assert len(kept) == sum(answered) > 0  # the answers made so far stay for --resume
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--resume" in again.output
+    monkeypatch.setattr(gen, "generate", _answers)
+    done = runner.invoke(app, [*args, "--resume"])
+    assert done.exit_code == 0, done.output
+    final = _lines(out / "predictions.jsonl")
+    assert final[:len(kept)] == kept and len(final) == sum(len(json.loads(f.read_text())) for f in files)
+    moved = tmp_path / "moved.yaml"  # the same files named in another order: the same run
+    reg = yaml.safe_load(registry.read_text())
+    reg["datasets"] = dict(reversed(list(reg["datasets"].items())))
+    moved.write_text(yaml.safe_dump(reg, sort_keys=False))
+    assert runner.invoke(app, [*args[:5], str(moved), *args[6:], "--resume"]).exit_code == 0
+    fewer = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", str(files[0]), "--out", str(out),
+                                "--max-new-tokens", "4", "--batch-size", "4", "--resume"])
+    assert fewer.exit_code == 2 and "never mixed" in fewer.output and "data" in fewer.output
+
+
+def test_eval_record_carries_either_spelling_of_the_image_size():
+    from lora_manip.data.records import to_sample
+
+    conv = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "A"}]
+    for raw, size in (({"w": 320, "h": 180}, (320, 180)), ({"width": 64, "height": 48}, (64, 48)), ({}, None)):
+        s = to_sample({"id": "x", "images": "a.jpg", "conversations": conv, **raw}, "f.json", "index 0", "/data")
+        rec = gen.eval_record(s, "A", "d")
+        assert ((rec["w"], rec["h"]) if "w" in rec else None) == size
+
+
+def test_max_new_tokens_matches_upstream_and_training_keeps_its_own():
+    from lora_manip.eval.run import EvalSettings
+    from lora_manip.recipe.names import MAX_NEW_TOKENS, TRAIN_EVAL_MAX_NEW_TOKENS
+    from lora_manip.recipe.schema import TrainCfg
+
+    assert MAX_NEW_TOKENS == EvalSettings().max_new_tokens == 512  # RoboInter's eval scripts: --max_new_tokens 512
+    assert TrainCfg.model_fields["eval_max_new_tokens"].default == TRAIN_EVAL_MAX_NEW_TOKENS == 256
+    help_text = runner.invoke(app, ["eval", "--help"]).output
+    assert "512" in help_text
+
+
+def test_a_registry_dataset_reads_its_images_under_its_data_path(tiny_model_dir, release, counted, tmp_path):
+    root, files, registry = release
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    shutil.copy(registry, elsewhere / "datasets.yaml")
+    res = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", "contact_decide_val", "--registry",
+                              str(elsewhere / "datasets.yaml"), "--max-new-tokens", "4"])
+    assert res.exit_code == 0, res.output  # no --data-root: the registry's data_path (the release folder)
