@@ -163,14 +163,20 @@ def data_normalize(src: Path = typer.Argument(..., help="Annotation file (.json 
 @command
 def train(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
           set_: Optional[List[str]] = SetOpt,
-          overwrite: bool = typer.Option(False, help="Replace the run in the output folder (it is deleted first, "
-                                         "never mixed with the new one)."),
-          resume: bool = typer.Option(False, help="Continue from the newest checkpoint in the output folder."),
+          overwrite: bool = typer.Option(False, help="Replace the run in the output folder (moved aside first, never "
+                                         "mixed with the new one; put back if the start fails)."),
+          resume: bool = typer.Option(False, help="Continue from the newest complete checkpoint. `--resume auto`: "
+                                      "start, continue or (run complete) exit 0, as the folder says."),
+          auto: Optional[str] = typer.Argument(None, hidden=True, metavar="", help="`auto` after --resume."),
+          max_restarts: Optional[int] = typer.Option(None, min=0, help="torchrun restarts of failed processes."),
           dry_run: bool = typer.Option(False, help="Validate, build the model on the meta device, print the plan.")):
-    """Train as the recipe says: full fine-tuning, LoRA or QLoRA; relaunches under torchrun for N > 1 processes."""
+    """Train as the recipe says (full, LoRA, QLoRA); torchrun for N > 1 processes or nodes; 75: preempted, saved."""
     from .train.launch import launch_training
 
-    code, message = launch_training(recipe, set_ or [], overwrite=overwrite, resume=resume, dry_run=dry_run)
+    if str(recipe) == "auto" and auto:  # `--resume auto RECIPE`: the parser took `auto` for the recipe
+        recipe, auto = Path(auto), "auto"
+    code, message = launch_training(recipe, set_ or [], overwrite=overwrite, resume=auto or resume, dry_run=dry_run,
+                                    max_restarts=max_restarts)
     if message:
         typer.echo(message)
     raise typer.Exit(code)
@@ -243,14 +249,13 @@ def _system_prompt(option: str | None):
 @app.command("eval")
 @command
 def eval_(model: str = typer.Argument(..., help="Merged/full checkpoint, adapter folder, or base model (path or hub id)."),
-          data: Optional[List[str]] = typer.Option(None, "--data", help="Annotation file (LLaVA JSON/JSONL) or a "
+          data: Optional[List[str]] = typer.Option(None, "--data", metavar="FILE|NAME",
+                                                   help="Annotation file (LLaVA JSON/JSONL) or a "
                                                    "dataset name of the registry; repeatable: every file in one run, "
                                                    "one model load, one row each."),
-          split: Optional[str] = typer.Option(None, help="Also every registry dataset named *_SPLIT (e.g. val: "
-                                              "upstream names its sets *_train)."),
-          registry: Optional[Path] = typer.Option(None, help="Dataset registry YAML that names and --split read "
-                                                  "(default: the LORA_MANIP_REGISTRY environment variable, as "
-                                                  "recipes)."),
+          split: Optional[str] = typer.Option(None, help="Also every registry dataset named *_SPLIT (e.g. val)."),
+          registry: Optional[Path] = typer.Option(None, help="Dataset registry YAML of names and --split (default: "
+                                                  "$LORA_MANIP_REGISTRY, as recipes)."),
           data_root: Optional[Path] = typer.Option(None, help="Folder every file's image paths are relative to "
                                                    "(default: a registry dataset's data_path, else the annotation "
                                                    "file's folder)."),

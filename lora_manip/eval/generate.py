@@ -108,18 +108,19 @@ def generate(model, processor, prompts: list[str], images: list[list], max_new_t
 
 
 def _image_sizes(s: Sample) -> list[tuple[int, int]]:
+    """The sizes batches are planned with. Only the order of the samples depends on them (a batch's answers equal
+    one-at-a-time answers), so a record's pictures are taken to share its first one's size: a video's frames or a
+    choice's candidates do, and RoboInter's val files hold ~300k frames whose headers need not be read one by one."""
     from ..data.images import image_size
 
     size = stated_size(s)
-    if size and len(s.images) == 1:  # stated in the record: no header to read (RoboInter's val files: tens of
-        return [(int(size[0]), int(size[1]))]  # thousands of images)
-    sizes = []
-    for p in s.images:
-        try:
-            sizes.append(image_size(p))  # reads the header only
-        except UserError:
-            sizes.append((384, 384))  # unreadable: load_images reports it when the batch is built
-    return sizes
+    if size and len(s.images) == 1:  # stated in the record: no header to read
+        return [(int(size[0]), int(size[1]))]
+    try:
+        first = image_size(s.images[0])  # reads the header only
+    except UserError:
+        first = (384, 384)  # unreadable: load_images reports it when the batch is built
+    return [first] * len(s.images)
 
 
 def plan_batches(processor, samples: list[Sample], prompts: list[str], batch_size: int) -> list[list[int]]:
@@ -127,13 +128,16 @@ def plan_batches(processor, samples: list[Sample], prompts: list[str], batch_siz
     from ..data.processor import image_token_counts
 
     lengths = processor.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    counts: dict[tuple, int] = {}  # a data set has few image sizes: each is counted once, not once per record
     keys = []
     for i, s in enumerate(samples):
-        try:
-            n_image = sum(image_token_counts(processor, _image_sizes(s))) if s.images else 0
-        except Exception:  # an odd processor: group by text length alone rather than fail the run
-            n_image = 0
-        keys.append((len(s.images), len(lengths[i]) + n_image, i))
+        sizes = tuple(_image_sizes(s)) if s.images else ()
+        if sizes not in counts:
+            try:
+                counts[sizes] = sum(image_token_counts(processor, list(sizes))) if sizes else 0
+            except Exception:  # an odd processor: group by text length alone rather than fail the run
+                counts[sizes] = 0
+        keys.append((len(s.images), len(lengths[i]) + counts[sizes], i))
     batches: list[list[int]] = []
     for n_img, _, i in sorted(keys):
         if batches and len(batches[-1]) < batch_size and len(samples[batches[-1][0]].images) == n_img:
@@ -146,22 +150,31 @@ def plan_batches(processor, samples: list[Sample], prompts: list[str], batch_siz
 def predict_samples(model, chat: Chat, samples: list[Sample], batch_size: int = EVAL_BATCH_SIZE,
                     max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True,
                     on_batch: Callable[[list[int], list[str]], None] | None = None, done: int = 0) -> list[str]:
-    """Answers for `samples` in their order; `on_batch(indices, answers)` is called after every batch."""
+    """Answers for `samples` in their order; `on_batch(indices, answers)` is called after every batch. The next
+    batch's images are read while the model answers this one (a task-planning record has 8 frames to decode)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     processor = chat.processor
+    log.info("preparing %d prompts and their batches", len(samples))  # about a minute for RoboInter's val files
     prompts = [prompt_text(chat, s.messages) for s in samples]
     preds: dict[int, str] = {}
     bar = tqdm(total=done + len(samples), initial=done, desc="generating", unit="rec", disable=not progress)
     start = time.perf_counter()
-    for idx in plan_batches(processor, samples, prompts, batch_size):
-        answers = generate(model, processor, [prompts[i] for i in idx], [load_images(samples[i]) for i in idx],
-                           max_new_tokens)
-        preds.update(zip(idx, answers))
-        if on_batch:
-            on_batch(idx, answers)
-        bar.update(len(idx))
-        bar.set_postfix(rec_s=f"{len(preds) / (time.perf_counter() - start):.2f}")
+    batches = plan_batches(processor, samples, prompts, batch_size)
+    read = lambda idx: [load_images(samples[i]) for i in idx]  # noqa: E731
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, batches[0]) if batches else None
+        for k, idx in enumerate(batches):
+            images = pending.result()  # an unreadable image: its one-line error, raised here
+            pending = pool.submit(read, batches[k + 1]) if k + 1 < len(batches) else None
+            answers = generate(model, processor, [prompts[i] for i in idx], images, max_new_tokens)
+            preds.update(zip(idx, answers))
+            if on_batch:
+                on_batch(idx, answers)
+            bar.update(len(idx))
+            bar.set_postfix(rec_s=f"{len(preds) / (time.perf_counter() - start):.2f}")
     bar.close()
     return [preds[i] for i in range(len(samples))]
 

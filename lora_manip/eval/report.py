@@ -12,7 +12,8 @@ from ..fsutil import atomic_write_json, atomic_write_text
 from ..answers.kinds import task_from_filename
 from .upstream import format_files
 
-__all__ = ["load_predictions", "format_table", "write_outputs", "OUTPUT_FILES"]
+__all__ = ["load_predictions", "read_prediction_files", "format_table", "main_metrics", "write_outputs",
+           "OUTPUT_FILES"]
 
 OUTPUT_FILES = ("metrics.json", "scores.jsonl")
 
@@ -58,6 +59,24 @@ def load_predictions(path: str | os.PathLike) -> list[dict]:
             raise invalid(rec)
         records.append(_check_record(path, rec, i, index.where(i), task))
     return records
+
+
+def read_prediction_files(paths: list[Path]) -> tuple[list[dict], list[str]]:
+    """(every record of every file, the file each came from); a file given twice or one without records is a
+    UserError."""
+    records: list[dict] = []
+    origins: list[str] = []
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        same = seen.setdefault(p.resolve(), p)
+        if same is not p:  # its records would count twice
+            raise UserError(f"{p}: given twice (as {same} and {p}); each predictions file is scored once")
+        got = load_predictions(p)
+        if not got:  # an empty table with exit 0 would read as "scored, all fine"
+            raise UserError(f"{p}: no records (the predictions file is empty); nothing to score")
+        records += got
+        origins += [str(p)] * len(got)
+    return records, origins
 
 
 def _fmt(v: Any) -> str:

@@ -150,8 +150,7 @@ def _generate_and_score(model_path: str, sources: list, out_dir: str | None, gro
     from ..outputs import check_results
     from .report import write_outputs
     from .resume import PredictionLog, record_keys, run_identity
-    from .score import score_records
-    from .table import build_table
+    from .score import score_records, table_summary
 
     prompt, max_new_tokens, backend = cfg.system_prompt, cfg.max_new_tokens, cfg.backend
     samples = [s for group in groups for s in group]
@@ -196,8 +195,8 @@ def _generate_and_score(model_path: str, sources: list, out_dir: str | None, gro
     try:
         rows, summary = score_records(records, cfg.upstream_compatible, **kwargs)
         if cfg.table:
-            summary["table"] = build_table(cfg.table, records, rows, summary, kwargs,
-                                           {src.name: src.path for src in sources})
+            summary["table"] = table_summary(cfg.table, records, rows, summary,
+                                             {src.name: src.path for src in sources}, **kwargs)
     except ValueError as e:
         raise UserError(str(e)) from None
     prompts = {k: r.get("prompt", "") for k, r in zip(keys, records)}

@@ -40,9 +40,9 @@ from ..errors import UserError
 from ..answers.parse import parse_answer
 from ..recipe.names import POINT_THRESHOLD
 from . import pointing, upstream as up
-from .report import load_predictions, write_outputs
+from .report import read_prediction_files, write_outputs
 
-__all__ = ["score_records", "score_files", "summarise_kind", "DEFAULT_DATASET"]
+__all__ = ["score_records", "score_files", "table_summary", "DEFAULT_DATASET"]
 
 DEFAULT_DATASET = "default"
 _TRAJ_METRICS = ("dtw", "frechet", "hausdorff", "endpoint_error")
@@ -354,6 +354,19 @@ def score_records(records: list[dict], upstream_compatible: bool = False, point_
     return rows, summary
 
 
+def table_summary(name: str, records: list[dict], rows: list[dict], summary: dict, files: dict | None = None,
+                  **kwargs) -> dict:
+    """A published table's layout (table.py) for `records`, given their `rows` and `summary` in one mode: the other
+    mode is scored here with score_records' `kwargs` (upstream rules read coordinates their own way)."""
+    from .table import build_table
+
+    if summary["mode"] == "upstream_compatible":
+        strict_rows, strict = score_records(records, False, **kwargs)
+        return build_table(name, strict_rows, strict, rows, files)
+    upstream_rows, _ = score_records(records, True, **{**kwargs, "coords": DEFAULT_COORDS})
+    return build_table(name, rows, summary, upstream_rows, files)
+
+
 def score_files(predictions: list[str | os.PathLike], out: str | os.PathLike | None = None, force: bool = False,
                 upstream_compatible: bool = False, point_threshold: float = POINT_THRESHOLD,
                 task_map: dict | None = None, coords: str = DEFAULT_COORDS,
@@ -363,24 +376,14 @@ def score_files(predictions: list[str | os.PathLike], out: str | os.PathLike | N
     (table.py), in the summary as ``table``. Returns the summary."""
     from ..outputs import check_results, results_folder
     from .report import OUTPUT_FILES
-
-    from .table import build_table, table_problem
+    from .table import table_problem
 
     if table_problem(table):
         raise UserError(table_problem(table))
     paths = [Path(p) for p in predictions]
     if out is not None:
         out = check_results(out, OUTPUT_FILES, force, files=paths)  # before any work; again below, holding it
-    records, origins, seen = [], [], {}
-    for p in paths:
-        same = seen.setdefault(p.resolve(), p)
-        if same is not p:  # its records would count twice
-            raise UserError(f"{p}: given twice (as {same} and {p}); each predictions file is scored once")
-        got = load_predictions(p)
-        if not got:  # an empty table with exit 0 would read as "scored, all fine"
-            raise UserError(f"{p}: no records (the predictions file is empty); nothing to score")
-        records += got
-        origins += [str(p)] * len(got)
+    records, origins = read_prediction_files(paths)
     roots = ([Path(data_root)] if data_root else []) + list(dict.fromkeys(p.parent for p in paths))
     try:
         rows, summary = score_records(records, upstream_compatible, point_threshold, task_map, coords, roots,
@@ -388,8 +391,8 @@ def score_files(predictions: list[str | os.PathLike], out: str | os.PathLike | N
     except ValueError as e:
         raise UserError(str(e)) from None
     if table:
-        summary["table"] = build_table(table, records, rows, summary, dict(
-            point_threshold=point_threshold, task_map=task_map, coords=coords, mask_roots=roots, origins=origins))
+        summary["table"] = table_summary(table, records, rows, summary, point_threshold=point_threshold,
+                                         task_map=task_map, coords=coords, mask_roots=roots, origins=origins)
     if out is not None:
         with results_folder(out, "lora-manip score", OUTPUT_FILES):
             check_results(out, OUTPUT_FILES, force, files=paths)

@@ -9,8 +9,8 @@ scripts name each result file after the val file they read (``eval_details_<file
 accuracy at IoU > 0.1, trajectory files mean DTW in pixels, the eight understanding files accuracy; the Average
 Score is the mean of those row numbers, as upstream prints it.
 
-A record finds its row by its `task` (RoboInter's records carry one), else by its annotation file's name, else by
-its dataset name: without the release's ``full_single_multi_contact_obj_`` prefix, ``rh20t_`` / ``droid_`` / ``vla_``
+A record finds its row as upstream's scorer does, by its val file's name, else (`score`, which sees no annotation
+file) by its `task` (RoboInter's records carry one), else by its dataset name: without the release's ``full_single_multi_contact_obj_`` prefix, ``rh20t_`` / ``droid_`` / ``vla_``
 prefixes and ``_qa`` / split suffixes (``..._traj_qa.json`` is `traj`, the start position given;
 ``..._traj_qa_wo_init_pos.json`` is `traj_wo_init_pos`). Records of no row (contact points, task planning, other
 data) are listed under the table with their strict numbers: nothing evaluated is left out of the printout.
@@ -71,9 +71,9 @@ def _norm(name: str) -> str:
 
 
 def row_key(layout: tuple[Row, ...], task: Any, file: Any, dataset: Any) -> str | None:
-    """The row a record belongs to: by its task, else its annotation file's name, else its dataset name."""
+    """The row a record belongs to: by its annotation file's name, else its task, else its dataset name."""
     keys = {r.key for r in layout}
-    for name in (task, file, dataset):
+    for name in (file, task, dataset):
         if isinstance(name, str) and name and _norm(name) in keys:
             return _norm(name)
     return None
@@ -106,21 +106,14 @@ def _cell(utype: str, rows: list[dict], upstream: bool) -> dict:
     return out
 
 
-def build_table(name: str, records: list[dict], rows: list[dict], summary: dict, score_kwargs: dict,
+def build_table(name: str, strict_rows: list[dict], strict_summary: dict, upstream_rows: list[dict],
                 files: dict[str, str] | None = None) -> dict:
-    """The table `name` for `records`, given their scored `rows` and `summary` in one mode (score.score_records'
-    result): the other mode is scored here with the same `score_kwargs` (point_threshold, task_map, mask_roots,
-    origins). `files`: {dataset: annotation file} (eval knows them; a row is then also found by the file's name)."""
+    """The table `name` from the same records scored both ways (score.py's `score_records`; `table_summary` there
+    scores the second way). `files`: {dataset: annotation file} (eval knows them; a row is then also found by the
+    file's name)."""
     from .report import main_metrics
-    from .score import score_records, summarise_kind
 
     layout = TABLES[name]
-    if summary["mode"] == "upstream_compatible":
-        up_rows = rows
-        strict_rows, _ = score_records(records, False, **score_kwargs)
-    else:
-        strict_rows = rows
-        up_rows, _ = score_records(records, True, **{**score_kwargs, "coords": "normalized"})
     files = files or {}
 
     def grouped(scored: list[dict]) -> dict[str | None, list[dict]]:
@@ -133,7 +126,7 @@ def build_table(name: str, records: list[dict], rows: list[dict], summary: dict,
             out.setdefault(key, []).append(r)
         return out
 
-    strict, up = grouped(strict_rows), grouped(up_rows)
+    strict, up = grouped(strict_rows), grouped(upstream_rows)
     table_rows = []
     for row in layout:
         s, u = strict.get(row.key, []), up.get(row.key, [])
@@ -149,13 +142,14 @@ def build_table(name: str, records: list[dict], rows: list[dict], summary: dict,
     left = strict.get(None, [])
     for ds in dict.fromkeys(r["dataset"] for r in left):
         for kind in dict.fromkeys(r["kind"] for r in left if r["dataset"] == ds):
-            sel = [r for r in left if r["dataset"] == ds and r["kind"] == kind]
-            stats = summarise_kind(kind, sel, summary["point_threshold"])
-            others.append({"dataset": ds, "kind": kind, "count": len(sel),
-                           "parse_failure_rate": stats["parse_failure_rate"],
-                           "metrics": dict(main_metrics(kind, stats))})
+            n = sum(1 for r in left if r["dataset"] == ds and r["kind"] == kind)
+            stats = strict_summary["by_dataset"][ds][kind]
+            whole = stats["count"] == n  # else the file is partly in the table: its own numbers are in the report
+            others.append({"dataset": ds, "kind": kind, "count": n,
+                           "parse_failure_rate": stats["parse_failure_rate"] if whole else None,
+                           "metrics": dict(main_metrics(kind, stats)) if whole else {}})
     return {"name": name, "rows": table_rows, "average": average, "of": len(layout), "others": others,
-            "not_scored": len(summary.get("data_errors") or [])}
+            "not_scored": len(strict_summary.get("data_errors") or [])}
 
 
 def _f(v: Any, digits: int = 3) -> str:
@@ -187,8 +181,10 @@ def format_paper_table(table: dict) -> str:
                      r["metric"], _value(r["type"], r["upstream"], True), _value(r["type"], strict, False), fail])
         group = r["group"]
     avg = table["average"]
-    body.append(["Average Score", f"({avg['upstream_rows']} / {avg['strict_rows']} of {table['of']} rows)", "", "",
-                 _f(avg["upstream"], 4), _f(avg["strict"], 4), ""])
+    rows = str(avg["upstream_rows"]) if avg["upstream_rows"] == avg["strict_rows"] else \
+        f"{avg['upstream_rows']} upstream, {avg['strict_rows']} strict"
+    body.append(["Average Score", f"({rows} of {table['of']} rows)", "", "", _f(avg["upstream"], 4),
+                 _f(avg["strict"], 4), ""])
     widths = [max(len(x[c]) for x in [header] + body) for c in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -207,6 +203,6 @@ def format_paper_table(table: dict) -> str:
         out.append("Not in this table (strict scoring):")
         for o in table["others"]:
             metrics = "  ".join(f"{k}={_f(v)}" for k, v in o["metrics"].items())
-            out.append(f"  {o['dataset']}  {o['kind']}  n={o['count']}  parse-fail="
-                       f"{100.0 * o['parse_failure_rate']:.1f}%  {metrics}")
+            fail = "-" if o["parse_failure_rate"] is None else f"{100.0 * o['parse_failure_rate']:.1f}%"
+            out.append(f"  {o['dataset']}  {o['kind']}  n={o['count']}  parse-fail={fail}  {metrics}".rstrip())
     return "\n".join(out)

@@ -185,8 +185,14 @@ class DistributedCfg(_Strict):
     nproc_per_node: int = Field(1, gt=0, description="Processes (GPUs) per node; > 1 relaunches under torchrun.")
     nnodes: int = Field(1, gt=0)
     node_rank: int = Field(0, ge=0)
-    master_addr: str = "127.0.0.1"
+    master_addr: str = Field("127.0.0.1", description="Node 0's address: the rendezvous host of a multi-node run.")
     master_port: int = Field(29500, ge=1, le=65535)
+    rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous of a multi-node run "
+                                      "(default: master_addr:master_port, under SLURM the job's first node).")
+    max_restarts: int = Field(0, ge=0, description="torchrun restarts of failed processes (they continue from the "
+                              "newest complete checkpoint); the CLI's --max-restarts overrides it.")
+    slurm: bool = Field(True, description="Inside an srun step, take the node count, this node's rank and the "
+                        "rendezvous host from SLURM_* (docs/training.md, \"Several nodes\").")
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config, relative to the recipe file.")
 
 

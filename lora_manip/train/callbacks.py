@@ -1,9 +1,11 @@
-"""Training logs that outlive the terminal: train_log.jsonl (one line per log event) and a loss-curve PNG."""
+"""Training logs that outlive the terminal: train_log.jsonl (one line per log event) and a loss-curve PNG; and the
+stop on SIGTERM / SIGUSR1 that saves a checkpoint first (preemption, docs/training.md "Preemption")."""
 
 from __future__ import annotations
 
 import io
 import json
+import signal
 from pathlib import Path
 
 import torch
@@ -32,6 +34,53 @@ class JsonlLogCallback(TrainerCallback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as f:  # append-only log: a crash loses at most one line
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class Preempted(Exception):
+    """The run was asked to stop (SIGTERM / SIGUSR1) and saved a checkpoint to resume from."""
+
+
+class PreemptionCallback(TrainerCallback):
+    """SIGTERM or SIGUSR1 (SLURM's warning before a time limit) while training: finish the step, save a checkpoint
+    there, stop (Preempted; the command exits with run_folder.PREEMPTED_EXIT). Every process stops at the same step:
+    the flag is agreed over the process group at each step end (one scalar), so a signal that reaches the processes
+    at different steps cannot leave one waiting in a collective for the others."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.asked = self.stopping = False
+        self._previous: dict = {}
+
+    def _ask(self, signum, frame) -> None:
+        self.asked = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            self._previous = {s: signal.signal(s, self._ask) for s in self.SIGNALS}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        asked = self.asked
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            flag = torch.tensor([float(asked)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            asked = bool(flag.item())
+        if asked:
+            self.stopping = control.should_save = control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.stopping:  # the checkpoint is written and marked complete (trainer._save_checkpoint)
+            self.on_train_end(args, state, control)
+            raise Preempted(f"stopped by a signal at step {state.global_step}; the checkpoint is saved: continue "
+                            "with `lora-manip train RECIPE --resume auto`")
 
 
 def part_lrs_and_memory(optimizer, learning_rate: float | None = None) -> dict:

@@ -13,7 +13,13 @@ lock, then writes a per-run token into the folder (`.launch.json`) and hands it 
 torchrun or the deepspeed launcher started by hand, rank 0 prepares and writes the file with a token derived from
 the launch's rendezvous (TORCHELASTIC_RUN_ID, MASTER_ADDR/PORT, WORLD_SIZE), and the other ranks wait for it. A
 stray RANK (or LORA_MANIP_*) in the environment therefore never makes a process skip what rank 0 must do: without
-LOCAL_RANK and WORLD_SIZE it is a single process, and with them it finds no matching launch and stops.
+LOCAL_RANK and WORLD_SIZE it is a single process, and with them it finds no matching launch and stops. Several
+nodes: the launcher of node_rank 0 prepares; the others join (`join_launch`: they wait for node 0's `.launch.json`
+naming this launch, then hand its token to their processes). The file also says whether the run resumes, so every
+process follows node 0's reading of `--resume auto`.
+
+--overwrite moves the old run aside (one rename) and deletes it only once the new run has its first complete
+checkpoint or ends; a start refused before that puts it back.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -32,8 +39,8 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
-from ..fsutil import KIT, atomic_write_text, create_exclusive, finish_tree, output_lock
-from ..outputs import Claim, check_folder, claim_folder, cleanup_partials, contents, holds_cwd, move_aside, resolve
+from ..fsutil import KIT, atomic_write_text, create_exclusive, disk_errors, finish_tree, output_lock
+from ..outputs import Claim, check_folder, claim_folder, cleanup_partials, contents, holds_cwd, partial_dir, resolve
 from ..recipe import Recipe, dump_recipe
 from ..runinfo import DONE_FILE, read_run, start_run
 
@@ -43,7 +50,9 @@ KIND = "train"
 LAUNCH_ENV = "LORA_MANIP_LAUNCH"  # the launcher's token, in the environment of the processes it starts
 LAUNCH_FILE = ".launch.json"  # the same token in the run folder, while the launch lasts
 EXTERNAL_WAIT_S = 300.0  # how long ranks > 0 of a hand-started torchrun wait for rank 0 to prepare the folder
+JOIN_WAIT_S = 900.0  # how long another node's launcher waits for node 0's launch file
 COMPLETE_MARKER = "checkpoint_complete"
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGUSR1 after saving a checkpoint; run again with --resume auto
 # Settings a --resume may change: how long to train, how often to save, log and evaluate, where to listen. Anything
 # else (model, method, LoRA shape, data, batch, optimizer, precision, seeds) would not continue the same run.
 RESUME_MAY_CHANGE = ("train.output_dir", "train.max_steps", "train.epochs", "train.save_steps",
@@ -55,6 +64,7 @@ RESUME_MAY_CHANGE = ("train.output_dir", "train.max_steps", "train.epochs", "tra
 _given: dict[str, str] = {}  # resolved run folder -> train.output_dir as the recipe wrote it (for messages)
 _claims: dict[str, Claim] = {}  # run folders this process created or adopted in this start
 _roles: dict[tuple, "Role"] = {}
+_asides: dict[str, Path] = {}  # run folder -> the --overwrite'd run, moved aside until the new one is safe
 
 
 def in_distributed_run() -> bool:
@@ -84,6 +94,7 @@ class Role:
     rank: int
     launched: bool  # a launcher prepared the folder, holds its lock, and proved it to this process
     run_id: str | None = None
+    resume: bool = False  # the preparing process continues a checkpoint (its reading of --resume / --resume auto)
 
 
 def _external_token() -> str:
@@ -106,11 +117,26 @@ def read_launch(out: Path) -> dict | None:
     return info if isinstance(info, dict) and info.get("kit") == KIT and info.get("token") else None
 
 
-def write_launch(out: Path, run_id: str, token: str) -> None:
-    """The proof the started processes check, beside the run it prepared (removed by `end_launch`)."""
+def write_launch(out: Path, run_id: str, token: str, resume: bool = False, launch: str | None = None) -> None:
+    """The proof the started processes check, beside the run it prepared (removed by `end_launch`); `launch` names
+    the launch for the launchers of the other nodes (join_launch)."""
     (out / LAUNCH_FILE).unlink(missing_ok=True)  # a killed launch's: this process holds the folder's lock now
-    create_exclusive(out / LAUNCH_FILE, json.dumps({"kit": KIT, "token": token, "run_id": run_id,
-                                                    "pid": os.getpid(), "host": socket.gethostname()}).encode())
+    create_exclusive(out / LAUNCH_FILE, json.dumps({"kit": KIT, "token": token, "run_id": run_id, "resume": resume,
+                                                    "launch": launch, "pid": os.getpid(),
+                                                    "host": socket.gethostname()}).encode())
+
+
+def join_launch(out: Path, launch: str, node_rank: int, timeout: float = JOIN_WAIT_S) -> dict:
+    """Node `node_rank` > 0: node 0's launch file for this launch, once node 0 has prepared the run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = read_launch(out)
+        if info is not None and info.get("launch") == launch:
+            return info
+        time.sleep(1.0)
+    raise UserError(f"node_rank {node_rank}: node 0 did not prepare {_shown(out)} for this launch ({launch}) within "
+                    f"{timeout:.0f} s; start `lora-manip train` on node 0 too, with the same recipe, and put "
+                    "train.output_dir on a file system every node shares")
 
 
 def end_launch(out: Path) -> None:
@@ -156,20 +182,21 @@ def role(recipe: Recipe) -> Role:
         if info is None or not secrets.compare_digest(str(info["token"]), token) or not _alive(info):
             raise UserError(f"{LAUNCH_ENV} is set but matches no launch of {_shown(out)} (inherited from another "
                             f"run?); unset it, or start the run with `lora-manip train`")
-        _roles[key] = Role(rank, True, info.get("run_id"))
+        _roles[key] = Role(rank, True, info.get("run_id"), info.get("resume") is True)
     elif rank == 0:
         return Role(0, False)
     else:
-        _roles[key] = Role(rank, True, _wait_for_rank0(out))
+        info = _wait_for_rank0(out)
+        _roles[key] = Role(rank, True, info.get("run_id"), info.get("resume") is True)
     return _roles[key]
 
 
-def _wait_for_rank0(out: Path) -> str | None:
+def _wait_for_rank0(out: Path) -> dict:
     want, deadline = _external_token(), time.monotonic() + EXTERNAL_WAIT_S
     while time.monotonic() < deadline:
         info = read_launch(out)
         if info is not None and secrets.compare_digest(str(info["token"]), want) and _alive(info):
-            return info.get("run_id")
+            return info
         time.sleep(0.5)
     raise UserError(f"RANK={os.environ.get('RANK')} is set, but no rank 0 of this launch prepared {_shown(out)} "
                     f"within {EXTERNAL_WAIT_S:.0f} s (RANK/LOCAL_RANK/WORLD_SIZE inherited from elsewhere?); unset "
@@ -253,16 +280,21 @@ def prepare_output_dir(recipe: Recipe, overwrite: bool, resume: bool) -> str | N
     cleanup_partials(out)
     (out / LAUNCH_FILE).unlink(missing_ok=True)  # a killed launch's proof is no proof for anyone now
     if overwrite and contents(out):
-        # The old run's adapter, recipe or log must never sit beside the new run's: all of it goes, in one rename.
-        move_aside(out, KIND, "train.output_dir")
-        log.warning("--overwrite: deleted the previous run in %s", _shown(out))
+        # The old run's adapter, recipe or log must never sit beside the new run's: all of it goes, in one rename,
+        # and comes back if this start is refused (undo_start).
+        with disk_errors(out):
+            aside = partial_dir(out, "aside-", KIND)
+            os.replace(out, aside / out.name)
+        _asides[str(out)] = aside
+        log.warning("--overwrite: the previous run in %s is set aside, deleted once the new run is under way",
+                    _shown(out))
     claim = claim_folder(out, KIND)
     if claim.new:
         _claims[str(out)] = claim
     previous = read_run(out) if resume else None
     run_id = start_run(out, "train", previous["run_id"] if previous else None)
     if in_distributed_run():  # rank 0 of a hand-started torchrun: the other ranks wait for this
-        write_launch(out, run_id, _external_token())
+        write_launch(out, run_id, _external_token(), resume)
     return run_id
 
 
@@ -270,13 +302,41 @@ def resumable(out: Path) -> bool:
     return (out / DONE_FILE).is_file() or any((p / COMPLETE_MARKER).is_file() for p in out.glob("checkpoint-*"))
 
 
+def resume_auto(recipe: Recipe) -> str:
+    """--resume auto: "fresh" (nothing to continue), "resume" (a complete checkpoint), "done" (the run finished) or
+    "restart" (a run of this recipe killed before its first checkpoint: started again, as --overwrite would)."""
+    out = run_dir(recipe)
+    if not out.is_dir() or not contents(out):
+        return "fresh"
+    check_folder(out, KIND, flag="train.output_dir", name=_shown(out))
+    if (out / DONE_FILE).is_file():
+        return "done"
+    if (out / "recipe.yaml").is_file():
+        check_resume_recipe(out, recipe)  # another recipe's run is neither continued nor replaced
+    return "resume" if resumable(out) else "restart"
+
+
+def drop_aside(out: Path) -> None:
+    """The new run is under way (a complete checkpoint, or its end): the --overwrite'd run goes for good."""
+    aside = _asides.pop(str(out), None)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def undo_start(out: Path) -> None:
     """A run that this process started in a new folder and that stopped before anything worth resuming: remove
-    what it made, so the corrected command starts cleanly."""
+    what it made and put an --overwrite'd run back, so the corrected command starts cleanly."""
     claim = _claims.pop(str(out), None)
-    if claim is not None and not resumable(out):
-        log.warning("removing %s: the run stopped before its first checkpoint", out)
-        claim.undo()
+    if not resumable(out):
+        if claim is not None:
+            log.warning("removing %s: the run stopped before its first checkpoint", out)
+            claim.undo()
+        aside = _asides.pop(str(out), None)
+        if aside is not None and not os.path.lexists(out):
+            os.replace(aside / out.name, out)
+            shutil.rmtree(aside, ignore_errors=True)
+            log.warning("put the previous run back in %s", _shown(out))
+    drop_aside(out)
 
 
 @contextlib.contextmanager
@@ -296,6 +356,7 @@ def run_lock(recipe: Recipe):
             raise
         finally:
             end_launch(out)
+            drop_aside(out)
             _claims.pop(str(out), None)
 
 
@@ -311,6 +372,7 @@ def mark_complete(output_dir: str, step: int) -> None:
     if folder.is_dir():
         finish_tree(folder)
         atomic_write_text(folder / COMPLETE_MARKER, f"step {step}\n")
+        drop_aside(Path(output_dir))  # something to resume from: the --overwrite'd run is not coming back
 
 
 def latest_checkpoint(out: Path) -> str:

@@ -33,7 +33,7 @@ from ..data.collate import DUMMY_IMAGE, Collator
 from ..data.processor import save_processor
 from ..model.adapters import load_extras, save_extras
 from .build import Inputs, Objective, training_arguments
-from .callbacks import part_lrs_and_memory, plot_loss
+from .callbacks import PreemptionCallback, part_lrs_and_memory, plot_loss
 from .loss import IGNORE, loss_at_positions, positions_to_keep, supervised_rows
 from .optim import param_groups
 
@@ -48,6 +48,7 @@ class ManipTrainerMixin:
     def __init__(self, *args, recipe, processor, base_folder=None, **kwargs):
         self.recipe, self.processor, self.base_folder = recipe, processor, base_folder
         super().__init__(*args, **kwargs)
+        self.add_callback(PreemptionCallback())  # SIGTERM / SIGUSR1: save at the next step boundary, stop
 
     def evaluates_at_start(self) -> bool:
         """Whether the run scores the validation set before the first step too (workflow.run_training)."""

@@ -1,0 +1,142 @@
+"""`--table robointer`: the RoboInter paper's rows (upstream's fourteen eval files, in its order), each scored by the
+upstream-compatible and the strict rules side by side, and the Average Score both ways, checked on hand-made
+predictions whose numbers are worked out by hand below."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from typer.testing import CliRunner
+
+from lora_manip.cli import app
+from lora_manip.eval.table import TABLES, format_paper_table, row_key
+
+runner = CliRunner()
+
+# upstream's json_name_list (generation.py), in its order
+UPSTREAM_FILES = ["contact_box", "current_box", "final_box", "gripper_det", "traj", "traj_wo_init_pos",
+                  "contact_decide", "grasppose_choice", "grounding_choice", "traj_choice", "traj_direction_choice",
+                  "traj_direction_choice_with_traj", "trajlang_choice", "trajlang_sub_choice"]
+
+
+def _box(a, b):
+    return json.dumps({"contact_bbox": [a, b]})
+
+
+def _traj(*pts):
+    return json.dumps({"future_traj": [list(p) for p in pts]})
+
+
+# RH20T ids: upstream reads the frame as 640x480 (it ignores w / h); strict reads the records' w / h, the same here.
+RECORDS = [
+    # contact_box. 1: exact, IoU 1. 2: [0, 0, 0.4, 0.4] against [0.2, 0, 0.6, 0.4]: overlap 0.2 x 0.4 = 0.08, union
+    # 0.16 + 0.16 - 0.08 = 0.24, IoU 1/3 (scaling both axes keeps it). Mean IoU 2/3, both above 0.1.
+    {"id": "RH20T_cb_0", "task": "contact_box", "pred": _box([0.1, 0.1], [0.5, 0.5]),
+     "gt": _box([0.1, 0.1], [0.5, 0.5]), "w": 640, "h": 480},
+    {"id": "RH20T_cb_1", "task": "contact_box", "pred": _box([0.2, 0.0], [0.6, 0.4]),
+     "gt": _box([0.0, 0.0], [0.4, 0.4]), "w": 640, "h": 480},
+    # traj. 1: every point 0.1 lower: 48 px each, DTW 48 + 48 = 96 px. 2: exact, DTW 0, which upstream drops
+    # (upstream mean 96 over 1, 1 dropped); strict keeps it (mean 48).
+    {"id": "RH20T_t_0", "task": "traj", "pred": _traj((0.1, 0.2), (0.2, 0.2)), "gt": _traj((0.1, 0.1), (0.2, 0.1)),
+     "w": 640, "h": 480},
+    {"id": "RH20T_t_1", "task": "traj", "pred": _traj((0.1, 0.1), (0.2, 0.1)), "gt": _traj((0.1, 0.1), (0.2, 0.1)),
+     "w": 640, "h": 480},
+    # contact_decide: an empty answer is right upstream ("" is in "Yes"), wrong strict. Accuracy 1.0 vs 0.5.
+    {"id": "RH20T_d_0", "task": "contact_decide", "pred": "", "gt": "Yes"},
+    {"id": "RH20T_d_1", "task": "contact_decide", "pred": "No", "gt": "No"},
+    # grounding_choice: the "A" of "As" makes it right upstream; strict reads the letter C. 1.0 vs 0.0.
+    {"id": "RH20T_g_0", "task": "grounding_choice", "pred": "As the image shows, C", "gt": "A"},
+    # no task: its dataset names the row (final_box, the one box, exact: IoU 1 both ways)
+    {"id": "RH20T_f_0", "dataset": "rh20t_vla_final_box_val", "pred": _box([0.2, 0.2], [0.4, 0.6]),
+     "gt": _box([0.2, 0.2], [0.4, 0.6]), "w": 640, "h": 480},
+    # in no row of the table: listed under it
+    {"id": "RH20T_p_0", "task": "contact_point", "pred": "[[0.5, 0.5], [0.6, 0.5]]",
+     "gt": json.dumps({"contact_point": [[0.5, 0.5], [0.6, 0.5]]}), "w": 640, "h": 480},
+]
+UPSTREAM = {"contact_box": 2 / 3, "final_box": 1.0, "traj": 96.0, "contact_decide": 1.0, "grounding_choice": 1.0}
+STRICT = {"contact_box": 2 / 3, "final_box": 1.0, "traj": 48.0, "contact_decide": 0.5, "grounding_choice": 0.0}
+
+
+def _score(tmp_path, *flags):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    res = runner.invoke(app, ["score", str(preds), "--table", "robointer", "--out", str(tmp_path / "s"), *flags])
+    assert res.exit_code == 0, res.output
+    return res.output, json.loads((tmp_path / "s" / "metrics.json").read_text())["table"]
+
+
+def test_the_layout_is_upstreams_fourteen_files_in_its_order():
+    assert [r.key for r in TABLES["robointer"]] == UPSTREAM_FILES
+    assert {r.utype for r in TABLES["robointer"][:4]} == {"box"} and {r.utype for r in TABLES["robointer"][4:6]} == {
+        "traj"} and {r.utype for r in TABLES["robointer"][6:]} == {"decide"}
+
+
+def test_the_rows_and_their_arithmetic_both_ways(tmp_path):
+    output, table = _score(tmp_path)
+    rows = {r["key"]: r for r in table["rows"]}
+    assert [r["key"] for r in table["rows"]] == UPSTREAM_FILES
+    for key, value in UPSTREAM.items():
+        assert abs(rows[key]["upstream"]["score"] - value) < 1e-9, key
+        assert abs(rows[key]["strict"]["score"] - STRICT[key]) < 1e-9, key
+    assert rows["contact_box"]["upstream"]["acc@0.1"] == rows["contact_box"]["strict"]["acc@0.1"] == 1.0
+    assert rows["traj"]["upstream"]["n_dropped"] == 1 and rows["traj"]["count"] == 2
+    assert rows["contact_decide"]["strict"]["parse_failure_rate"] == 0.5  # the empty answer
+    assert all(rows[k]["count"] == 0 and rows[k]["strict"] is None for k in UPSTREAM_FILES if k not in UPSTREAM)
+    assert abs(table["average"]["upstream"] - sum(UPSTREAM.values()) / 5) < 1e-9  # 19.9333
+    assert abs(table["average"]["strict"] - sum(STRICT.values()) / 5) < 1e-9  # 10.0333
+    assert table["average"]["upstream_rows"] == table["average"]["strict_rows"] == 5
+    assert [(o["dataset"], o["kind"], o["count"]) for o in table["others"]] == [("default", "point", 1)]
+    assert table["others"][0]["metrics"]["mean_distance"] == 0.0
+
+    printed = output[output.index("robointer table"):]
+    lines = printed.splitlines()
+    assert [line.split()[1 if line.startswith(("Generation", "Understanding")) else 0] for line in lines[3:17]] == \
+        UPSTREAM_FILES  # one line per row, in upstream's order, the group named once
+    assert re.search(r"contact_box +2 +mIoU / IoU>0.1 +0.667 / 1.000 +0.667 / 1.000 +0.0%", printed)
+    assert re.search(r"traj +2 +DTW \(px\) +96.00 \(1 dropped\) +48.00 +0.0%", printed)
+    assert re.search(r"contact_decide +2 +accuracy +1.000 +0.500 +50.0%", printed)
+    assert re.search(r"current_box +- +mIoU / IoU>0.1 +not evaluated +not evaluated", printed)
+    assert re.search(r"Average Score +\(5 of 14 rows\) +19.9333 +10.0333", printed)
+    assert "Not in this table" in printed and "default  point  n=1" in printed
+
+
+def test_the_table_is_the_same_whichever_scorer_leads(tmp_path):
+    _, strict_led = _score(tmp_path / "a")
+    _, upstream_led = _score(tmp_path / "b", "--upstream-compatible")
+    assert strict_led == upstream_led
+
+
+def test_a_row_is_found_by_file_then_task_then_dataset():
+    layout = TABLES["robointer"]
+    release = "Generation/meta/val/llava_format/full_single_multi_contact_obj_"
+    assert row_key(layout, None, release + "traj_qa.json", "x") == "traj"  # the start position given
+    assert row_key(layout, None, release + "traj_qa_wo_init_pos.json", "x") == "traj_wo_init_pos"
+    assert row_key(layout, None, release + "gripper_det_qa.json", "x") == "gripper_det"
+    assert row_key(layout, "traj_wo_init_pos", release + "traj_qa.json", "x") == "traj"  # upstream goes by file
+    assert row_key(layout, "traj_wo_init_pos", release + "val_misc.json", "x") == "traj_wo_init_pos"
+    assert row_key(layout, "box", None, "eval_details_current_box") == "current_box"
+    assert row_key(layout, None, None, "rh20t_traj_lang_choice_qa_val") == "trajlang_choice"
+    assert row_key(layout, "contact_point", "contact_point.json", "contact_point") is None
+
+
+def test_unknown_table_is_one_line(tmp_path):
+    preds = tmp_path / "p.jsonl"
+    preds.write_text('{"id": 1, "pred": "A", "gt": "A"}\n')
+    res = runner.invoke(app, ["score", str(preds), "--table", "paper"])
+    assert res.exit_code == 2 and "--table paper: choose one of robointer" in res.output
+    data = tmp_path / "d.json"
+    data.write_text("[]")
+    res = runner.invoke(app, ["eval", str(tmp_path / "no-model"), "--data", str(data), "--table", "paper"])
+    assert res.exit_code == 2 and "choose one of robointer" in res.output  # before anything loads
+
+
+def test_strict_dtw_without_an_image_size_says_so():
+    table = {"name": "robointer", "of": 14, "not_scored": 0, "others": [],
+             "average": {"upstream": None, "strict": None, "upstream_rows": 0, "strict_rows": 0},
+             "rows": [{"key": "traj", "group": "Generation", "type": "traj", "metric": "DTW (px)", "count": 1,
+                       "upstream": None, "strict": {"count": 1, "parse_failure_rate": 0.0, "dtw_px": None,
+                                                    "n_scored_px": 0, "score": None, "no_size": 1}}]}
+    text = format_paper_table(table)
+    assert "- (no w/h)" in text and "needs each record's image size" in text
