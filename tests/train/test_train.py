@@ -68,7 +68,7 @@ def test_attention_and_quantisation_refused_before_loading(tiny_model_dir, synth
         pytest.skip("flash-attention may be available on this machine")
     recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, synth_dir, tmp_path / "run",
                                                model__attn_implementation="flash_attention_2"))
-    with pytest.raises(UserError, match="flash_attention_2 needs a CUDA GPU"):
+    with pytest.raises(UserError, match="flash_attention_2 cannot be used: no CUDA GPU"):
         build_trainer(recipe)
     assert not (tmp_path / "run").exists()
 
