@@ -252,7 +252,7 @@ def test_readme_is_a_short_guide_that_starts_with_the_two_commands():
     blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
     ci = (ROOT / ".ci" / "run").read_text()
     test_command = blocks[1].strip()
-    assert "lora-manip demo" in blocks[0] and test_command.endswith("python -m pytest -q")
+    assert "lora-manip demo" in blocks[0] and test_command.endswith("python -m pytest -q -n 2")
     assert test_command in ci, "the README's test command is the one .ci/run runs"
     assert 'python -m pytest -q -m "not slow"' in readme
     for page in ("training", "data", "evaluation", "merge-convert", "grpo", "reliability", "benchmarks"):

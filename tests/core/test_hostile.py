@@ -389,7 +389,7 @@ def test_overwrite_through_a_link_replaces_the_run_it_leads_to_and_says_so(input
     code, out = cli("train", inputs.recipe, "--set", f"train.output_dir={link}", "--overwrite")
     assert code == 0, out
     assert link.is_symlink() and json.loads((finished / "run.json").read_text())["run_id"] != old_id
-    assert f"deleted the previous run in {finished} (train.output_dir {link})" in caplog.text
+    assert f"the previous run in {finished} (train.output_dir {link}) is set aside" in caplog.text
 
 
 def test_a_stray_rank_never_skips_what_rank_0_does(inputs, finished, monkeypatch):

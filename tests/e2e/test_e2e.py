@@ -171,8 +171,15 @@ def test_the_launcher_checks_and_prepares_once_for_the_processes_it_starts(tmp_p
         monkeypatch.delenv(var, raising=False)
     checked, started = [], []
     monkeypatch.setattr(preflight, "check_run", checked.append)
-    monkeypatch.setattr(launch.subprocess, "call", lambda cmd, env: started.append(
-        (cmd, env, run_folder.read_launch(tmp_path / "run"))) or 0)  # what the processes find while they run
+
+    class FakeTorchrun:  # records what the processes would find while they run
+        def __init__(self, cmd, env, **_):
+            started.append((cmd, env, run_folder.read_launch(tmp_path / "run")))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(launch.subprocess, "Popen", FakeTorchrun)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "m", tmp_path / "d", tmp_path / "run")))
     code, out = cli("train", recipe, "--set", "distributed.nproc_per_node=2", "--set", "lora.r=4")
