@@ -217,8 +217,8 @@ PointThresholdOpt = typer.Option(POINT_THRESHOLD, help="Contact-point hit radius
 
 
 TableOpt = typer.Option(None, "--table", help=f"Also print a published table's layout: {_one_of(TABLE_NAMES)} "
-                        "(the RoboInter paper's rows: one per val file), upstream-compatible and strict side by side; "
-                        "in metrics.json as `table`.")
+                        "(robointer: the paper's Table 3, column by column; robointer-files: upstream's scorer, one row per "
+                        "val file), upstream-compatible and strict side by side; in metrics.json as `table`.")
 
 
 def _echo_tables(summary: dict) -> None:

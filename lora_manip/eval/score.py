@@ -12,8 +12,8 @@ parse (including an empty one):
 - trajectory: excluded from the distances (means are over parsed predictions; see ``parse_failure_rate``);
 - pointing: accuracy 0; choice / yesno: wrong; planning: BLEU 0.
 
-Upstream-compatible mode scores box / trajectory / choice / yes-no records with RoboInter's rules (upstream.py) and
-pointing records with RoboPoint's (pointing.py), and adds upstream's per-file table and "Average Score".
+Upstream-compatible mode scores box / trajectory / choice / yes-no records with RoboInter's rules (upstream.py; by
+id, its task-planning ones), pointing records with RoboPoint's (pointing.py), and adds upstream's per-file table.
 
 A record that cannot be scored (no ``pred``, a ground truth that does not parse as its kind or that data check
 would refuse (answers/coordinates.truth_problem), an id that is not a string or integer or that an earlier record
@@ -172,7 +172,7 @@ class _Scorer:
         if gt_problem:
             raise _DataError("gt", gt_problem)
         kind = tk.kind
-        if self.upstream and kind in up.UPSTREAM_TYPE and tk.source != "guess":
+        if self.upstream and (kind in up.UPSTREAM_TYPE and tk.source != "guess" or up.planning_type(rid)):
             return self._upstream(kind, rec, row, pred_text, gt_text)  # upstream does not parse ground truths
         gt = parse_answer(gt_text, kind)
         if not gt.ok and tk.source == "guess":  # a name guess the ground truth contradicts: trust a clear format

@@ -1,26 +1,37 @@
-"""A published table's layout (`eval` / `score --table robointer`): one row per file of the benchmark, each row
-scored by the upstream-compatible rules and by the strict ones side by side, then the Average Score both ways.
+"""Published tables' layouts (`eval` / `score --table NAME`): each line of the table scored by the upstream-compatible
+rules and by the strict ones side by side, from the same records.
 
-RoboInter (`robointer`): the rows are the fourteen files RoboInter's scorer reads, in its order, with its task type
-for each (``json_name_list`` and ``task_type`` of ``RoboInterVLM/RoboInterVLM-QwenVL/eval/benchmark/
-eval_llava_format/manip/generation.py``, InternRobotics/RoboInter; docs/evaluation.md has the commit). Its inference
-scripts name each result file after the val file they read (``eval_details_<file stem>.json``,
-``eval_manip/evaluation_intermediate.py``), so a row is the val file of that name. Per row: box files mean IoU and
-accuracy at IoU > 0.1, trajectory files mean DTW in pixels, the eight understanding files accuracy; the Average
-Score is the mean of those row numbers, as upstream prints it.
+``robointer``: Table 3 of the RoboInter paper ("Performance on RoboInter-VQA spatial and temporal benchmark"), column
+for column in its order and with its units: ACC@IoU>0.1 (%) for the four spatial generation columns, accuracy (%) for
+multiple choice and true/false, DTW in pixels for Trace (lower is better), average BLEU (x100) for Task Planning. The
+paper prints the table as an image (``asset/VLM_table.png`` of InternRobotics/RoboInter); it names columns, not files,
+so which val file feeds which column is read off the release's task descriptions (its ``README_DATA.md``):
+Object G.D. = current_box (the manipulated object's box), Grasp A.F. = contact_box (the gripper's box at contact),
+Place A.F. = final_box (the object's box at the end), Gripper G.D. = gripper_det, Grasp Pose = grasppose_choice,
+Grounding Choice = grounding_choice, Contact = contact_decide, Trace = traj (the file with the start position;
+traj_wo_init_pos is listed under the table), Visual Trace = traj_choice, and the three Task_planning val files
+(planning, choice, decide) for Task Planning, Planning Choice and Task Planning T/F. docs/evaluation.md says so too.
 
-A record finds its row as upstream's scorer does, by its val file's name, else (`score`, which sees no annotation
-file) by its `task` (RoboInter's records carry one), else by its dataset name: without the release's ``full_single_multi_contact_obj_`` prefix, ``rh20t_`` / ``droid_`` / ``vla_``
-prefixes and ``_qa`` / split suffixes (``..._traj_qa.json`` is `traj`, the start position given;
-``..._traj_qa_wo_init_pos.json`` is `traj_wo_init_pos`). Records of no row (contact points, task planning, other
-data) are listed under the table with their strict numbers: nothing evaluated is left out of the printout.
+``robointer-files``: upstream's scorer printout, one row per file it reads, in its order, with its task type for each
+(``json_name_list`` and ``task_type`` of ``eval_llava_format/manip/generation.py``), and its "Average Score" (the mean
+of the rows' mean IoU, DTW in pixels and accuracy, as upstream prints it).
+
+A record finds its line as upstream finds it: by its val file's name, else by upstream's task-planning names in its
+id (how ``task_planning/eval.py`` sorts records), else by its `task`, else by its dataset name: without the release's
+``full_single_multi_contact_obj_`` prefix, ``rh20t_`` / ``droid_`` / ``vla_`` / ``manipvqa_`` prefixes and ``_qa`` /
+split suffixes (``..._traj_qa.json`` is `traj`, the start position given; ``..._traj_qa_wo_init_pos.json`` is
+`traj_wo_init_pos`; ``Task_planning/meta/val/choice/task_planning.json`` is `plan_choice`). Records of no line
+(contact points, other data) are listed under the table with their strict numbers: nothing evaluated is left out.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
+
+from .upstream_planning import planning_type
 
 __all__ = ["TABLES", "TABLE_NAMES", "build_table", "format_paper_table", "row_key", "table_problem"]
 
@@ -29,30 +40,61 @@ __all__ = ["TABLES", "TABLE_NAMES", "build_table", "format_paper_table", "row_ke
 class Row:
     key: str  # the file's name as upstream's scorer spells it (eval_details_<key>.json)
     group: str
-    utype: str  # upstream's task type: box, traj or decide
+    utype: str  # how the line is scored: box, traj, decide (accuracy) or planning (BLEU)
+    label: str = ""  # the paper's column name
+
+
+@dataclass(frozen=True)
+class Layout:
+    title: str
+    rows: tuple[Row, ...]
+    paper: bool  # the paper's units (%, x100) and no Average Score; else upstream's printout
 
 
 _GENERATION = [("contact_box", "box"), ("current_box", "box"), ("final_box", "box"), ("gripper_det", "box"),
                ("traj", "traj"), ("traj_wo_init_pos", "traj")]
 _UNDERSTANDING = ["contact_decide", "grasppose_choice", "grounding_choice", "traj_choice", "traj_direction_choice",
                   "traj_direction_choice_with_traj", "trajlang_choice", "trajlang_sub_choice"]
-TABLES: dict[str, tuple[Row, ...]] = {
-    "robointer": tuple([Row(k, "Generation", t) for k, t in _GENERATION]
-                       + [Row(k, "Understanding", "decide") for k in _UNDERSTANDING]),
+_PAPER = [
+    ("Spatial / Generation", "current_box", "box", "Object G.D."),
+    ("Spatial / Generation", "contact_box", "box", "Grasp A.F."),
+    ("Spatial / Generation", "final_box", "box", "Place A.F."),
+    ("Spatial / Generation", "gripper_det", "box", "Gripper G.D."),
+    ("Spatial / Multiple Choice", "grasppose_choice", "decide", "Grasp Pose"),
+    ("Spatial / Multiple Choice", "grounding_choice", "decide", "Grounding Choice"),
+    ("Spatial / T/F", "contact_decide", "decide", "Contact"),
+    ("Temporal / Generation", "traj", "traj", "Trace"),
+    ("Temporal / Generation", "planning", "planning", "Task Planning"),
+    ("Temporal / Multiple Choice", "traj_choice", "decide", "Visual Trace"),
+    ("Temporal / Multiple Choice", "plan_choice", "decide", "Planning Choice"),
+    ("Temporal / T/F", "plan_decide", "decide", "Task Planning"),
+]
+TABLES: dict[str, Layout] = {
+    "robointer": Layout("RoboInter paper, Table 3: one line per column, in the paper's order and units",
+                        tuple(Row(k, g, t, label) for g, k, t, label in _PAPER), paper=True),
+    "robointer-files": Layout("upstream's scorer (generation.py): one row per val file (eval_details_<row>.json)",
+                              tuple([Row(k, "Generation", t, k) for k, t in _GENERATION]
+                                    + [Row(k, "Understanding", "decide", k) for k in _UNDERSTANDING]), paper=False),
 }
 TABLE_NAMES = tuple(TABLES)
+_KNOWN = {r.key for layout in TABLES.values() for r in layout.rows}
 
-# The strict kinds a row's records may have (a choice file's Yes/No questions are yes/no records).
-_KINDS = {"box": ("box",), "traj": ("trajectory",), "decide": ("choice", "yesno")}
-_METRIC = {"box": "mIoU / IoU>0.1", "traj": "DTW (px)", "decide": "accuracy"}
+# The strict kinds a line's records may have (a choice file's Yes/No questions are yes/no records).
+_KINDS = {"box": ("box",), "traj": ("trajectory",), "decide": ("choice", "yesno"), "planning": ("planning",)}
+_METRIC = {False: {"box": "mIoU / IoU>0.1", "traj": "DTW (px)", "decide": "accuracy", "planning": "BLEU"},
+           True: {"box": "ACC@IoU>0.1 %", "traj": "DTW px (lower)", "decide": "ACC %", "planning": "BLEU avg x100"}}
 
 _PREFIX = re.compile(r"^(?:eval_details_)?(?:full_single_multi_contact_obj_)?(?:(?:rh20t|droid)_)?(?:vla_)?")
 _SPLIT = re.compile(r"_(?:train|val|valid|test|eval)$")
-# Other spellings of a row's name: the release's trajectory file without a start position, and upstream's training
-# registry names for the understanding files (docs/data.md lists which name reads which file).
+# Other spellings of a line's name: the release's trajectory file without a start position, upstream's training
+# registry names for the understanding files (docs/data.md lists which name reads which file), and the three
+# Task_planning val files (all called task_planning.json, told apart by their folder).
 _ALIASES = {"traj_qa_wo_init_pos": "traj_wo_init_pos", "traj_lang_choice": "trajlang_choice",
             "traj_lang_sub_choice": "trajlang_sub_choice", "contact_choice": "contact_decide",
-            "graspppose_choice": "grasppose_choice"}
+            "graspppose_choice": "grasppose_choice", "manipvqa_planning": "planning",
+            "manipvqa_choice": "plan_choice", "manipvqa_decide": "plan_decide", "planning/task_planning": "planning",
+            "choice/task_planning": "plan_choice", "decide/task_planning": "plan_decide"}
+_BY_ID = {"planning": "planning", "plan_choice": "plan_choice", "plan_decide": "plan_decide"}
 
 
 def table_problem(name: str | None) -> str | None:
@@ -63,19 +105,28 @@ def table_problem(name: str | None) -> str | None:
 
 
 def _norm(name: str) -> str:
-    n = str(name).strip().lower().replace("-", "_").replace(" ", "_").rsplit("/", 1)[-1]
+    n = str(name).strip().lower().replace("-", "_").replace(" ", "_").replace("\\", "/")
     if n.endswith((".json", ".jsonl")):
         n = n.rsplit(".", 1)[0]
+    parts = PurePath(n).parts
+    if len(parts) >= 2 and parts[-1] == "task_planning":  # Task_planning/meta/val/<which>/task_planning.json
+        n = "/".join(parts[-2:])
+    else:
+        n = parts[-1] if parts else n
     n = _ALIASES.get(n := _SPLIT.sub("", _PREFIX.sub("", n)), n)
     return _ALIASES.get(n := n.removesuffix("_qa"), n)
 
 
-def row_key(layout: tuple[Row, ...], task: Any, file: Any, dataset: Any) -> str | None:
-    """The row a record belongs to: by its annotation file's name, else its task, else its dataset name."""
-    keys = {r.key for r in layout}
-    for name in (file, task, dataset):
-        if isinstance(name, str) and name and _norm(name) in keys:
-            return _norm(name)
+def row_key(layout: Layout, task: Any, file: Any, dataset: Any, rid: Any = None) -> str | None:
+    """The line a record belongs to: by its annotation file's name, else upstream's task-planning names in its id,
+    else its task, else its dataset name. The first of these that names a known line decides, also when that line is
+    not in this layout (a record of the traj_wo_init_pos file whose task says "traj" is not a Trace record)."""
+    keys = {r.key for r in layout.rows}
+    names = [_norm(file) if isinstance(file, str) and file else None, _BY_ID.get(planning_type(rid) or "")]
+    names += [_norm(n) if isinstance(n, str) and n else None for n in (task, dataset)]
+    for name in names:
+        if name in _KNOWN:
+            return name if name in keys else None
     return None
 
 
@@ -84,7 +135,7 @@ def _mean(xs: list[float]) -> float | None:
 
 
 def _cell(utype: str, rows: list[dict], upstream: bool) -> dict:
-    """A row's numbers in one mode; `score` is the one the Average Score averages."""
+    """A line's numbers in one mode; `score` is what upstream's Average Score averages."""
     n = len(rows)
     out: dict[str, Any] = {"count": n}
     if not upstream:
@@ -101,6 +152,8 @@ def _cell(utype: str, rows: list[dict], upstream: bool) -> dict:
         px = [r["dtw_px"] for r in rows if r.get("dtw_px") is not None]
         out.update(dtw_px=_mean(px), n_scored_px=len(px), score=_mean(px),
                    no_size=sum(1 for r in rows if r.get("parse_error") is None and "dtw_px" not in r))
+    elif utype == "planning":  # upstream: task_planning/eval.py's average BLEU; strict: the kit's BLEU
+        out["bleu"] = out["score"] = _mean([r["bleu_avg" if upstream else "bleu"] for r in rows])
     else:
         out["accuracy"] = out["score"] = _mean([1.0 if r["correct"] else 0.0 for r in rows])
     return out
@@ -109,7 +162,7 @@ def _cell(utype: str, rows: list[dict], upstream: bool) -> dict:
 def build_table(name: str, strict_rows: list[dict], strict_summary: dict, upstream_rows: list[dict],
                 files: dict[str, str] | None = None) -> dict:
     """The table `name` from the same records scored both ways (score.py's `score_records`; `table_summary` there
-    scores the second way). `files`: {dataset: annotation file} (eval knows them; a row is then also found by the
+    scores the second way). `files`: {dataset: annotation file} (eval knows them; a line is then also found by the
     file's name)."""
     from .report import main_metrics
 
@@ -119,19 +172,20 @@ def build_table(name: str, strict_rows: list[dict], strict_summary: dict, upstre
     def grouped(scored: list[dict]) -> dict[str | None, list[dict]]:
         out: dict[str | None, list[dict]] = {}
         for r in scored:
-            key = row_key(layout, r.get("task"), files.get(r.get("dataset")), r.get("dataset"))
-            row = next((x for x in layout if x.key == key), None)
+            key = row_key(layout, r.get("task"), files.get(r.get("dataset")), r.get("dataset"), r.get("id"))
+            row = next((x for x in layout.rows if x.key == key), None)
             if row is not None and r["kind"] not in _KINDS[row.utype]:
-                key = None  # a kind this row's rule cannot score (a --task-map override): listed below instead
+                key = None  # a kind this line's rule cannot score (a --task-map override): listed below instead
             out.setdefault(key, []).append(r)
         return out
 
     strict, up = grouped(strict_rows), grouped(upstream_rows)
     table_rows = []
-    for row in layout:
+    for row in layout.rows:
         s, u = strict.get(row.key, []), up.get(row.key, [])
-        table_rows.append({"key": row.key, "group": row.group, "type": row.utype, "metric": _METRIC[row.utype],
-                           "count": len(s), "strict": _cell(row.utype, s, False) if s else None,
+        table_rows.append({"key": row.key, "label": row.label, "group": row.group, "type": row.utype,
+                           "metric": _METRIC[layout.paper][row.utype], "count": len(s),
+                           "strict": _cell(row.utype, s, False) if s else None,
                            "upstream": _cell(row.utype, u, True) if u else None})
     average = {}
     for mode in ("upstream", "strict"):
@@ -140,22 +194,39 @@ def build_table(name: str, strict_rows: list[dict], strict_summary: dict, upstre
         average[f"{mode}_rows"] = len(scores)
     others = []
     left = strict.get(None, [])
-    for ds in dict.fromkeys(r["dataset"] for r in left):
-        for kind in dict.fromkeys(r["kind"] for r in left if r["dataset"] == ds):
-            n = sum(1 for r in left if r["dataset"] == ds and r["kind"] == kind)
-            stats = strict_summary["by_dataset"][ds][kind]
-            whole = stats["count"] == n  # else the file is partly in the table: its own numbers are in the report
-            others.append({"dataset": ds, "kind": kind, "count": n,
-                           "parse_failure_rate": stats["parse_failure_rate"] if whole else None,
-                           "metrics": dict(main_metrics(kind, stats)) if whole else {}})
-    return {"name": name, "rows": table_rows, "average": average, "of": len(layout), "others": others,
-            "not_scored": len(strict_summary.get("data_errors") or [])}
+    for ds, task, kind in dict.fromkeys((r["dataset"], r.get("task"), r["kind"]) for r in left):
+        n = sum(1 for r in left if (r["dataset"], r.get("task"), r["kind"]) == (ds, task, kind))
+        stats = strict_summary["by_dataset"][ds][kind]
+        if stats["count"] != n:  # the file is partly in the table: the records of this task may still be a whole
+            by_task = strict_summary.get("by_task", {}).get(task)
+            stats = by_task if by_task and by_task["kind"] == kind and by_task["count"] == n else None
+        others.append({"dataset": ds, "task": task, "kind": kind, "count": n,
+                       "parse_failure_rate": stats["parse_failure_rate"] if stats else None,
+                       "metrics": dict(main_metrics(kind, stats)) if stats else {}})
+    out = {"name": name, "title": layout.title, "paper": layout.paper, "rows": table_rows, "of": len(layout.rows),
+           "others": others, "not_scored": len(strict_summary.get("data_errors") or [])}
+    if not layout.paper:  # the paper prints no average; upstream's scorer does
+        out["average"] = average
+    return out
 
 
 def _f(v: Any, digits: int = 3) -> str:
     if v is None:
         return "-"
     return f"{v:.{digits}f}" if abs(v) < 1000 else f"{v:.1f}"
+
+
+def _paper_value(utype: str, cell: dict | None, upstream: bool) -> str:
+    """A cell as the paper prints it: percentages and BLEU x100 to one decimal, DTW in whole pixels."""
+    if cell is None:
+        return "not evaluated"
+    if utype == "traj":
+        if cell["dtw_px"] is None:
+            return "- (no w/h)" if not upstream and cell["no_size"] else "-"
+        dropped = f" ({cell['n_dropped']} dropped)" if upstream and cell["n_dropped"] else ""
+        return f"{cell['dtw_px']:.0f}{dropped}"
+    value = {"box": cell.get("acc@0.1"), "planning": cell.get("bleu"), "decide": cell.get("accuracy")}[utype]
+    return "-" if value is None else f"{100.0 * value:.1f}"
 
 
 def _value(utype: str, cell: dict | None, upstream: bool) -> str:
@@ -167,34 +238,47 @@ def _value(utype: str, cell: dict | None, upstream: bool) -> str:
         return f"{_f(cell['dtw_px'], 2)} ({cell['n_dropped']} dropped)" if cell["n_dropped"] else _f(cell["dtw_px"], 2)
     if utype == "traj":
         return _f(cell["dtw_px"], 2) if cell["dtw_px"] is not None or not cell["no_size"] else "- (no w/h)"
-    return _f(cell["accuracy"])
+    return _f(cell["bleu"] if utype == "planning" else cell["accuracy"])
 
 
 def format_paper_table(table: dict) -> str:
-    """The table as aligned text: group, row, n, metric, upstream-compatible, strict, strict parse failures."""
-    header = ["group", "row", "n", "metric", "upstream-compatible", "strict", "parse-fail"]
+    """The table as aligned text: group, line, n, metric, upstream-compatible, strict, strict parse failures."""
+    paper = table.get("paper", False)
+    value = _paper_value if paper else _value
+    header = ["group", "column" if paper else "row", "file" if paper else "", "n", "metric", "upstream-compatible",
+              "strict", "parse-fail"]
     body, group = [], None
     for r in table["rows"]:
         strict = r["strict"]
         fail = "-" if strict is None else f"{100.0 * strict['parse_failure_rate']:.1f}%"
-        body.append(["" if r["group"] == group else r["group"], r["key"], str(r["count"]) if r["count"] else "-",
-                     r["metric"], _value(r["type"], r["upstream"], True), _value(r["type"], strict, False), fail])
+        body.append(["" if r["group"] == group else r["group"], r["label"], r["key"] if paper else "",
+                     str(r["count"]) if r["count"] else "-", r["metric"], value(r["type"], r["upstream"], True),
+                     value(r["type"], strict, False), fail])
         group = r["group"]
-    avg = table["average"]
-    rows = str(avg["upstream_rows"]) if avg["upstream_rows"] == avg["strict_rows"] else \
-        f"{avg['upstream_rows']} upstream, {avg['strict_rows']} strict"
-    body.append(["Average Score", f"({rows} of {table['of']} rows)", "", "", _f(avg["upstream"], 4),
-                 _f(avg["strict"], 4), ""])
+    if not paper:  # upstream's scorer has no file column: its row is the file
+        header.pop(2)
+        for line_ in body:
+            line_.pop(2)
+        avg = table["average"]
+        rows = str(avg["upstream_rows"]) if avg["upstream_rows"] == avg["strict_rows"] else \
+            f"{avg['upstream_rows']} upstream, {avg['strict_rows']} strict"
+        body.append(["Average Score", f"({rows} of {table['of']} rows)", "", "", _f(avg["upstream"], 4),
+                     _f(avg["strict"], 4), ""])
+    num = {header.index("n"), len(header) - 1}
     widths = [max(len(x[c]) for x in [header] + body) for c in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(widths[i]) if i in (2, 6) else c.ljust(widths[i]) for i, c in enumerate(cells)).rstrip()
+        return "  ".join(c.rjust(widths[i]) if i in num else c.ljust(widths[i]) for i, c in enumerate(cells)).rstrip()
 
-    out = [f"{table['name']} table: one row per val file (upstream's eval_details_<row>.json); "
-           "upstream-compatible and strict side by side",
-           line(header), line(["-" * w for w in widths]), *[line(x) for x in body[:-1]], line(body[-1]),
-           "Average Score: the mean of the rows' mIoU, DTW in pixels and accuracy, as upstream prints it (a number "
-           "DTW dominates); strict: the same over the strict numbers."]
+    out = [f"{table['name']} table ({table.get('title', '')}); upstream-compatible and strict side by side",
+           line(header), line(["-" * w for w in widths]), *[line(x) for x in body]]
+    if paper:
+        cells = [_paper_value(r["type"], r["upstream"], True).split(" (")[0] for r in table["rows"]]
+        out.append("upstream-compatible in the paper's column order: " + " | ".join(
+            "-" if c == "not evaluated" else c for c in cells))
+    else:
+        out.append("Average Score: the mean of the rows' mIoU, DTW in pixels and accuracy, as upstream prints it (a "
+                   "number DTW dominates); strict: the same over the strict numbers.")
     if any(r["strict"] and r["type"] == "traj" and r["strict"]["no_size"] for r in table["rows"]):
         out.append("strict DTW in pixels needs each record's image size (w / h or width / height).")
     if table["not_scored"]:
@@ -204,5 +288,6 @@ def format_paper_table(table: dict) -> str:
         for o in table["others"]:
             metrics = "  ".join(f"{k}={_f(v)}" for k, v in o["metrics"].items())
             fail = "-" if o["parse_failure_rate"] is None else f"{100.0 * o['parse_failure_rate']:.1f}%"
-            out.append(f"  {o['dataset']}  {o['kind']}  n={o['count']}  parse-fail={fail}  {metrics}".rstrip())
+            task = f"  {o['task']}" if o.get("task") and o["task"] != o["dataset"] else ""
+            out.append(f"  {o['dataset']}{task}  {o['kind']}  n={o['count']}  parse-fail={fail}  {metrics}".rstrip())
     return "\n".join(out)

@@ -17,6 +17,10 @@ Upstream knows three task types and scores every file (task) with one of them:
   on the stripped strings, so an empty prediction is correct and any answer that contains the letter anywhere in
   its last 100 characters is correct.
 
+A record whose id names one of the task-planning tasks is scored by upstream's other script, task_planning/eval.py,
+whatever its kind (upstream_planning.py); its per-file entries stay out of the Average Score, which generation.py
+alone prints.
+
 The image size is the record's ``image_size`` field when present, else 640x480 when ``RH20T`` (upper case) is in
 the id, else 320x180 (DROID). The "Average Score" is the mean of the files' scores: mean IoU, mean DTW in pixels and
 accuracy averaged together, as upstream prints it.
@@ -45,11 +49,13 @@ import numpy as np
 
 from ..answers.parse import parse_answer
 from .metrics import dtw_distance, resample_by_index
+from .upstream_planning import PLAN_KIND, format_plan_entry, plan_entries, planning_type, score_plan
 
 __all__ = ["UPSTREAM_TYPE", "numbers", "box_answer", "traj_answer", "image_size", "iou", "decide",
            "trace_points", "vabench_trace", "score_upstream", "summarise_files", "format_files"]
 
-# Kit kind -> upstream task type. Kinds upstream has no scorer for (point, planning, pointing) keep the kit's.
+# Kit kind -> upstream task type. Kinds upstream has no scorer for (point, planning, pointing) keep the kit's,
+# except records whose id names a task-planning task (upstream_planning.py), scored by that script whatever their kind.
 UPSTREAM_TYPE = {"box": "box", "trajectory": "traj", "choice": "decide", "yesno": "decide"}
 
 # Numbers as upstream reads them everywhere except the first box step: no sign, no exponent ("-0.1" -> 0.1,
@@ -209,8 +215,12 @@ def score_upstream(kind: str, pred: str, gt: str, record: dict) -> dict:
     """Per-record scores of one box / trajectory / choice / yesno record as upstream computes them.
 
     Raises ValueError for a ground truth upstream cannot score (a box with fewer than four numbers, a trajectory
-    with no point, an empty choice): upstream crashes on the first and silently drops the others.
+    with no point, an empty choice): upstream crashes on the first and silently drops the others. A record whose id
+    names a task-planning task gets `score_plan`'s fields instead (`kind` among them), whatever `kind` it came with.
     """
+    plan = planning_type(record.get("id"))
+    if plan is not None:
+        return score_plan(plan, pred, gt)
     utype = UPSTREAM_TYPE[kind]
     if utype == "decide":
         if not gt.strip():
@@ -239,10 +249,16 @@ def summarise_files(rows: list[dict]) -> dict:
     """Upstream's per-file numbers (a file is a task name) and its Average Score over files.
 
     Rows need ``task``, ``kind`` and the fields `score_upstream` adds. Files whose kind upstream does not score are
-    left out. A trajectory file whose DTWs are all 0 has no score (upstream divides by zero there)."""
+    left out. A trajectory file whose DTWs are all 0 has no score (upstream divides by zero there). Task-planning
+    rows (``upstream_type``) get `plan_entries`, kept out of the Average Score."""
     files: dict[str, dict] = {}
-    for name in dict.fromkeys(r["task"] for r in rows if r["kind"] in UPSTREAM_TYPE):
-        sel = [r for r in rows if r["task"] == name and r["kind"] in UPSTREAM_TYPE]
+    is_plan = lambda r: r.get("upstream_type") in PLAN_KIND  # noqa: E731
+    for name in dict.fromkeys(r["task"] for r in rows if r["kind"] in UPSTREAM_TYPE or is_plan(r)):
+        plan = [r for r in rows if r["task"] == name and is_plan(r)]
+        sel = [r for r in rows if r["task"] == name and r["kind"] in UPSTREAM_TYPE and not is_plan(r)]
+        files.update(plan_entries(name, plan, bool(sel) or len({r["upstream_type"] for r in plan}) > 1))
+        if not sel:
+            continue
         utype = UPSTREAM_TYPE[sel[0]["kind"]]
         if len({UPSTREAM_TYPE[r["kind"]] for r in sel}) > 1:
             utype = "mixed"
@@ -263,7 +279,7 @@ def summarise_files(rows: list[dict]) -> dict:
         else:
             entry["score"] = None
         files[name] = entry
-    scores = [e["score"] for e in files.values() if e["score"] is not None]
+    scores = [e["score"] for e in files.values() if e["score"] is not None and e["type"] not in PLAN_KIND]
     traces = [r for r in rows if r["kind"] == "trajectory" and "vabench_rmse" in r]
     return {"files": files, "average_score": sum(scores) / len(scores) if scores else None,
             "files_without_score": [n for n, e in files.items() if e["score"] is None],
@@ -289,6 +305,8 @@ def format_files(upstream: dict) -> str:
             lines.append(f"{name} : Mean DTW: {v}  (n={e['count']}, {e['n_dropped']} zero DTW dropped)")
         elif e["type"] == "decide":
             lines.append(f"{name} : Accuracy: {e['accuracy']:.4f}  (n={e['count']})")
+        elif e["type"] in PLAN_KIND:
+            lines.append(format_plan_entry(name, e))
         else:
             lines.append(f"{name} : mixes box / trajectory / choice records; upstream cannot score it")
     trace = upstream.get("vabench_trace")
@@ -298,5 +316,7 @@ def format_files(upstream: dict) -> str:
                      "left out)")
     avg = upstream["average_score"]
     lines.append("Average Score: " + ("-" if avg is None else f"{avg:.4f}")
-                 + "  (mean over files of mean IoU, mean DTW in pixels and accuracy, as upstream prints it)")
+                 + "  (mean over files of mean IoU, mean DTW in pixels and accuracy, as upstream prints it)"
+                 + ("; task-planning lines not in it (task_planning/eval.py prints no average)"
+                    if any(e["type"] in PLAN_KIND for e in upstream["files"].values()) else ""))
     return "\n".join(lines)
