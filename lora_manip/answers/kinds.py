@@ -111,8 +111,9 @@ def classify_task(task: str | None, gt: str | None, task_map: dict[str, str] | N
     5. the ground truth's format: a JSON key containing traj/box/point, a lone letter A-F, a lone Yes/No, a bare
        list of coordinates (2 points -> box, 1 -> point, more -> trajectory), else planning.
 
-    A choice task whose ground truth is Yes/No is scored as yesno (upstream scores both with one rule). The caller
-    should fall back to the format when a *guessed* kind does not fit the ground truth (`source == "guess"`).
+    A choice task whose ground truth is Yes/No is scored as yesno (upstream scores both with one rule); a planning
+    kind guessed from the name yields to a ground truth of another clear shape (a letter, Yes/No, coordinates). The
+    caller should fall back to the format when a *guessed* kind does not fit the ground truth (`source == "guess"`).
     """
     gt_s = gt.strip() if isinstance(gt, str) else ""
     name = task.strip() if isinstance(task, str) else ""
@@ -134,6 +135,12 @@ def classify_task(task: str | None, gt: str | None, task_map: dict[str, str] | N
             found = TaskKind(guess, "guess")
     if found is None:
         return TaskKind(_kind_from_format(gt_s) if gt_s else "planning", "format")
+    if found.kind == "planning" and found.source == "guess" and gt_s:
+        # "plan" in a name is a weak hint: RoboInter's task_planning files mix free-text plans with A-D primitive
+        # choices and Yes/No success questions under one task name; a ground truth of a clear shape says which.
+        shaped = _kind_from_format(gt_s)
+        if shaped != "planning":
+            return TaskKind(shaped, "format")
     if found.kind == "choice" and _YESNO_GT_RE.fullmatch(gt_s):
         return TaskKind("yesno", found.source)
     return found

@@ -13,22 +13,37 @@ recipe path), or the LORA_MANIP_REGISTRY environment variable. A recipe entry th
 annotation_path / data_path gets them from the registry; an entry may also give them inline (then the registry is
 not consulted for that field). `name%NN` samples NN percent of the dataset, like upstream.
 
-`name: all` (upstream's mixture name) stands for every dataset of the registry, in the registry's order, each with
-the entry's other settings (`all%30` samples 30% of each). Upstream's own `all` does not work: the LLaVA-OneVision
-loader's table leaves out `manipvqa_train`, and the Qwen-VL loader registers `"all": None`, which its `data_list`
-then tries to copy. A registry that defines a dataset called `all` gets that dataset instead.
+`name: all` (upstream's mixture name) stands for the registry's datasets, in the registry's order, each with the
+entry's other settings (`all%30` samples 30% of each): in data.train every dataset not named ``*_val`` or ``*_test``
+(the held-out sets `eval --split` reads, never trained on), in data.val every ``*_val`` one. Upstream's
+own `all` does not work: the LLaVA-OneVision loader's table leaves out `manipvqa_train`, and the Qwen-VL loader
+registers `"all": None`, which its `data_list` then tries to copy. A registry that defines a dataset called `all`
+gets that dataset instead.
+
+An annotation_path may end in a glob pattern (`*`, `?`, `[...]` in the file name only; folders are literal), for
+files whose names are not published (RoboInter-VQA's Generation val files: `Generation/meta/val/llava_format/
+*_contact_box_qa.json`). It must match exactly one file, and is matched when its dataset is looked up, not when the
+registry is read: a machine without some of the files can still use the others. A path that exists as written is
+that file, even when its name holds `[` or `*`.
 """
 
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import os
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import yaml
 
+from ..errors import UserError
+
 ENV_VAR = "LORA_MANIP_REGISTRY"
+HELD_OUT = ("_val", "_test")  # name endings of the sets `eval --split` reads; `all` in data.train leaves them out
+_GLOB = re.compile(r"[*?[]")
+_LISTED = 10  # file names an error lists at most
 _PERCENT = re.compile(r"^(?P<name>.*?)%(?P<pct>\d+(?:\.\d+)?)$")
 
 
@@ -46,8 +61,72 @@ def split_percent(name: str) -> tuple[str, float | None]:
     return m["name"], pct / 100
 
 
-def load_registry(path: str | os.PathLike) -> dict[str, dict[str, str]]:
-    """{name: {"annotation_path", "data_path"}} with paths made absolute. Raises ValueError naming the problem."""
+class RegistryError(UserError, ValueError):
+    """A registry dataset's annotation pattern that does not match exactly one file: a UserError for eval's sources, a
+    ValueError for the recipe, which reports it under the entry's key path like the registry's other problems."""
+
+
+class Registry(Mapping):
+    """A registry file's datasets: name -> {"annotation_path", "data_path"}, both absolute. Looking a dataset up
+    resolves its annotation pattern (match_annotation), so training, `data check` and eval all read the same file."""
+
+    def __init__(self, path: Path, entries: dict[str, dict[str, str]], written: dict[str, str]):
+        self.path, self._entries, self._written = path, entries, written
+        self._resolved: dict[str, dict[str, str]] = {}
+
+    def __getitem__(self, name: str) -> dict[str, str]:
+        if name not in self._resolved:
+            entry = self._entries[name]
+            where = f"registry file {self.path}: datasets.{name}.annotation_path {self._written[name]!r}"
+            self._resolved[name] = {**entry, "annotation_path": match_annotation(entry["annotation_path"], where)}
+        return dict(self._resolved[name])
+
+    def data_path(self, name: str) -> str:
+        """The dataset's data_path, its annotation pattern left alone."""
+        return self._entries[name]["data_path"]
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would resolve the pattern
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def match_annotation(path: str, where: str) -> str:
+    """`path` itself when its file name has no glob character or it exists as written; else the one file of its
+    folder whose name matches. Raises RegistryError (one line starting with `where`) on no match or several."""
+    p = Path(path)
+    if not _GLOB.search(p.name) or p.exists():
+        return path
+    folder = p.parent
+    if not folder.is_dir():
+        only = "; only the file name may be a pattern" if _GLOB.search(str(folder)) else ""
+        raise RegistryError(f"{where}: folder {folder} not found (check the registry's root){only}")
+    hidden = p.name.startswith(".")  # as glob: `*` does not match a leading dot
+    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") or hidden)
+    hits = [n for n in names if fnmatch.fnmatchcase(n, p.name) and (folder / n).is_file()]
+    if len(hits) == 1:
+        return str(folder / hits[0])
+    if hits:
+        raise RegistryError(f"{where}: {len(hits)} files in {folder} match {p.name!r}: {_listing(hits)}; make the "
+                            "pattern match one of them, or set annotation_path to the file")
+    files = [n for n in names if n.lower().endswith((".json", ".jsonl")) and (folder / n).is_file()]
+    there = (f"its .json/.jsonl files: {_listing(files)}; set annotation_path to one of them" if files
+             else "it holds no .json/.jsonl file")
+    raise RegistryError(f"{where}: no file in {folder} matches {p.name!r}; {there}")
+
+
+def _listing(names: list[str]) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > _LISTED else ""
+    return ", ".join(names[:_LISTED]) + more
+
+
+def load_registry(path: str | os.PathLike) -> Registry:
+    """{name: {"annotation_path", "data_path"}} with paths made absolute (a Registry: a glob pattern is matched when
+    its dataset is looked up). Raises ValueError naming the problem."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"registry file {path} not found")
@@ -69,7 +148,7 @@ def load_registry(path: str | os.PathLike) -> dict[str, dict[str, str]]:
     root = Path(raw["root"]) if raw.get("root") else path.parent
     if not root.is_absolute():
         root = path.parent / root
-    out = {}
+    out, written = {}, {}
     for name, entry in raw["datasets"].items():
         if not isinstance(entry, dict) or not {"annotation_path", "data_path"} <= set(entry) \
                 or set(entry) - {"annotation_path", "data_path"}:
@@ -78,7 +157,8 @@ def load_registry(path: str | os.PathLike) -> dict[str, dict[str, str]]:
         if bad:
             raise ValueError(f"registry file {path}: datasets.{name}.{bad[0]} must be a path (a string)")
         out[str(name)] = {k: str(root / entry[k]) for k in ("annotation_path", "data_path")}
-    return out
+        written[str(name)] = entry["annotation_path"]
+    return Registry(path, out, written)
 
 
 ALL = "all"
@@ -89,7 +169,7 @@ class _Registry:
 
     def __init__(self, path: str | None, errors: list[str]):
         self.path, self.errors = path, errors
-        self.table: dict | None = None
+        self.table: Registry | None = None
         self.why_not: str | None = None
 
     def get(self, name: str) -> dict | None:
@@ -121,8 +201,9 @@ def _split_name(entry: dict, key: str, errors: list[str]) -> dict | None:
     return {**entry, "name": base, "sample": fraction}
 
 
-def _expand_all(entry: dict, key: str, registry: _Registry, errors: list[str]) -> list[dict]:
-    """`name: all` -> one entry per registry dataset (the entry's other settings on each)."""
+def _expand_all(entry: dict, key: str, split: str, registry: _Registry, errors: list[str]) -> list[dict]:
+    """`name: all` -> one entry per registry dataset of the split (the entry's other settings on each): in data.train
+    the datasets not named *_val / *_test, in data.val the *_val ones."""
     inline = [k for k in ("annotation_path", "data_path") if entry.get(k) is not None]
     if inline:
         errors.append(f"{key}.name: `all` stands for every dataset of the registry; it takes no {inline[0]}")
@@ -132,9 +213,12 @@ def _expand_all(entry: dict, key: str, registry: _Registry, errors: list[str]) -
         if registry.why_not:
             errors.append(f"{key}.name: {registry.why_not}")
         return []
-    if not table:
-        errors.append(f"{key}.name: `all`: registry {registry.path} lists no datasets")
-    return [{**entry, "name": name} for name in table]
+    names = [n for n in table if n.endswith("_val")] if split == "val" else [n for n in table
+                                                                            if not n.endswith(HELD_OUT)]
+    if not names:
+        which = "*_val datasets" if split == "val" else "datasets (but *_val / *_test ones)" if table else "datasets"
+        errors.append(f"{key}.name: `all`: registry {registry.path} lists no {which}")
+    return [{**entry, "name": name} for name in names]
 
 
 def resolve_data_section(data: dict) -> dict:
@@ -159,7 +243,7 @@ def resolve_data_section(data: dict) -> dict:
                 continue
             name = entry.get("name")
             if name == ALL and ALL not in (registry.get(ALL) or {}):
-                expanded = _expand_all(entry, key, registry, errors)
+                expanded = _expand_all(entry, key, split, registry, errors)
                 from_all |= {e["name"] for e in expanded}
                 resolved += [_fill(e, key, registry, errors) for e in expanded]
                 continue
@@ -190,5 +274,10 @@ def _fill(entry: dict, key: str, registry: _Registry, errors: list[str]) -> dict
         errors.append(f"{key}.name: unknown dataset {name!r} in registry {registry.path}{hint} (`all` names every "
                       f"one of its {len(table)} datasets)")
     else:
-        entry = {**entry, **{k: table[name][k] for k in needs}}
+        try:  # an annotation pattern is matched here, and only when the entry does not give its own file
+            found = table[name] if "annotation_path" in needs else {"data_path": table.data_path(name)}
+        except ValueError as e:
+            errors.append(f"{key}.name: {e}")
+        else:
+            entry = {**entry, **{k: found[k] for k in needs}}
     return entry

@@ -313,3 +313,13 @@ def test_box_roundtrip(a, b, prose):
 def test_trajectory_roundtrip(pts):
     text = '{"future_traj": ' + str([list(p) for p in pts]) + "}"
     assert parse_answer(text, "trajectory").value == pts
+
+
+def test_a_planning_guess_yields_to_a_clear_ground_truth():
+    """RoboInter's task_planning files hold free-text plans, A-D primitive choices and Yes/No success questions under
+    one task name: the name's "plan" guess must not score a letter or a Yes/No as a plan (BLEU)."""
+    assert classify_task("task_planning", "Pick up the cup") == ("planning", "guess")
+    assert classify_task("task_planning", "C") == ("choice", "format")
+    assert classify_task("task_planning", "No") == ("yesno", "format")
+    assert classify_task("planning", "C") == ("planning", "name")  # a kind named outright is kept
+    assert classify_task("task_planning", "C", {"task_planning": "planning"}) == ("planning", "task-map")

@@ -1,5 +1,6 @@
 """Issue 24: one `eval` over every val file of the RoboInter-VQA release (the stand-in of
-tests/fixtures/robointer_release.py): several --data files or a registry split in one model load and one progress
+tests/fixtures/robointer_release.py, through recipes/registry/datasets.example.yaml with only `root` set): several
+--data files or a registry split in one model load and one progress
 bar, one row per file, the image size carried into the predictions (pixel DTW), missing images refused before the
 model loads, a failed run that leaves nothing in the way of the next, and a resume across files."""
 
@@ -17,55 +18,49 @@ import lora_manip.eval.generate as gen
 import lora_manip.eval.run as run_mod
 from lora_manip.cli import app
 from lora_manip.errors import UserError
-from tests.fixtures.robointer_release import SOURCES, UNDERSTANDING, write_release
+from lora_manip.eval.sources import resolve_data
+from tests.fixtures.robointer_release import val_annotation_files, write_release
 
 runner = CliRunner()
-PLANNING_VAL = ("planning", "choice", "decide")
+EXAMPLE = Path(__file__).parents[2] / "recipes" / "registry" / "datasets.example.yaml"
 
 
-def _val_files(root: Path) -> list[Path]:
-    """The release's val layout (the dataset card: Generation/meta/val/llava_format/, Understanding/meta/val/,
-    Task_planning/meta/val/{planning,choice,decide}/task_planning.json), one file per task with both robots'
-    records, made from the stand-in's training records (their images exist). Task planning's three files share
-    one name and the ids of their records, as upstream's val files may."""
-    files = []
-    for stem in sorted({p.name for p in root.glob("Generation/meta/train/*/llava_format/*.json")}):
-        records = [r for src in SOURCES for r in json.loads(
-            (root / f"Generation/meta/train/{src}/llava_format/{stem}").read_text())]
-        files.append(_write(root / "Generation/meta/val/llava_format" / stem, records))
-    for task in UNDERSTANDING["rh20t"]:
-        records = [r for src in SOURCES if task in UNDERSTANDING[src]
-                   for r in json.loads((root / f"Understanding/meta/train/{src}/{task}.json").read_text())]
-        files.append(_write(root / f"Understanding/meta/val/{task}.json", records))
-    plans = json.loads((root / "Task_planning/meta/train/manipvqa/task_planning.json").read_text())
-    for kind in PLANNING_VAL:
-        answers = {"planning": None, "choice": "C", "decide": "Yes"}
-        records = [{**r, "conversations": [r["conversations"][0], {"from": "gpt", "value": answers[kind] or
-                                                                     r["conversations"][1]["value"]}]} for r in plans]
-        files.append(_write(root / f"Task_planning/meta/val/{kind}/task_planning.json", records))
-    return files
-
-
-def _write(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records))
-    return path
+def _example_with_root(root: Path, where: Path) -> Path:
+    """The example registry with nothing changed but `root`, as its header tells a user to do."""
+    text = EXAMPLE.read_text()
+    assert text.count("root: /path/to/RoboInter-VQA\n") == 1
+    where.write_text(text.replace("root: /path/to/RoboInter-VQA\n", f"root: {root}\n"))
+    return where
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    """(release root, its val files, a registry naming them *_val beside the training sets)."""
+    """(release root, its 16 val files, the example registry with only `root` set): the release's val layout (the
+    dataset card: Generation/meta/val/llava_format/, Understanding/meta/val/, Task_planning/meta/val/{planning,
+    choice,decide}/task_planning.json), the registry naming them *_val beside the training sets."""
     root = write_release(tmp_path_factory.mktemp("release") / "RoboInter-VQA")
-    files = _val_files(root)
-    datasets = {"rh20t_vla_current_box_train": {"annotation_path": "Generation/meta/train/rh20t/llava_format/"
-                                                "full_single_multi_contact_obj_current_box_qa.json", "data_path": "."}}
-    for f in files:
-        rel = f.relative_to(root)
-        name = "_".join(rel.with_suffix("").parts[-2 if rel.parts[0] == "Task_planning" else -1:])
-        datasets[f"{name}_val"] = {"annotation_path": str(rel), "data_path": "."}
-    registry = root / "datasets.yaml"
-    registry.write_text(yaml.safe_dump({"root": str(root), "datasets": datasets}, sort_keys=False))
-    return root, files, registry
+    return root, val_annotation_files(root), _example_with_root(root, root / "datasets.yaml")
+
+
+def test_the_example_registry_names_every_val_file_once_with_distinct_names(release, tmp_path):
+    root, files, registry = release
+    sources = resolve_data(None, split="val", registry=str(registry))
+    assert sorted(Path(s.path) for s in sources) == files and len(files) == 16  # each file exactly once
+    names = [s.name for s in sources]
+    assert len(set(names)) == 16 and all(n.endswith("_val") for n in names)
+    assert {"manipvqa_planning_val", "manipvqa_choice_val", "manipvqa_decide_val"} <= set(names)  # 3 task_planning.json
+    assert {s.root for s in sources} == {str(root)}
+    gone = root / "Generation/meta/val/llava_format/full_single_multi_contact_obj_final_box_qa.json"
+    moved = gone.with_name("elsewhere.json")
+    gone.rename(moved)
+    try:  # a pattern that matches nothing: one line naming the registry, the dataset and the pattern
+        with pytest.raises(UserError) as e:
+            resolve_data(None, split="val", registry=str(registry))
+    finally:
+        moved.rename(gone)
+    msg = str(e.value)
+    assert "\n" not in msg and str(registry) in msg and "vla_final_box_val" in msg and "*_final_box_qa.json" in msg
+    assert "elsewhere.json" in msg and "set annotation_path to one of them" in msg
 
 
 def _answers(model, processor, prompts, images, max_new_tokens):
@@ -120,44 +115,53 @@ def test_every_val_file_in_one_model_load_with_one_row_each(tiny_model_dir, rele
     metrics = json.loads((out / "metrics.json").read_text())
     names = list(metrics["datasets"])
     assert len(names) == len(files) == 16 and set(metrics["by_dataset"]) == set(names)
-    assert {"planning_task_planning_val", "choice_task_planning_val", "contact_decide_val"} <= set(names)
+    assert {"manipvqa_planning_val", "manipvqa_choice_val", "contact_choice_qa_val"} <= set(names)
     assert sum(d["records"] for d in metrics["datasets"].values()) == metrics["count"] == total
     for name, d in metrics["datasets"].items():  # each file's numbers are its own, in metrics.json
         assert sum(s["count"] for s in metrics["by_dataset"][name].values()) == d["records"]
     preds = _lines(out / "predictions.jsonl")
-    assert len({p["id"] for p in preds}) < len({(p["dataset"], p["id"]) for p in preds}) == len(preds) == total
-    # (the three planning files share their ids: an answer is matched by its file and id)
+    assert len({(p["dataset"], p["id"]) for p in preds}) == len(preds) == total
     traj = [p for p in preds if p.get("task") == "traj"]
     assert traj and all((p["w"], p["h"]) in ((64, 48), (32, 18)) for p in traj)  # RoboInter's h / w carried
-    stats = metrics["by_dataset"]["full_single_multi_contact_obj_traj_qa_val"]["trajectory"]
+    stats = metrics["by_dataset"]["vla_traj_init_point_qa_val"]["trajectory"]
     assert stats["dtw_px"] > 0 and stats["n_scored_px"] == len(traj)  # DTW in pixels, as the paper reports
     report = res.output[:res.output.index("robointer table")]
     assert all(name in report for name in names)  # one row per file in the printed report
     table = metrics["table"]
     by_row = {r["key"]: r for r in table["rows"]}
-    assert by_row["traj"]["count"] == by_row["traj_wo_init_pos"]["count"] == len(traj)
-    assert by_row["grasppose_choice"]["count"] == 2 and by_row["trajlang_sub_choice"]["count"] == 0
-    assert {o["dataset"] for o in table["others"]} >= {"full_single_multi_contact_obj_contact_point_qa_val",
-                                                        "planning_task_planning_val"}
-    assert "upstream-compatible" in res.output and "not evaluated" in res.output
+    assert by_row["traj"]["count"] == len(traj) and by_row["grasppose_choice"]["count"] == 2  # RH20T's only
+    # the three Task_planning files reach their lines by upstream's type names in their ids
+    assert [by_row[k]["upstream"]["count"] for k in ("planning", "plan_choice", "plan_decide")] == [2, 2, 2]
+    # and strict scores each as what its answers are: plans by BLEU, A-D as a choice, Yes/No as yes/no
+    assert [by_row[k]["count"] for k in ("planning", "plan_choice", "plan_decide")] == [2, 2, 2]
+    assert [set(metrics["by_dataset"][f"manipvqa_{x}_val"]) for x in ("planning", "choice", "decide")] == [
+        {"planning"}, {"choice"}, {"yesno"}]
+    assert {o["dataset"] for o in table["others"]} >= {"vla_contact_point_val", "vla_traj_qa_wo_init_pos_val"}
+    assert "upstream-compatible" in res.output
 
 
 def test_several_data_options_and_their_names(tiny_model_dir, release, counted, tmp_path):
     root, files, registry = release
     plans = [f for f in files if f.name == "task_planning.json"]
-    res = runner.invoke(app, ["eval", str(tiny_model_dir), *[a for f in plans for a in ("--data", str(f))],
-                              "--data", "contact_decide_val", "--registry", str(registry), "--data-root", str(root),
+    copy = tmp_path / "copy" / "task_planning.json"  # the same records (and ids) in another file
+    copy.parent.mkdir()
+    shutil.copy(plans[0], copy)
+    res = runner.invoke(app, ["eval", str(tiny_model_dir), *[a for f in [*plans, copy] for a in ("--data", str(f))],
+                              "--data", "contact_choice_qa_val", "--registry", str(registry), "--data-root", str(root),
                               "--out", str(tmp_path / "ev"), "--max-new-tokens", "4", "--limit", "1"])
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert list(metrics["datasets"]) == ["planning/task_planning", "choice/task_planning", "decide/task_planning",
-                                         "contact_decide_val"]  # the same stem told apart by its folder
+    assert list(metrics["datasets"]) == ["choice/task_planning", "decide/task_planning", "planning/task_planning",
+                                         "copy/task_planning", "contact_choice_qa_val"]  # a stem told by its folder
     assert all(d["records"] == 1 for d in metrics["datasets"].values())  # --limit counts per file
+    preds = _lines(tmp_path / "ev" / "predictions.jsonl")
+    assert len({p["id"] for p in preds}) < len({(p["dataset"], p["id"]) for p in preds}) == len(preds) == 5
+    # (the copy shares its ids with the file it copies: an answer is matched by its file and id)
     twice = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", str(plans[0]), "--data", str(plans[0])])
     assert twice.exit_code == 2 and "given twice" in twice.output
-    typo = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", "contact_decid_val", "--registry",
+    typo = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", "contact_choise_qa_val", "--registry",
                                str(registry)])
-    assert typo.exit_code == 2 and "did you mean contact_decide_val" in typo.output
+    assert typo.exit_code == 2 and "did you mean contact_choice_qa_val" in typo.output
     none = runner.invoke(app, ["eval", str(tiny_model_dir), "--split", "test", "--registry", str(registry)])
     assert none.exit_code == 2 and "*_test" in none.output and "_val" in none.output
     unset = runner.invoke(app, ["eval", str(tiny_model_dir), "--split", "val"], env={"LORA_MANIP_REGISTRY": ""})
@@ -247,6 +251,6 @@ def test_a_registry_dataset_reads_its_images_under_its_data_path(tiny_model_dir,
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     shutil.copy(registry, elsewhere / "datasets.yaml")
-    res = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", "contact_decide_val", "--registry",
+    res = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", "contact_choice_qa_val", "--registry",
                               str(elsewhere / "datasets.yaml"), "--max-new-tokens", "4"])
     assert res.exit_code == 0, res.output  # no --data-root: the registry's data_path (the release folder)

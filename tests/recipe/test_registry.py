@@ -156,26 +156,122 @@ def _example_with_root(release: Path, tmp_path: Path) -> Path:
     return path
 
 
-def test_example_registry_names_every_released_training_file(release, tmp_path):
-    from tests.fixtures.robointer_release import train_annotation_files
+def test_example_registry_names_every_released_file(release, tmp_path):
+    from tests.fixtures.robointer_release import train_annotation_files, val_annotation_files
 
     reg = load_registry(_example_with_root(release, tmp_path))
-    listed = sorted(Path(e["annotation_path"]) for e in reg.values())
-    assert listed == train_annotation_files(release)  # each file once, nothing the release lacks
+    train = sorted(Path(e["annotation_path"]) for n, e in reg.items() if not n.endswith("_val"))
+    assert train == train_annotation_files(release)  # each file once, nothing the release lacks
+    val = sorted(Path(e["annotation_path"]) for n, e in reg.items() if n.endswith("_val"))
+    assert val == val_annotation_files(release) and len(val) == 16  # Generation's patterns: each matches one file
     assert {e["data_path"] for e in reg.values()} == {str(release)}  # records carry the release-relative paths
     assert "rh20t_graspppose_choice_qa_train" in reg and "droid_graspppose_choice_qa_train" not in reg
     assert Path(reg["rh20t_vla_traj_qa_train"]["annotation_path"]).name.endswith("_traj_qa_wo_init_pos.json")
+    assert Path(reg["vla_traj_init_point_qa_val"]["annotation_path"]).name.endswith("_traj_qa.json")
+    assert Path(reg["vla_traj_qa_wo_init_pos_val"]["annotation_path"]).name.endswith("_traj_qa_wo_init_pos.json")
+    assert "*" in yaml.safe_load(EXAMPLE.read_text())["datasets"]["vla_contact_box_val"]["annotation_path"]
 
 
 def test_data_check_passes_on_the_release_with_only_root_set(release, tmp_path):
     from lora_manip.data.check import run_check
+    from tests.fixtures.robointer_release import val_annotation_files
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(base({"registry": str(_example_with_root(release, tmp_path)),
-                                           "train": [{"name": "all"}]})))
+                                           "train": [{"name": "all"}], "val": [{"name": "all"}]})))
+    r = recipe_from_dict(yaml.safe_load(recipe.read_text()))
+    assert len(r.data.train) == 26 and not [d for d in r.data.train if d.name.endswith("_val")]  # never trained on
+    assert sorted(Path(d.annotation_path) for d in r.data.val) == val_annotation_files(release)
     report = run_check(str(recipe))
     assert report["ok"], report["problems"][:3]
-    assert len(report["datasets"]) == 26 and report["problem_count"] == 0 and not report["warnings"]
+    assert len(report["datasets"]) == 26 + 16 and report["problem_count"] == 0 and not report["warnings"]
+
+
+# --- annotation_path as a glob pattern (the release's Generation val file names are not published) ---------------
+
+def _pattern_registry(tmp_path: Path, files: list[str], pattern: str, name: str = "gen_val") -> Path:
+    folder = tmp_path / "meta"
+    folder.mkdir(exist_ok=True)
+    for f in files:
+        (folder / f).write_text("[]")
+    path = tmp_path / "datasets.yaml"
+    path.write_text(yaml.safe_dump({"datasets": {
+        name: {"annotation_path": f"meta/{pattern}", "data_path": "."},
+        "plain_train": {"annotation_path": "meta/plain.json", "data_path": "."}}}))
+    return path
+
+
+def test_a_pattern_matches_one_file_and_a_traj_pattern_not_its_wo_init_pos_sibling(tmp_path):
+    reg = _pattern_registry(tmp_path, ["p_traj_qa.json", "p_traj_qa_wo_init_pos.json"], "*_traj_qa.json")
+    assert load_registry(reg)["gen_val"]["annotation_path"] == str(tmp_path / "meta" / "p_traj_qa.json")
+    r = recipe_from_dict(base({"registry": str(reg), "val": [{"name": "gen_val"}],
+                               "train": [{"annotation_path": "a.json", "data_path": "d"}]}))
+    assert r.data.val[0].annotation_path == str(tmp_path / "meta" / "p_traj_qa.json")  # the recipe gets the file
+
+
+@pytest.mark.parametrize("files, message", [
+    (["a_contact_point_qa.json", "notes.txt", *[f"x{i:02d}.json" for i in range(12)]],
+     "registry file {reg}: datasets.gen_val.annotation_path 'meta/*_contact_box_qa.json': no file in {folder} "
+     "matches '*_contact_box_qa.json'; its .json/.jsonl files: a_contact_point_qa.json, x00.json, x01.json, "
+     "x02.json, x03.json, x04.json, x05.json, x06.json, x07.json, x08.json, ... (13 in all); set annotation_path "
+     "to one of them"),
+    (["a_contact_box_qa.json", "b_contact_box_qa.json"],
+     "registry file {reg}: datasets.gen_val.annotation_path 'meta/*_contact_box_qa.json': 2 files in {folder} "
+     "match '*_contact_box_qa.json': a_contact_box_qa.json, b_contact_box_qa.json; make the pattern match one of "
+     "them, or set annotation_path to the file"),
+])
+def test_a_pattern_matching_no_file_or_several_is_one_line(tmp_path, files, message):
+    reg = _pattern_registry(tmp_path, files, "*_contact_box_qa.json")
+    expected = message.format(reg=reg, folder=tmp_path / "meta")
+    table = load_registry(reg)  # reading the registry matches nothing yet
+    with pytest.raises(ValueError) as e:
+        table["gen_val"]
+    assert str(e.value) == expected and isinstance(e.value, UserError)  # eval's sources show it as it is
+    with pytest.raises(UserError) as e:  # a recipe: under the entry's key path, one line
+        recipe_from_dict(base({"registry": str(reg), "train": [{"name": "gen_val"}]}))
+    line = next(x for x in str(e.value).splitlines() if "gen_val" in x)
+    assert line.endswith(expected) and "data.train.0.name" in line
+
+
+def test_a_pattern_is_matched_only_when_its_dataset_is_used(tmp_path):
+    reg = _pattern_registry(tmp_path, ["plain.json"], "*_contact_box_qa.json")
+    r = recipe_from_dict(base({"registry": str(reg), "train": [{"name": "plain_train"}]}))
+    assert r.data.train[0].annotation_path == str(tmp_path / "meta" / "plain.json")
+    given = recipe_from_dict(base({"registry": str(reg),
+                                   "train": [{"name": "gen_val", "annotation_path": "mine.json"}]}))
+    assert given.data.train[0].annotation_path == "mine.json"  # its own file: the pattern is not needed
+    missing = tmp_path / "datasets2.yaml"
+    missing.write_text(yaml.safe_dump({"datasets": {"v_val": {"annotation_path": "nowhere/*.json", "data_path": "."}}}))
+    with pytest.raises(ValueError, match=r"datasets.v_val.annotation_path 'nowhere/\*.json': folder .*nowhere not "
+                                         r"found \(check the registry's root\)$"):
+        load_registry(missing)["v_val"]
+
+
+def test_a_literal_path_is_not_globbed_even_with_brackets_in_its_name(tmp_path):
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    (folder / "val[1].json").write_text("[]")
+    (folder / "val1.json").write_text("[]")  # what `val[1].json` would match as a pattern
+    path = tmp_path / "datasets.yaml"
+    path.write_text(yaml.safe_dump({"datasets": {
+        "bracket_val": {"annotation_path": "meta/val[1].json", "data_path": "."},
+        "absent_val": {"annotation_path": "meta/absent.json", "data_path": "."}}}))
+    reg = load_registry(path)
+    assert reg["bracket_val"]["annotation_path"] == str(folder / "val[1].json")
+    assert reg["absent_val"]["annotation_path"] == str(folder / "absent.json")  # as today: found missing later
+    r = recipe_from_dict(base({"registry": str(path), "train": [{"name": "bracket_val"}]}))
+    assert r.data.train[0].annotation_path == str(folder / "val[1].json")
+
+
+def test_all_leaves_out_held_out_sets_in_train_and_is_the_val_sets_in_val(tmp_path):
+    path = tmp_path / "datasets.yaml"
+    path.write_text(yaml.safe_dump({"datasets": {n: {"annotation_path": f"{n}.json", "data_path": "."} for n in (
+        "a_train", "b", "a_val", "a_test", "interval")}}, sort_keys=False))
+    r = recipe_from_dict(base({"registry": str(path), "train": [{"name": "all"}], "val": [{"name": "all"}]}))
+    assert [d.name for d in r.data.train] == ["a_train", "b", "interval"] and [d.name for d in r.data.val] == ["a_val"]
+    path.write_text(yaml.safe_dump({"datasets": {"a_train": {"annotation_path": "a.json", "data_path": "."}}}))
+    with pytest.raises(UserError, match=r"data.val.0.name: `all`: registry .* lists no \*_val datasets"):
+        recipe_from_dict(base({"registry": str(path), "train": [{"name": "all"}], "val": [{"name": "all"}]}))
 
 
 def test_all_names_every_registry_dataset(registry):
