@@ -117,13 +117,26 @@ def _norm(name: str) -> str:
     return _ALIASES.get(n := n.removesuffix("_qa"), n)
 
 
+def _norm_dataset(name: str) -> str:
+    """A dataset name's line. Upstream's registry names its trajectory sets the other way round from the release's
+    files: ``*_vla_traj_qa_*`` reads ``..._traj_qa_wo_init_pos.json``, ``*_vla_traj_init_point_qa_*`` reads
+    ``..._traj_qa.json`` (the start position given)."""
+    n = str(name).strip().lower()
+    if re.search(r"vla_traj_qa(?:_|$)", n):
+        return "traj_wo_init_pos"
+    if "traj_init_point" in n:
+        return "traj"
+    return _norm(name)
+
+
 def row_key(layout: Layout, task: Any, file: Any, dataset: Any, rid: Any = None) -> str | None:
     """The line a record belongs to: by its annotation file's name, else upstream's task-planning names in its id,
     else its task, else its dataset name. The first of these that names a known line decides, also when that line is
     not in this layout (a record of the traj_wo_init_pos file whose task says "traj" is not a Trace record)."""
     keys = {r.key for r in layout.rows}
     names = [_norm(file) if isinstance(file, str) and file else None, _BY_ID.get(planning_type(rid) or "")]
-    names += [_norm(n) if isinstance(n, str) and n else None for n in (task, dataset)]
+    names.append(_norm(task) if isinstance(task, str) and task else None)
+    names.append(_norm_dataset(dataset) if isinstance(dataset, str) and dataset else None)
     for name in names:
         if name in _KNOWN:
             return name if name in keys else None

@@ -244,3 +244,14 @@ def test_a_task_planning_file_is_told_apart_by_its_folder_or_its_ids():
     assert row_key(layout, None, None, "x", "ep3_Discriminative_Affordance_Negative_Task") == "plan_decide"
     assert row_key(layout, "traj", release_traj := "full_single_multi_contact_obj_traj_qa_wo_init_pos.json", "x") is None
     assert row_key(TABLES["robointer-files"], "traj", release_traj, "x") == "traj_wo_init_pos"
+
+
+def test_upstreams_dataset_names_read_the_trajectory_files_the_other_way_round():
+    """Upstream's registry: rh20t_vla_traj_qa_train reads ..._traj_qa_wo_init_pos.json and
+    rh20t_vla_traj_init_point_qa_train reads ..._traj_qa.json (qwenvl/data/__init__.py)."""
+    files = TABLES["robointer-files"]
+    assert row_key(files, None, None, "rh20t_vla_traj_qa_train") == "traj_wo_init_pos"
+    assert row_key(files, None, None, "droid_vla_traj_init_point_qa_train") == "traj"
+    assert row_key(files, None, None, "vla_traj_init_point_qa_val") == "traj"
+    assert row_key(files, None, None, "vla_traj_qa_wo_init_pos_val") == "traj_wo_init_pos"
+    assert row_key(TABLES["robointer"], None, None, "vla_traj_init_point_qa_val") == "traj"
