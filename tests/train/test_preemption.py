@@ -86,3 +86,18 @@ def test_overwrite_refused_later_puts_the_old_run_back(tiny_model_dir, synth_dir
     assert "set aside" in refused.stderr and "put the previous run back" in refused.stderr
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before  # the old run, whole, in its place
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]
+
+
+def test_auto_without_resume_is_refused_before_anything_happens(tiny_model_dir, synth_dir, tmp_path):
+    """`auto` is read only after --resume (in either order); alone after the recipe it is a one-line error, not a
+    silent `--resume auto`, and the output folder is not created."""
+    from typer.testing import CliRunner
+
+    from lora_manip.cli import app
+
+    recipe = recipe_file(tmp_path, tiny_model_dir, synth_dir, "stray", nproc=1)
+    res = CliRunner().invoke(app, ["train", str(recipe), "auto"])
+    assert res.exit_code == 2 and "unexpected argument 'auto'" in res.output and "--resume auto" in res.output
+    assert not (tmp_path / "stray").exists()
+    res = CliRunner().invoke(app, ["train", "--resume", "auto", str(recipe), "--dry-run"])
+    assert res.exit_code == 0, res.output  # the other order still means --resume auto
