@@ -29,6 +29,9 @@ def unread_settings(r) -> dict[str, str]:
     if r.method == "full":
         out["lora"] = ("only read with method: lora or qlora (method is full, which trains no adapter); remove the "
                        "block or set method: lora")
+    if r.method != "full" and r.model.adapter:  # continue_adapter (train/build.py) keeps the adapter's own settings
+        out["lora"] = ("not read with model.adapter (the adapter's adapter_config.json sets its rank, alpha and "
+                       "target modules); remove the block")
     if r.objective == "grpo":
         # TRL's GRPOTrainer batches prompts itself (one group of num_generations completions per prompt, its own
         # sampler) and has its own loss (grpo.loss_type); these only shape the SFT trainer's batches and loss.

@@ -157,6 +157,7 @@ def test_missing_adapter_and_string_template_refused(tmp_path, tiny_model_dir, c
 
     g = _grpo_dict(tiny_model_dir, synth_dir, tmp_path / "o1")
     g["model"]["adapter"] = str(tmp_path / "nope")
+    g.pop("lora")  # the adapter's own settings are used: a lora block would be refused (below)
     with pytest.raises(UserError, match="model.adapter: .* is not an adapter folder"):
         run_training(recipe_from_dict(g))
     with pytest.raises(UserError, match="typed content parts"):
@@ -210,6 +211,10 @@ def test_grpo_continues_sft_adapter(tmp_path, tiny_model_dir, synth_dir):
     g = _grpo_dict(tiny_model_dir, synth_dir, tmp_path / "grpo", train__max_steps=1)
     g["model"]["adapter"] = str(sft)
     g["grpo"]["rewards"] = {"choice": {"accuracy": 1.0, "format": 0.1}}
+    g["lora"] = {"r": 64}
+    with pytest.raises(UserError, match="lora: not read with model.adapter"):  # it would not change the rank
+        recipe_from_dict(g)
+    g.pop("lora")
     out = run_training(recipe_from_dict(g))
     assert adapter_base(out) == adapter_base(sft)
     assert not (out / "ref").exists()
