@@ -63,17 +63,24 @@ def load_predictions(path: str | os.PathLike) -> list[dict]:
 
 def read_prediction_files(paths: list[Path]) -> tuple[list[dict], list[str]]:
     """(every record of every file, the file each came from); a file given twice or one without records is a
-    UserError."""
+    UserError. With several files, a record without a `dataset` takes its file's name (as eval names files), so
+    each file is a row of its own."""
+    from .sources import file_names
+
     records: list[dict] = []
     origins: list[str] = []
     seen: dict[Path, Path] = {}
-    for p in paths:
+    names = file_names(paths) if len(paths) > 1 else [None] * len(paths)
+    for p, name in zip(paths, names):
         same = seen.setdefault(p.resolve(), p)
         if same is not p:  # its records would count twice
             raise UserError(f"{p}: given twice (as {same} and {p}); each predictions file is scored once")
         got = load_predictions(p)
         if not got:  # an empty table with exit 0 would read as "scored, all fine"
             raise UserError(f"{p}: no records (the predictions file is empty); nothing to score")
+        for rec in got if name else []:
+            if rec.get("dataset") in (None, ""):
+                rec["dataset"] = name
         records += got
         origins += [str(p)] * len(got)
     return records, origins

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..recipe.registry import ENV_VAR, load_registry
 
-__all__ = ["EvalData", "resolve_data", "missing_images"]
+__all__ = ["EvalData", "resolve_data", "missing_images", "file_names"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,11 @@ def _unique_names(items: list[tuple[str, str, bool]]) -> list[str]:
         for i in grow:
             names[i] = "/".join(parts[i][-1 - depth:])
     return names
+
+
+def file_names(paths: list[str | os.PathLike]) -> list[str]:
+    """Each file's dataset name as eval gives it: its stem, with parent folders where stems clash."""
+    return _unique_names([(Path(p).stem, str(p), False) for p in paths])
 
 
 def resolve_data(data: list[str] | None, split: str | None = None, registry: str | None = None,

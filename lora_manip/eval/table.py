@@ -233,11 +233,11 @@ def _paper_value(utype: str, cell: dict | None, upstream: bool) -> str:
     """A cell as the paper prints it: percentages and BLEU x100 to one decimal, DTW in whole pixels."""
     if cell is None:
         return "not evaluated"
-    if utype == "traj":
-        if cell["dtw_px"] is None:
-            return "- (no w/h)" if not upstream and cell["no_size"] else "-"
+    if utype == "traj":  # whole pixels as the paper prints them (hundreds); one decimal below 100 px
         dropped = f" ({cell['n_dropped']} dropped)" if upstream and cell["n_dropped"] else ""
-        return f"{cell['dtw_px']:.0f}{dropped}"
+        if cell["dtw_px"] is None:
+            return "- (no w/h)" if not upstream and cell["no_size"] else f"-{dropped}"
+        return f"{cell['dtw_px']:.{0 if cell['dtw_px'] >= 100 else 1}f}{dropped}"
     value = {"box": cell.get("acc@0.1"), "planning": cell.get("bleu"), "decide": cell.get("accuracy")}[utype]
     return "-" if value is None else f"{100.0 * value:.1f}"
 
@@ -292,6 +292,10 @@ def format_paper_table(table: dict) -> str:
     else:
         out.append("Average Score: the mean of the rows' mIoU, DTW in pixels and accuracy, as upstream prints it (a "
                    "number DTW dominates); strict: the same over the strict numbers.")
+    if any(r["upstream"] and r["type"] == "traj" and r["upstream"]["count"] and r["upstream"]["dtw_px"] is None
+           for r in table["rows"]) and not paper:
+        out.append("A trajectory row whose DTWs are all 0 (dropped) has no upstream number: upstream's script stops "
+                   "there (division by zero); the Average Score here leaves that row out.")
     if any(r["strict"] and r["type"] == "traj" and r["strict"]["no_size"] for r in table["rows"]):
         out.append("strict DTW in pixels needs each record's image size (w / h or width / height).")
     if table["not_scored"]:

@@ -292,3 +292,25 @@ def test_eval_modules_do_not_import_torch():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_several_prediction_files_are_a_row_each(tmp_path):
+    """`score A B`: records without a `dataset` take their file's name (a stem two folders share gets its folder),
+    so each file has its own numbers, as in eval; records that carry a dataset keep it."""
+    from lora_manip.eval.score import score_files
+
+    box = lambda a, b: json.dumps({"current_bbox": [a, b]})  # noqa: E731
+    gt = box([0.1, 0.1], [0.5, 0.5])
+    for folder, name, pred in (("m1", "eval_details_current_box", gt), ("m1", "eval_details_final_box",
+                                                                        box([0.1, 0.1], [0.2, 0.2])),
+                               ("m2", "eval_details_final_box", gt)):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / f"{name}.json").write_text(json.dumps([{"id": 1, "pred": pred, "gt": gt}]))
+    (tmp_path / "tagged.jsonl").write_text(json.dumps({"id": 1, "dataset": "mine", "pred": gt, "gt": gt}) + "\n")
+    files = [tmp_path / "m1" / "eval_details_current_box.json", tmp_path / "m1" / "eval_details_final_box.json",
+             tmp_path / "m2" / "eval_details_final_box.json", tmp_path / "tagged.jsonl"]
+    summary = score_files(files)
+    by = {ds: s["box"]["mean_iou"] for ds, s in summary["by_dataset"].items()}
+    assert by == {"eval_details_current_box": 1.0, "m1/eval_details_final_box": 0.0625,
+                  "m2/eval_details_final_box": 1.0, "mine": 1.0}
+    assert set(score_files(files[:1])["by_dataset"]) == {"default"}  # one file: one row, as before

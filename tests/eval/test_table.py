@@ -221,11 +221,12 @@ def test_the_paper_table_numbers_and_units(tmp_path):
 
     printed = output[output.index("robointer table"):]
     assert re.search(r"Spatial / Generation +Object G.D. +current_box +2 +ACC@IoU>0.1 % +50.0 +50.0 +0.0%", printed)
-    assert re.search(r"Temporal / Generation +Trace +traj +2 +DTW px \(lower\) +96 \(1 dropped\) +48 +0.0%", printed)
+    assert re.search(r"Temporal / Generation +Trace +traj +2 +DTW px \(lower\) +96.0 \(1 dropped\) +48.0 +0.0%",
+                     printed)  # one decimal below 100 px (the paper's hundreds print whole)
     assert re.search(r" +Task Planning +planning +2 +BLEU avg x100 +100.0 +%.1f +0.0%%" % (100 * strict_bleu), printed)
     assert re.search(r"Spatial / T/F +Contact +contact_decide +2 +ACC % +100.0 +50.0 +50.0%", printed)
     assert re.search(r"Grasp A.F. +contact_box +- +ACC@IoU>0.1 % +not evaluated +not evaluated", printed)
-    assert ("upstream-compatible in the paper's column order: 50.0 | - | - | - | - | - | 100.0 | 96 | 100.0 | 100.0 | "
+    assert ("upstream-compatible in the paper's column order: 50.0 | - | - | - | - | - | 100.0 | 96.0 | 100.0 | 100.0 | "
             "100.0 | 50.0") in printed
     assert "Average Score" not in printed  # the paper prints none
 
@@ -255,3 +256,19 @@ def test_upstreams_dataset_names_read_the_trajectory_files_the_other_way_round()
     assert row_key(files, None, None, "vla_traj_init_point_qa_val") == "traj"
     assert row_key(files, None, None, "vla_traj_qa_wo_init_pos_val") == "traj_wo_init_pos"
     assert row_key(TABLES["robointer"], None, None, "vla_traj_init_point_qa_val") == "traj"
+
+
+def test_a_trace_whose_dtws_are_all_dropped_says_so(tmp_path):
+    """Every answer exact: upstream drops every DTW of 0, leaving no number (its script divides by zero there)."""
+    recs = [{**r, "pred": r["gt"]} for r in RECORDS if r.get("task") == "traj"]
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    for name in ("robointer", "robointer-files"):
+        res = runner.invoke(app, ["score", str(preds), "--table", name, "--out", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        printed = res.output[res.output.index(f"{name} table"):]
+        if name == "robointer":
+            assert re.search(r"Trace +traj +2 +DTW px \(lower\) +- \(2 dropped\) +0.0 +0.0%", printed)
+        else:
+            assert re.search(r"traj +2 +DTW \(px\) +- \(2 dropped\) +0.00", printed)
+            assert "upstream's script stops there (division by zero)" in printed
