@@ -22,7 +22,9 @@ the annotation's `task` field, else the kind. COCO coordinates are pixels by def
 
 Output records: {"id", "task", "images": [image], "width", "height", "conversations": [human, gpt]}, the answer
 {"bbox": [[x1, y1], [x2, y2]]} / {"points": [[x, y], ...]} / {"trajectory": [...]} (or the task's own name when
-it names a coordinate key, as `current_bbox` does), rounded to --decimals.
+it names a coordinate key, as `current_bbox` does), rounded to --decimals; `width`/`height` the image's own size
+(every row's image must exist), the image path as normalize.py's Scaler.rebase writes it. A row is refused, with
+its field, when its task is no kind or task name the scorer knows, or when its record would fail `data check`.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ from pathlib import Path
 from typing import Protocol
 
 from ..answers.coordinates import COORD_KEY
-from ..answers.kinds import GEOMETRIC, classify_task
+from ..answers.kinds import GEOMETRIC, KINDS, TASK_KINDS, classify_task
 from ..answers.parse import parse_answer
 from ..answers.units import find, rescale_text, stray_coordinates, value_points
 from ..errors import UserError
 from .records import IMAGE_PLACEHOLDER, Problem
+from .report import MIN_TRAJ_POINTS
+from .validate import text_problems
 
 CSV_REQUIRED = ("image", "task", "question", "answer")
 CSV_OPTIONAL = ("id", "width", "height")
@@ -48,12 +52,17 @@ _TOLERANCE = 1e-6
 
 
 class Scaler(Protocol):
-    """What normalize.py supplies: the unit, and the divisors (x, y) for a record (or why there are none)."""
+    """What normalize.py supplies: the unit, a record's image size (or why there is none), the divisors (x, y) of
+    a size, and an image path as the output writes it (None when it leaves the data root)."""
 
     mode: str
     decimals: int
 
-    def divisors(self, rec: dict) -> tuple[float, float] | str: ...
+    def size(self, rec: dict) -> tuple[int, int] | str: ...
+
+    def divisors(self, size: tuple[int, int]) -> tuple[float, float]: ...
+
+    def rebase(self, rel: str) -> str | None: ...
 
 
 @dataclass
@@ -156,8 +165,12 @@ def read_coco(path: Path, keypoints: str = "points") -> list[Row]:
             continue
         cat = cats.get(ann.get("category_id"), {})
         name = str(cat.get("name") or "object")
-        common = dict(image=img["file_name"], width=img.get("width"), height=img.get("height"))
-        rows += _coco_geometries(ann, aid, where, name, cat, keypoints, common)
+        try:  # a size COCO states must be one (640.0 is); a missing one is read from the image
+            size = {k: _int(str(img[k]), k) for k in ("width", "height") if img.get(k) is not None}
+        except ValueError as e:
+            rows.append(Row(where, str(aid), error=("images", f"image id {img['id']!r}: {e}")))
+            continue
+        rows += _coco_geometries(ann, aid, where, name, cat, keypoints, dict(image=img["file_name"], **size))
     return rows
 
 
@@ -188,9 +201,8 @@ def _coco_geometries(ann: dict, aid, where: str, name: str, cat: dict, keypoints
             return out
         seen = [k for k in range(len(kp) // 3) if kp[3 * k + 2] > 0]
         pts = [(kp[3 * k], kp[3 * k + 1]) for k in seen]
-        if len(pts) < (2 if kind == "trajectory" else 1):
-            out.append(Row(where, rid, error=("keypoints", f"{len(pts)} labelled point(s) (v > 0): too few for a "
-                                                           f"{kind}")))
+        if not pts:  # a trajectory's length: data check's rule, applied to every record (convert_row)
+            out.append(Row(where, rid, error=("keypoints", "no labelled point (v > 0)")))
             return out
         what = ", ".join(str(names[k]) for k in seen if k < len(names)) or "keypoints"
         default = (f"Trace the path of the {name}." if kind == "trajectory" else f"Point to the {what} of the {name}.")
@@ -204,55 +216,79 @@ def _answer_key(task: str, kind: str) -> str:
     return task if COORD_KEY.search(task) and task not in _KEYS else _KEYS[kind]
 
 
-def convert_row(row: Row, scaler: Scaler, seen: set) -> tuple[dict | None, str, str]:
-    """(record, action, detail) with action converted | copied, or (None, "refused", reason)."""
+def _task_problem(row: Row) -> str | None:
+    """Why the row's task is not one the scorer reads a kind from (a kind, a task name of its table, or a name it
+    guesses a kind from), or does not fit the geometry a COCO annotation gives."""
+    tk = classify_task(row.task, None)
+    if tk.source not in ("name", "guess"):
+        return (f"{row.task!r} is not a kind ({', '.join(KINDS)}) or a task name the scorer knows "
+                f"({', '.join(sorted(TASK_KINDS))})")
+    if row.kind and tk.kind != row.kind:
+        return f"{row.task!r} is scored as a {tk.kind}, but the annotation gives a {row.kind}"
+    return None
+
+
+def convert_row(row: Row, scaler: Scaler, seen: set) -> tuple[dict | None, str, str, str]:
+    """(record, action, detail, problem kind) with action converted | copied, or (None, "refused", reason, kind)."""
     if row.error:
-        return None, "refused", f"{row.error[0]}: {row.error[1]}"
+        return None, "refused", f"{row.error[0]}: {row.error[1]}", ""
     if row.rid in seen:
-        return None, "refused", f"id: {row.rid!r} is used by an earlier row"
+        return None, "refused", f"id: {row.rid!r} is used by an earlier row", ""
     seen.add(row.rid)
+    if (why := _task_problem(row)) is not None:
+        return None, "refused", f"task: {why}", ""
     rec: dict = {"id": row.rid, "task": row.task, "images": [row.image]}
     if row.width and row.height:
         rec.update(width=row.width, height=row.height)
+    size = scaler.size(rec)
+    if isinstance(size, str):
+        return None, "refused", f"images: {size}", "missing_image"
+    rec.update(width=size[0], height=size[1])  # every record states its size: eval's pixel distances need it
     kind = row.kind or classify_task(row.task, row.answer).kind
     question = row.question if IMAGE_PLACEHOLDER in row.question else f"{IMAGE_PLACEHOLDER}\n{row.question}"
     in_question = find(question, bare=False)
-    divisors = None
-    if kind in GEOMETRIC or in_question.lists or in_question.odd:
-        divisors = scaler.divisors(rec)
-        if isinstance(divisors, str):
-            return None, "refused", f"images: no image size ({divisors}); add width and height"
+    sx, sy = scaler.divisors(size)
     notes = []
     if in_question.lists or in_question.odd:
-        question, outside, err = rescale_text(question, *divisors, scaler.decimals, bare=False)
+        question, outside, err = rescale_text(question, sx, sy, scaler.decimals, bare=False)
         if err or outside:
-            return None, "refused", f"question: {err or f'coordinates outside the image ({outside[0]:.3f})'}"
+            why = err or f"coordinates outside the image ({outside[0]:.3f})"
+            return None, "refused", f"question: {why}", "coords_out_of_range" if outside else ""
         notes.append(f"{len(in_question.lists)} coordinate list(s) in the question converted")
     if kind in GEOMETRIC:
-        sx, sy = divisors
+        percent = row.points is None and find(row.answer).percent  # Molmo tags: percent whatever --from says
         if row.points is not None:
             pts = [(x / sx, y / sy) for x, y in row.points]
         else:
             parsed = parse_answer(row.answer, kind, "pixels", (sx, sy))
             if not parsed.ok:
-                return None, "refused", f"answer: does not read as a {kind} ({parsed.error}): {row.answer[:60]!r}"
+                return None, "refused", (f"answer: does not read as a {kind} ({parsed.error}): "
+                                         f"{row.answer[:60]!r}"), ""
             pts = value_points(parsed.value)
         bad = [v for p in pts for v in p if not -_TOLERANCE <= v <= 1 + _TOLERANCE]
         if bad:
-            return None, "refused", (f"answer: outside the image after dividing by {sx:g} x {sy:g} (e.g. {bad[0]:.3f})"
-                                     f": wrong --from, or the image is not {sx:g} x {sy:g}?")
+            how = ("read as percent (Molmo tags): above 100?" if percent else f"dividing by {sx:g} x {sy:g}: wrong "
+                   f"--from, or the image is not {sx:g} x {sy:g}?")
+            return None, "refused", f"answer: outside the image (e.g. {bad[0]:.3f}) {how}", "coords_out_of_range"
         pts = [[round(min(max(v, 0.0), 1.0), scaler.decimals) for v in p] for p in pts]
         answer = json.dumps({_answer_key(row.task, kind): pts})
-        notes.insert(0, f"{kind} divided by {sx:g} x {sy:g}")
+        for problem_kind, reason in text_problems(answer, row.task, size, MIN_TRAJ_POINTS):  # data check's rule
+            return None, "refused", f"answer: {reason}", problem_kind
+        notes.insert(0, f"{kind} read from Molmo tags as percent of the image" if percent
+                     else f"{kind} divided by {sx:g} x {sy:g}")
         action = "converted"
     else:
         stray = stray_coordinates(row.answer, row.task)
         if stray:
-            return None, "refused", f"answer: {stray}"
+            return None, "refused", f"answer: {stray}", ""
         answer, action = row.answer, "copied"
         notes.insert(0, f"{kind} answer copied")
+    rebased = scaler.rebase(row.image)
+    if rebased is None:
+        return None, "refused", f"images: path {row.image!r} escapes the data root", "path_escapes_root"
+    rec["images"] = [rebased]
     rec["conversations"] = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-    return rec, action, "; ".join(notes)
+    return rec, action, "; ".join(notes), ""
 
 
 def read_labels(src: Path, scaler: Scaler, keypoints: str = "points") -> tuple[list[dict], list[dict], list[Problem]]:
@@ -262,12 +298,11 @@ def read_labels(src: Path, scaler: Scaler, keypoints: str = "points") -> tuple[l
         raise UserError(f"{src}: no rows to convert")
     records, report, problems, seen = [], [], [], set()
     for row in rows:
-        rec, action, detail = convert_row(row, scaler, seen)
+        rec, action, detail, kind = convert_row(row, scaler, seen)
         report.append({"where": row.where, "id": row.rid, "action": action, "detail": detail})
         if rec is None:
             field, _, reason = detail.partition(": ")
-            problems.append(Problem(str(src), row.where, row.rid, field, reason,
-                                    "coords_out_of_range" if "outside the image" in reason else "invalid_record"))
+            problems.append(Problem(str(src), row.where, row.rid, field, reason, kind or "invalid_record"))
         else:
             records.append(rec)
     return records, report, problems

@@ -1,32 +1,32 @@
 """`lora-manip data normalize`: rewrite an annotation file's grounding coordinates to [0, 1], or turn a lab's own
 labels (a CSV table or a COCO-style JSON, labels.py) into the kit's records.
 
-Which numbers, in an annotation file (.json array / .jsonl):
-- gpt answers that parse as JSON with keys ending in bbox/box/point/traj (the rule `data check` validates by):
-  the values of those keys. Numbers alternate x, y (points `[x, y]`, corner lists `[[x1, y1], [x2, y2]]`, flat
-  boxes `[x1, y1, x2, y2]`);
-- any other gpt answer of a box / point / trajectory record (its kind as the scorer classifies it: the `task`
-  field, else the answer's format): its coordinates in every shape the scorer's parser reads (answers/units.py:
-  flat or nested lists, `(x, y)` tuples, `bbox_2d` / `point_2d` objects, tags, prose with bare numbers), rescaled
-  in place; the result is read back with the scorer's parser and must give the same coordinates, else the record
-  is refused. Molmo's `<point x= y=>` tags are percent by definition and stay as they are;
+Which numbers, in an annotation file (.json array / .jsonl), of each gpt answer and of a record's `gt` (RoboInter's
+records repeat the answer there; both are converted, and must be in one unit):
+- JSON with keys ending in bbox/box/point/traj (the rule `data check` validates by): those keys' values, numbers
+  alternating x, y (`[x, y]`, `[[x1, y1], [x2, y2]]`, `[x1, y1, x2, y2]`);
+- any other answer of a box / point / trajectory record (its kind as the scorer classifies it: the `task` field,
+  else the answer's format): its coordinates in every shape the scorer's parser reads (answers/units.py), rescaled
+  in place and read back with the scorer's parser, which must find the same coordinates. Molmo's `<point x= y=>`
+  tags are percent by definition and stay as they are;
 - the coordinate lists of the human turns of a record whose answer is converted ("the gripper starts at [320,
   240]").
-A record is refused, with its reason, when its numbers cannot be converted safely: an answer of a geometric task
-the parser cannot read, a list of an odd number of numbers, a choice / yes-no / planning answer holding lists of
-numbers above 1 (pixels that would otherwise be copied as they are), a question in pixels beside an answer in
-[0, 1]. Everything else is copied unchanged; the input is never modified (the output is a new file, written
-atomically), and any problem means nothing is written. The summary says per record what was done.
+A record is refused, with its reason, when its numbers cannot be converted safely (a geometric answer the parser
+cannot read, an odd number of numbers, a choice / yes-no / planning answer holding numbers above 1, a question in
+pixels beside an answer in [0, 1]), when an image is missing, or when `data check` would refuse what it became (a
+one-point trajectory, an inverted box). Everything else is copied unchanged; the input is never modified (the
+output is a new .json / .jsonl file, written atomically), and any problem means nothing is written.
 
 Units (`--from`):
   pixels   pixels of the original image: x / width, y / height
   resized  pixels of the image as Qwen2-VL / Qwen2.5-VL resized it (`smart_resize`: sides rounded to multiples of
            28, area clamped to [min_pixels, max_pixels]); this is the "smart_resize_format" of Qwen-VL fine-tuning
            data: x / resized width, y / resized height
-  thousand Qwen-VL's integer grid 0..1000: v / 1000 (no image size needed)
-Image sizes come from the record's `width`/`height` (or `w`/`h`) fields, else from the image header. A record whose
-coordinates are all in [0, 1] already is left as it is and counted; one whose converted coordinates fall outside
-the image is a problem (wrong size?).
+  thousand Qwen-VL's integer grid 0..1000: v / 1000
+Image sizes come from the record's `width`/`height` (or `w`/`h`) fields, else from the image header; a converted
+record without those fields gets `width`/`height` (eval reports pixel distances with them). Image paths are
+rewritten relative to OUT's folder when it holds the data root (the output then works on its own), else kept
+relative to the data root, as the summary says.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 from pathlib import Path
 
 from ..answers.coordinates import COORD_KEY, answer_json, numbers
@@ -42,11 +43,15 @@ from ..answers.parse import parse_answer
 from ..answers.units import find, rescale_text, stray_coordinates, value_points
 from ..errors import UserError
 from ..outputs import check_file, write_file
+from .files import path_under
 from .images import read_image_size
 from .labels import is_coco, read_labels
 from .records import Problem, RecordIndex
+from .report import MIN_TRAJ_POINTS
+from .validate import text_problems
 
 MODES = ("pixels", "resized", "thousand")
+OUT_SUFFIXES = (".json", ".jsonl")
 QWEN_FACTOR, QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 28, 56 * 56, 28 * 28 * 16384  # Qwen2.5-VL processor defaults
 _TOLERANCE = 1e-6
 
@@ -109,21 +114,29 @@ def _coordinates(obj) -> list[float]:
 
 
 def _record_size(rec: dict, data_root: Path) -> tuple[int, int] | str:
-    """(width, height) from the record's fields or its images' headers, or why not."""
+    """(width, height) from the record's fields or its images' headers, or why not. Every image must exist even
+    when the fields give the size: a record of a missing image would be written, then fail every later step."""
+    images = rec.get("images", rec.get("image"))
+    images = [] if images is None else [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(x, str) and x for x in images):
+        return f"`images` is not a list of paths ({images!r:.60})"
+    root = data_root.resolve()
+    paths = []
+    for rel in images:
+        p = (root / rel).resolve()
+        if not p.is_relative_to(root):
+            return f"image path {rel!r} escapes the data root {root}"
+        if not p.is_file():
+            return f"image {p} not found"
+        paths.append(p)
     for wk, hk in (("width", "height"), ("w", "h")):
         w, h = rec.get(wk), rec.get(hk)
         if isinstance(w, int) and isinstance(h, int) and not isinstance(w, bool) and w > 0 and h > 0:
             return w, h
-    images = rec.get("images", rec.get("image", []))
-    images = [images] if isinstance(images, str) else images
-    if not isinstance(images, list) or not images:
-        return "no width/height fields and no image to read the size from"
-    root = data_root.resolve()
+    if not paths:
+        return "no image size: no width/height fields and no image to read it from"
     sizes = set()
-    for rel in images:
-        p = (root / str(rel)).resolve()
-        if not p.is_relative_to(root):
-            return f"image path {rel!r} escapes the data root {root}"
+    for p in paths:
         got = read_image_size(str(p))
         if isinstance(got, str):
             return f"image {p}: {got}"
@@ -134,32 +147,70 @@ def _record_size(rec: dict, data_root: Path) -> tuple[int, int] | str:
 
 
 class _Scaler:
-    """The --from unit: what a record's coordinates are divided by."""
+    """The --from unit (what a record's coordinates are divided by) and where the output's image paths start."""
 
-    def __init__(self, mode: str, root: Path, decimals: int, factor: int, min_pixels: int, max_pixels: int):
+    def __init__(self, mode: str, root: Path, decimals: int, factor: int, min_pixels: int, max_pixels: int,
+                 out_dir: Path):
         self.mode, self.root, self.decimals = mode, root, decimals
         self.factor, self.min_pixels, self.max_pixels = factor, min_pixels, max_pixels
+        # A plain file's image paths are read relative to its own folder (data check, eval --data), and may not
+        # leave it: paths are rewritten to start at OUT's folder when it holds the data root, else they stay
+        # relative to the data root (`..` or an absolute path would be refused as escaping).
+        r = root.resolve()
+        self.prefix = r.relative_to(out_dir).as_posix() if r.is_relative_to(out_dir) else None
+        self.image_root = out_dir if self.prefix is not None else r
 
-    def divisors(self, rec: dict) -> tuple[float, float] | str:
+    def size(self, rec: dict) -> tuple[int, int] | str:
+        return _record_size(rec, self.root)
+
+    def divisors(self, size: tuple[int, int]) -> tuple[float, float]:
         if self.mode == "thousand":
             return 1000.0, 1000.0
-        size = _record_size(rec, self.root)
-        if isinstance(size, str):
-            return size
         w, h = size
         if self.mode == "resized":
             h, w = smart_resize(h, w, self.factor, self.min_pixels, self.max_pixels)
         return float(w), float(h)
 
+    def rebase(self, rel: str) -> str | None:
+        """An image path (relative to the data root) as the output writes it; None when it leaves the root."""
+        if self.prefix in (None, "."):
+            return rel
+        p = path_under(self.root, rel)
+        return None if p is None else posixpath.join(self.prefix, Path(os.path.relpath(p, os.path.abspath(
+            self.root))).as_posix())
+
+
+def _rebase_images(rec: dict, scaler: _Scaler) -> str | None:
+    """Rewrite `rec`'s image paths for the output (_Scaler.rebase), or why not."""
+    for key in ("images", "image"):
+        value = rec.get(key)
+        paths = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        new = [scaler.rebase(p) if isinstance(p, str) else p for p in paths]
+        if None in new:
+            return f"image path {paths[new.index(None)]!r} escapes the data root {scaler.root}"
+        if paths:
+            rec[key] = new[0] if isinstance(value, str) else new
+    return None
+
 
 def _turns(rec: dict):
-    """(turn, its text key, whether it is an answer) of each turn with text."""
+    """(holder, its text key, whether it is an answer, the field it is) of each turn with text, then the record's
+    `gt` (RoboInter's records repeat the answer there; JSON values held as their text, put back once converted)."""
     turns = rec.get("conversations")
     for t in turns if isinstance(turns, list) else []:
         if isinstance(t, dict):
             key = "value" if "value" in t else "content"
             if isinstance(t.get(key), str):
-                yield t, key, t.get("from", t.get("role")) in ("gpt", "assistant")
+                yield t, key, t.get("from", t.get("role")) in ("gpt", "assistant"), "conversations"
+    gt = rec.get("gt")
+    if isinstance(gt, str):
+        yield rec, "gt", True, "gt"
+    elif isinstance(gt, (list, dict)):
+        yield _JsonGt(gt=json.dumps(gt)), "gt", True, "gt"
+
+
+class _JsonGt(dict):
+    """A `gt` that is a JSON value, not text: converted as its text, put back as a value."""
 
 
 def _same(a, b, tol: float) -> bool:
@@ -167,20 +218,21 @@ def _same(a, b, tol: float) -> bool:
     return len(pa) == len(pb) and all(abs(u - v) <= tol for p, q in zip(pa, pb) for u, v in zip(p, q))
 
 
-def _convert_record(rec: dict, scaler: _Scaler) -> tuple[str, str, str]:
-    """Rewrite `rec`'s coordinates in place: (action, detail, problem kind). Actions: converted,
+def _convert_record(rec: dict, scaler: _Scaler) -> tuple[str, str, str, str]:
+    """Rewrite `rec`'s coordinates in place: (action, detail, problem kind, field). Actions: converted,
     already_normalised, no_coordinates, refused (detail: the reason)."""
     task = rec.get("task") if isinstance(rec.get("task"), str) else None
-    keyed, texts, questions, values, notes = [], [], [], [], []
-    for t, key, is_answer in _turns(rec):
+    keyed, texts, questions, notes = [], [], [], []
+    values: dict[str, list] = {"conversations": [], "gt": []}  # the answer's numbers and gt's, to compare units
+    for t, key, is_answer, fld in _turns(rec):
         text = t[key]
         if not is_answer:
             questions.append((t, key))
             continue
         obj = answer_json(text)
         if obj is not None and _coordinates(obj):
-            keyed.append((t, key, obj))
-            values += _coordinates(obj)
+            keyed.append((t, key, obj, fld))
+            values[fld] += _coordinates(obj)
             continue
         found, kind = find(text), classify_task(task, text).kind
         if found.percent:
@@ -188,50 +240,61 @@ def _convert_record(rec: dict, scaler: _Scaler) -> tuple[str, str, str]:
         elif kind in GEOMETRIC:
             if found.odd or not found.lists:
                 why = parse_answer(text, kind).error or "no coordinate list"
-                return "refused", f"a {kind} answer whose coordinates cannot be read ({why}): {text[:60]!r}", ""
-            texts.append((t, key, kind))
-            values += found.values
+                return "refused", f"a {kind} answer whose coordinates cannot be read ({why}): {text[:60]!r}", "", fld
+            texts.append((t, key, kind, fld))
+            values[fld] += found.values
         elif (why := stray_coordinates(text, task)) is not None:
-            return "refused", why, ""
+            return "refused", why, "", fld
     if not keyed and not texts:
-        return "no_coordinates", "; ".join(notes), ""
+        return "no_coordinates", "; ".join(notes), "", ""
+    unit = {fld: all(0 <= x <= 1 for x in v) for fld, v in values.items() if v}
+    if len(set(unit.values())) > 1 and scaler.mode != "thousand":
+        return "refused", ("`gt` and the answer are in different units (one in [0, 1], the other not): which is "
+                           "the ground truth?"), "coords_out_of_range", "gt"
     in_questions = [v for t, key in questions for v in find(t[key], bare=False).values]
-    if all(0 <= x <= 1 for x in values) and scaler.mode != "thousand":
+    if all(unit.values()) and scaler.mode != "thousand":
         if any(abs(v) > 1 for v in in_questions):
             return "refused", ("the answer is in [0, 1] but the question holds coordinate lists above 1 "
-                               f"({', '.join(f'{v:g}' for v in in_questions[:4])})"), ""
-        return "already_normalised", "; ".join(notes), ""
-    divisors = scaler.divisors(rec)
-    if isinstance(divisors, str):
-        return "refused", f"no image size: {divisors}", "missing_image"
-    sx, sy = divisors
+                               f"({', '.join(f'{v:g}' for v in in_questions[:4])})"), "", "conversations"
+        return "already_normalised", "; ".join(notes), "", ""
+    size = scaler.size(rec)
+    if isinstance(size, str):
+        return "refused", size, "missing_image", "images"
+    sx, sy = scaler.divisors(size)
     tol, outside = 10.0 ** -scaler.decimals, []
-    for t, key, obj in keyed:
+    for t, key, obj, fld in keyed:
         t[key] = json.dumps(_convert(obj, sx, sy, scaler.decimals, outside), ensure_ascii=False)
-    for t, key, kind in texts:
+    for t, key, kind, fld in texts:
         before = parse_answer(t[key], kind, "pixels", (sx, sy))  # what the scorer reads, divided as we divide
         new, out, err = rescale_text(t[key], sx, sy, scaler.decimals)
         after = parse_answer(new, kind)
         if err or not before.ok:
-            return "refused", err or f"the {kind} answer does not parse: {before.error}", ""
+            return "refused", err or f"the {kind} answer does not parse: {before.error}", "", fld
         if not out and not (after.ok and _same(before.value, after.value, tol)):
             return "refused", (f"the scorer would read other numbers than those rescaled ({t[key][:60]!r} -> "
-                               f"{new[:60]!r})"), ""
+                               f"{new[:60]!r})"), "", fld
         t[key] = new
         outside += out
     n_lists = 0
     for t, key in questions:
         new, out, err = rescale_text(t[key], sx, sy, scaler.decimals, bare=False)
         if err:
-            return "refused", f"question: {err}", ""
+            return "refused", f"question: {err}", "", "conversations"
         n_lists += len(find(t[key], bare=False).lists)
         t[key], outside = new, outside + out
     if outside:
         return "refused", (f"{len(outside)} coordinate(s) outside the image after dividing by {sx:g} x {sy:g} "
-                           f"(e.g. {outside[0]:.3f}): wrong --from mode or image size?"), "coords_out_of_range"
+                           f"(e.g. {outside[0]:.3f}): wrong --from mode or image size?"), "coords_out_of_range", ""
+    for t, key, *_, fld in keyed + texts:  # what data check would refuse (a one-point trajectory...) is refused here
+        for kind, reason in text_problems(t[key], task, size, MIN_TRAJ_POINTS):
+            return "refused", f"once converted: {reason}", kind, fld
+        if isinstance(t, _JsonGt):
+            rec["gt"] = json.loads(t["gt"])
+    if not any(k in rec for k in ("width", "height", "w", "h")):
+        rec["width"], rec["height"] = size  # the size read from the image: eval reports pixel distances with it
     notes.insert(0, f"divided by {sx:g} x {sy:g}" + (f"; {n_lists} coordinate list(s) in the question too"
                                                       if n_lists else ""))
-    return "converted", "; ".join(notes), ""
+    return "converted", "; ".join(notes), "", ""
 
 
 def normalize_file(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "pixels",
@@ -249,8 +312,12 @@ def normalize_file(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "
         raise UserError(f"{src} not found")
     # resolved once; never the input, and an existing file only with `force` and only one this command wrote
     dst = check_file(dst, force, flag="OUT", inputs={"input file": src})
+    if dst.suffix and dst.suffix.lower() not in OUT_SUFFIXES:  # out.csv would get a JSON array
+        raise UserError(f"OUT {dst.name}: write a .json (a JSON array) or a .jsonl file (one record a line), not "
+                        f"{dst.suffix}")
     root = Path(data_root) if data_root else src.parent
-    scaler = _Scaler(mode, root, decimals, factor, min_pixels, max_pixels)
+    scaler = _Scaler(mode, root, decimals, factor, min_pixels, max_pixels, dst.parent)
+    where_images = {"images_relative_to": str(scaler.image_root), "images_from_out": scaler.prefix is not None}
     if src.suffix.lower() == ".csv" or is_coco(src):
         if is_coco(src) and mode != "pixels":
             raise UserError(f"--from {mode}: COCO coordinates are pixels by definition; use --from pixels")
@@ -258,12 +325,11 @@ def normalize_file(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "
         counts = {"records": len(rows), **{a: sum(r["action"] == a for r in rows) for a in ROW_ACTIONS}}
         _write(dst, [json.dumps(r, ensure_ascii=False) for r in records], problems)
         return {**counts, "input": "coco" if is_coco(src) else "csv", "output": None if problems else str(dst),
-                "mode": mode, "rows": rows, "problems": [p.to_dict() for p in problems]}
+                "mode": mode, **where_images, "rows": rows, "problems": [p.to_dict() for p in problems]}
     index = RecordIndex(src)
     problems: list[Problem] = list(index.problems)
     counts = {"records": len(index), "converted": 0, "already_normalised": 0, "no_coordinates": 0, "refused": 0}
-    rows: list[dict] = []
-    texts: list[str] = []  # the output's records; none are kept once a problem means nothing is written
+    rows, texts = [], []  # texts: the output's records; none kept once a problem means nothing is written
     for i in range(len(index)):
         rec = index.read(i)
         where = index.where(i)
@@ -274,17 +340,18 @@ def normalize_file(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "
         if not isinstance(rec, dict):
             problems.append(Problem(str(src), where, None, "-", f"not an object ({type(rec).__name__})"))
             continue
-        action, detail, kind = _convert_record(rec, scaler)
+        action, detail, kind, fld = _convert_record(rec, scaler)
+        if action != "refused" and (why := _rebase_images(rec, scaler)):
+            action, detail, kind, fld = "refused", why, "path_escapes_root", "images"
         counts[action] += 1
         rows.append({"where": where, "id": rid, "action": action, "detail": detail})
         if action == "refused":
-            problems.append(Problem(str(src), where, rid, "images" if kind == "missing_image" else "conversations",
-                                    detail, kind or "invalid_record"))
+            problems.append(Problem(str(src), where, rid, fld or "conversations", detail, kind or "invalid_record"))
         elif not problems:
             texts.append(json.dumps(rec, ensure_ascii=False))
     _write(dst, texts, problems)
-    return {**counts, "input": "records", "output": None if problems else str(dst), "mode": mode, "rows": rows,
-            "problems": [p.to_dict() for p in problems]}
+    return {**counts, "input": "records", "output": None if problems else str(dst), "mode": mode, **where_images,
+            "rows": rows, "problems": [p.to_dict() for p in problems]}
 
 
 def _write(dst: Path, texts: list[str], problems: list) -> None:
@@ -321,10 +388,13 @@ def format_summary(s: dict, show: int = 20) -> str:
         lines.append(f"  - {Problem(**pr)}")
     if show and len(s["problems"]) > show:
         lines.append(f"  ... {len(s['problems']) - show} more problems (--json lists every one)")
-    kinds = ROW_ACTIONS if s["input"] != "records" else ("converted", "already_normalised", "no_coordinates")
+    kinds = ROW_ACTIONS if s["input"] != "records" else ("converted", "already_normalised", "no_coordinates",
+                                                         "refused")
     totals = ", ".join(f"{s.get(k, 0)} {_SAID[k]}" for k in kinds)
     noun = "records" if s["input"] == "records" else "rows"
     if s["output"]:
-        return "\n".join(lines + [f"wrote {s['output']}: {s['records']} {noun}, {totals}"])
-    return "\n".join(lines + [f"{len(s['problems'])} problem(s) in {s['records']} {noun} ({totals}, "
-                               f"{s.get('refused', 0)} refused); nothing written"])
+        images = ("image paths relative to OUT's folder" if s["images_from_out"] else
+                  f"image paths relative to {s['images_relative_to']}, which OUT's folder does not hold: give "
+                  f"--data-root {s['images_relative_to']} to data check and eval (data_path in a recipe)")
+        return "\n".join(lines + [f"wrote {s['output']}: {s['records']} {noun}, {totals}; {images}"])
+    return "\n".join(lines + [f"{len(s['problems'])} problem(s) in {s['records']} {noun} ({totals}); nothing written"])

@@ -6,7 +6,7 @@ random vs length-grouped batches; every problem, grouped by kind (format_report 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +23,19 @@ MIN_TRAJ_POINTS = DataCfg.model_fields["min_traj_points"].default
 
 @dataclass
 class Entry:
-    """One dataset to check: a name, its files, and the split it belongs to in the recipe."""
+    """One dataset to check: a name, its files, and the split it belongs to in the recipe. `hints`: per field
+    (annotation_path, data_path), what to check when that file or folder is missing (a registry's root)."""
 
     name: str
     annotation_path: str
     data_path: str
     split: str = "train"
+    hints: dict[str, str] = field(default_factory=dict)
+
+
+def _missing(e: Entry, key: str, message: str) -> str:
+    hint = e.hints.get(key)
+    return f"{message}; {hint}" if hint else message
 
 
 def length_distribution(lengths: np.ndarray) -> dict | None:
@@ -39,9 +46,16 @@ def length_distribution(lengths: np.ndarray) -> dict | None:
             "max": int(lengths.max()), "mean": round(float(lengths.mean()), 1)}
 
 
+# How training orders its batches (`batching` of check_entries), which decides the padding figure that applies
+BATCHINGS = {"length-grouped": "data.group_by_length: true", "random": "data.group_by_length: false",
+             "token-budget": "train.max_tokens_per_batch", "grpo": "objective grpo: TRL batches the prompts"}
+
+
 def check_entries(entries: list[Entry], chat=None, max_length: int = MAX_LENGTH, batch_size: int = 8,
-                  min_traj_points: int = MIN_TRAJ_POINTS, seed: int = 0, workers: int | None = None) -> dict:
-    """The machine-readable report of `data check` (format_report prints it)."""
+                  min_traj_points: int = MIN_TRAJ_POINTS, seed: int = 0, workers: int | None = None,
+                  batching: str | None = None) -> dict:
+    """The machine-readable report of `data check` (format_report prints it). `batching`: how the recipe's training
+    orders batches (a BATCHINGS key), or None for a file checked without a recipe."""
     datasets, problems, warnings = [], [], []
     all_lengths, all_images = [], []
     for e in entries:
@@ -51,12 +65,14 @@ def check_entries(entries: list[Entry], chat=None, max_length: int = MAX_LENGTH,
         try:
             index = RecordIndex(e.annotation_path)
         except UserError as err:
-            problems.append(Problem(e.annotation_path, "-", None, "annotation_path", str(err), "missing_file"))
+            message = _missing(e, "annotation_path", str(err)) if not Path(e.annotation_path).is_file() else str(err)
+            problems.append(Problem(e.annotation_path, "-", None, "annotation_path", message, "missing_file"))
             row["bad_records"] = None
             continue
         if not Path(e.data_path).is_dir():
             problems.append(Problem(e.annotation_path, "-", None, "data_path",
-                                    f"data root {e.data_path} is not a folder", "missing_file"))
+                                    _missing(e, "data_path", f"data root {e.data_path} is not a folder"),
+                                    "missing_file"))
         problems += index.problems
         r = scan(index, e.data_path, None, chat, min_traj_points, workers)
         problems += r.problems + duplicate_ids(index, r)
@@ -90,7 +106,7 @@ def check_entries(entries: list[Entry], chat=None, max_length: int = MAX_LENGTH,
         if len(lengths):
             grouped = GroupedSampler(lengths, has_images, batch_size, seed).batches(0)
             report["padding_efficiency"] = {
-                "batch_size": batch_size,
+                "batch_size": batch_size, "batching": batching,
                 "random": round(padding_efficiency(lengths, random_batches(len(lengths), batch_size, seed)), 4),
                 "grouped": round(padding_efficiency(lengths, grouped), 4)}
     return report
@@ -127,9 +143,7 @@ def format_report(report: dict, show: int = 5) -> str:
     if not report["tokens_computed"]:
         lines.append("token lengths not computed: " + report.get("tokens_note", "no processor (pass --model)"))
     if "padding_efficiency" in report:
-        pe = report["padding_efficiency"]
-        lines.append(f"padding efficiency (real tokens / all tokens), batch size {pe['batch_size']}: "
-                     f"random order {100 * pe['random']:.1f}%, length-grouped {100 * pe['grouped']:.1f}%")
+        lines.append(_padding_line(report["padding_efficiency"]))
     for w in report.get("warnings", [])[:show]:
         lines.append("warning: " + str(Problem(**w)))
     if len(report.get("warnings", [])) > show:
@@ -148,6 +162,22 @@ def format_report(report: dict, show: int = 5) -> str:
         if len(items) > show:
             lines.append(f"    ... and {len(items) - show} more (--json lists all)")
     return "\n".join(lines)
+
+
+def _padding_line(pe: dict) -> str:
+    """Padding efficiency, labelled by what applies: the order training uses, and the other only as what it would
+    give (a recipe with data.group_by_length: false never groups)."""
+    head = f"padding efficiency (real tokens / all tokens), batch size {pe['batch_size']}: "
+    random, grouped = f"{100 * pe['random']:.1f}%", f"{100 * pe['grouped']:.1f}%"
+    batching = pe.get("batching")
+    if batching == "random":
+        return f"{head}{random} in random order ({BATCHINGS[batching]}); length grouping would give {grouped}"
+    if batching == "length-grouped":
+        return f"{head}{grouped} length-grouped ({BATCHINGS[batching]}); random order would give {random}"
+    both = f"{head}random order {random}, length-grouped {grouped}"
+    if batching in BATCHINGS:  # training batches otherwise: neither figure is what it will see
+        return f"{both} (training batches by {BATCHINGS[batching]}, not by this batch size)"
+    return both
 
 
 def duplicate_ids(index: RecordIndex, r: ScanResult) -> list[Problem]:

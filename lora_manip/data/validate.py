@@ -7,10 +7,13 @@ token counts), then the grounding answers: a gpt answer that parses as JSON give
 ending in bbox/box/point/traj hold what answers/coordinates.value_problems (the scorer's rule too) accepts: JSON
 numbers, finite, in [0, 1] (values above 1 get a hint that they look like pixels), boxes of 4 numbers or 2 corners
 with the top-left first, [x, y] points, and a trajectory of at least `min_traj_points` points. A bare JSON list is checked when the scorer's classifier (answers/kinds.py) gives the record a
-geometric kind, from its task name or, without one, from the answer's format.
+geometric kind, from its task name or, without one, from the answer's format. A record's `gt` field (RoboInter's
+records repeat the answer there) is held to the same rule.
 """
 
 from __future__ import annotations
+
+import json
 
 from ..answers.coordinates import PIXEL_HINT, coordinate_values, load_answer, value_problems
 from ..answers.units import ground_truth_problem
@@ -18,7 +21,7 @@ from ..answers.kinds import classify_task
 from .images import image_problems
 from .records import Problem, RecordIndex, Sample, to_sample
 
-__all__ = ["PIXEL_HINT", "answer_problems", "check_record", "task_of"]
+__all__ = ["PIXEL_HINT", "answer_problems", "check_record", "task_of", "text_problems"]
 
 
 def _task_name(sample: Sample) -> str | None:
@@ -31,27 +34,33 @@ def task_of(sample: Sample) -> str:
     return _task_name(sample) or classify_task(None, sample.messages[-1]["content"]).kind
 
 
-def answer_problems(sample: Sample, file: str, where: str, min_traj_points: int = 2) -> list[Problem]:
+def text_problems(text: str, task: str | None, size, min_traj_points: int = 2) -> list[tuple[str, str]]:
+    """(problem kind, reason) of one answer text (a gpt turn, or a record's `gt`) by the rule data check applies;
+    `data normalize` holds what it converts to the same rule."""
     problems = []
-    for i, m in enumerate(sample.messages):
-        if m["role"] != "assistant":
-            continue
-        obj, twice = load_answer(m["content"])
-        fld = f"conversations[{i}].value"
-        if twice is not None:
-            problems.append(Problem(file, where, sample.id, fld, f"the answer's JSON gives the key {twice!r} twice "
-                                    "(which value is the ground truth?)", "duplicate_key"))
-        beyond = ground_truth_problem(m["content"], _task_name(sample), sample.size)  # tuples, prose, bbox_2d...
-        if beyond:
-            problems.append(Problem(file, where, sample.id, fld, beyond, "coords_out_of_range"))
-        if obj is None:
-            continue
-        # a bare list: the kind the scorer gives the record says whether (and how) it holds coordinates
-        bare = classify_task(_task_name(sample), m["content"]).kind if isinstance(obj, list) else None
-        for key, value, kind in coordinate_values(obj, bare):
-            for kind_of_problem, reason in value_problems(key, value, kind, min_traj_points):
-                problems.append(Problem(file, where, sample.id, fld, reason, kind_of_problem))
+    obj, twice = load_answer(text)
+    if twice is not None:
+        problems.append(("duplicate_key", f"the answer's JSON gives the key {twice!r} twice (which value is the "
+                                          "ground truth?)"))
+    beyond = ground_truth_problem(text, task, size)  # tuples, prose, bbox_2d...
+    if beyond:
+        problems.append(("coords_out_of_range", beyond))
+    if obj is None:
+        return problems
+    # a bare list: the kind the scorer gives the record says whether (and how) it holds coordinates
+    bare = classify_task(task, text).kind if isinstance(obj, list) else None
+    for key, value, kind in coordinate_values(obj, bare):
+        problems += value_problems(key, value, kind, min_traj_points)
     return problems
+
+
+def answer_problems(sample: Sample, file: str, where: str, min_traj_points: int = 2, gt=None) -> list[Problem]:
+    texts = [(f"conversations[{i}].value", m["content"]) for i, m in enumerate(sample.messages)
+             if m["role"] == "assistant"]
+    if isinstance(gt, (str, list, dict)):  # RoboInter's records repeat the answer in `gt`: it must not stay in pixels
+        texts.append(("gt", gt if isinstance(gt, str) else json.dumps(gt)))
+    return [Problem(file, where, sample.id, fld, reason, kind) for fld, text in texts
+            for kind, reason in text_problems(text, _task_name(sample), sample.size, min_traj_points)]
 
 
 def check_record(index: RecordIndex, pos: int, data_root: str, min_traj_points: int = 2,
@@ -59,9 +68,10 @@ def check_record(index: RecordIndex, pos: int, data_root: str, min_traj_points: 
     """Every check on one record: (sample or None, image sizes, problems). `stamps` collects the identity of
     every image read (images.image_problems)."""
     file, where = str(index.path), index.where(pos)
-    s = to_sample(index.read(pos), file, where, data_root)
+    raw = index.read(pos)
+    s = to_sample(raw, file, where, data_root)
     if isinstance(s, Problem):
         return None, [], [s]
     sizes, problems = image_problems(s, file, where, stamps)
-    problems += answer_problems(s, file, where, min_traj_points)
+    problems += answer_problems(s, file, where, min_traj_points, raw.get("gt") if isinstance(raw, dict) else None)
     return (None if problems else s), sizes, problems

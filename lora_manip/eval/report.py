@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..fsutil import atomic_write_json, atomic_write_text
-from ..answers.kinds import task_from_filename
+from ..answers.kinds import GEOMETRIC, task_from_filename
 from .upstream import format_files
 
 __all__ = ["load_predictions", "read_prediction_files", "format_table", "main_metrics", "write_outputs",
@@ -142,7 +142,7 @@ def format_table(summary: dict, max_errors: int = 10) -> str:
     coords = summary.get("coords") or {}
     if mode == "upstream_compatible":
         out.append("(upstream-compatible scoring: reproduces upstream flaws; use for comparison with published tables)")
-    elif coords:
+    elif coords and any(k in GEOMETRIC for k in summary.get("all", {})):  # said only where there are coordinates
         out.append(f"coordinates: predictions read as {_COORD_WORDS.get(coords['predictions'], coords['predictions'])}"
                    f" (--coords {coords['predictions']}); ground truths as [0, 1]")
         if coords.get("suspicious"):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..recipe.registry import ENV_VAR, load_registry
+from ..recipe.registry import ENV_VAR, Registry, load_registry
 
 __all__ = ["EvalData", "resolve_data", "missing_images", "file_names"]
 
@@ -33,7 +33,7 @@ class EvalData:
     root_from: str = "--data-root"  # where `root` came from, for the message when its images are missing
 
 
-def _registry(path: str | None) -> tuple[dict[str, dict[str, str]], str]:
+def _registry(path: str | None) -> tuple[Registry, str]:
     where = path or os.environ.get(ENV_VAR)
     if not where:
         raise UserError(f"a dataset name or --split needs a registry: pass --registry datasets.yaml or set {ENV_VAR} "
@@ -71,7 +71,7 @@ def file_names(paths: list[str | os.PathLike]) -> list[str]:
 def resolve_data(data: list[str] | None, split: str | None = None, registry: str | None = None,
                  data_root: str | None = None) -> list[EvalData]:
     """The files to evaluate, in the order given (`--data` items, then the split's datasets in registry order)."""
-    table: dict[str, dict[str, str]] | None = None
+    table: Registry | None = None
     where = ""
     found: list[tuple[str, str, str | None, str]] = []  # (name, path, registry data_path, what named it)
     for item in data or []:
@@ -99,13 +99,14 @@ def resolve_data(data: list[str] | None, split: str | None = None, registry: str
     if not found:
         raise UserError("nothing to evaluate: give --data FILE (repeatable) or --split NAME with a registry")
     seen: dict[Path, str] = {}
-    for _, path, _, what in found:
+    for _, path, reg_root, what in found:
         key = Path(path).resolve()
         if key in seen:  # its answers would be generated and counted twice
             raise UserError(f"{path}: given twice ({seen[key]} and {what}); each file is evaluated once")
         seen[key] = what
         if not Path(path).is_file():
-            raise UserError(f"{what}: annotation file {path} not found (check the registry's root and paths)")
+            hint = table.root_hint() if reg_root is not None and table is not None else "check the path"
+            raise UserError(f"{what}: annotation file {path} not found; {hint}")
     names = _unique_names([(n, p, reg is not None) for n, p, reg, _ in found])
     out = []
     for name, (_, path, reg_root, _) in zip(names, found):

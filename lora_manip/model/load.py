@@ -44,8 +44,14 @@ def compute_dtype(name: str) -> torch.dtype:
     if has_cuda():
         return TORCH_DTYPES[name]
     if name != "float32":
-        log.info("no CUDA GPU: computing in float32 instead of %s", name)
+        _note_float32(name)
     return torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _note_float32(name: str) -> None:
+    # once per process and dtype: a run asks for its compute dtype in several places (arguments, loading, trainer)
+    log.info("no CUDA GPU: computing in float32 instead of %s", name)
 
 
 @functools.lru_cache(maxsize=1)

@@ -70,20 +70,36 @@ class Registry(Mapping):
     """A registry file's datasets: name -> {"annotation_path", "data_path"}, both absolute. Looking a dataset up
     resolves its annotation pattern (match_annotation), so training, `data check` and eval all read the same file."""
 
-    def __init__(self, path: Path, entries: dict[str, dict[str, str]], written: dict[str, str]):
+    def __init__(self, path: Path, entries: dict[str, dict[str, str]], written: dict[str, str],
+                 root: Path | None = None, root_written: str | None = None):
         self.path, self._entries, self._written = path, entries, written
+        self.root, self._root_written = root or path.parent, root_written
         self._resolved: dict[str, dict[str, str]] = {}
 
     def __getitem__(self, name: str) -> dict[str, str]:
         if name not in self._resolved:
             entry = self._entries[name]
             where = f"registry file {self.path}: datasets.{name}.annotation_path {self._written[name]!r}"
-            self._resolved[name] = {**entry, "annotation_path": match_annotation(entry["annotation_path"], where)}
+            self._resolved[name] = {**entry, "annotation_path": match_annotation(entry["annotation_path"], where,
+                                                                                 self.root_hint())}
         return dict(self._resolved[name])
 
     def data_path(self, name: str) -> str:
         """The dataset's data_path, its annotation pattern left alone."""
         return self._entries[name]["data_path"]
+
+    def unmatched(self, name: str, key: str) -> str:
+        """The dataset's `key` (annotation_path / data_path) made absolute, an annotation pattern left unmatched:
+        a recipe entry whose path equals it took that path from this registry."""
+        return self._entries[name][key]
+
+    def root_hint(self) -> str:
+        """What to check when a file this registry names is missing: its root, as written and as resolved."""
+        if self._root_written is None:
+            return (f"check the registry's root ({self.path} sets none: its paths are relative to its folder "
+                    f"{self.root})")
+        resolved = "" if str(self.root) == self._root_written else f", i.e. {self.root}"
+        return f"check the registry's root ({self.path}: root = {self._root_written}{resolved})"
 
     def __contains__(self, name: object) -> bool:  # Mapping's default would resolve the pattern
         return name in self._entries
@@ -95,16 +111,17 @@ class Registry(Mapping):
         return len(self._entries)
 
 
-def match_annotation(path: str, where: str) -> str:
+def match_annotation(path: str, where: str, hint: str = "check the registry's root") -> str:
     """`path` itself when its file name has no glob character or it exists as written; else the one file of its
-    folder whose name matches. Raises RegistryError (one line starting with `where`) on no match or several."""
+    folder whose name matches. Raises RegistryError (one line starting with `where`) on no match or several;
+    `hint` says what to check when the folder is missing."""
     p = Path(path)
     if not _GLOB.search(p.name) or p.exists():
         return path
     folder = p.parent
     if not folder.is_dir():
         only = "; only the file name may be a pattern" if _GLOB.search(str(folder)) else ""
-        raise RegistryError(f"{where}: folder {folder} not found (check the registry's root){only}")
+        raise RegistryError(f"{where}: folder {folder} not found; {hint}{only}")
     hidden = p.name.startswith(".")  # as glob: `*` does not match a leading dot
     names = sorted(n for n in os.listdir(folder) if not n.startswith(".") or hidden)
     hits = [n for n in names if fnmatch.fnmatchcase(n, p.name) and (folder / n).is_file()]
@@ -158,7 +175,7 @@ def load_registry(path: str | os.PathLike) -> Registry:
             raise ValueError(f"registry file {path}: datasets.{name}.{bad[0]} must be a path (a string)")
         out[str(name)] = {k: str(root / entry[k]) for k in ("annotation_path", "data_path")}
         written[str(name)] = entry["annotation_path"]
-    return Registry(path, out, written)
+    return Registry(path, out, written, root, raw.get("root") or None)
 
 
 ALL = "all"
@@ -171,6 +188,10 @@ class _Registry:
         self.path, self.errors = path, errors
         self.table: Registry | None = None
         self.why_not: str | None = None
+        # for the refusal's last lines: the annotation files entries took from the registry that do not exist
+        # (key, name, path), and whether a pattern failed (then the recipe is refused before they are reported)
+        self.missing: list[tuple[str, str, str]] = []
+        self.pattern_failed = False
 
     def get(self, name: str) -> dict | None:
         if self.table is None and self.why_not is None:
@@ -213,12 +234,43 @@ def _expand_all(entry: dict, key: str, split: str, registry: _Registry, errors: 
         if registry.why_not:
             errors.append(f"{key}.name: {registry.why_not}")
         return []
-    names = [n for n in table if n.endswith("_val")] if split == "val" else [n for n in table
-                                                                            if not n.endswith(HELD_OUT)]
+    names = _all_names(table, split)
     if not names:
         which = "*_val datasets" if split == "val" else "datasets (but *_val / *_test ones)" if table else "datasets"
         errors.append(f"{key}.name: `all`: registry {registry.path} lists no {which}")
     return [{**entry, "name": name} for name in names]
+
+
+def _all_names(table: Registry, split: str) -> list[str]:
+    """What `all` stands for in data.<split>: the *_val datasets in data.val, the others but *_test in data.train."""
+    if split == "val":
+        return [n for n in table if n.endswith("_val")]
+    return [n for n in table if not n.endswith(HELD_OUT)]
+
+
+def _all_means(table: Registry, split: str) -> str:
+    """`all`'s meaning where it is used, for the unknown-name refusal."""
+    n = len(_all_names(table, split))
+    if split == "val":
+        return f"`all` in data.val stands for its {n} *_val dataset(s) of {len(table)}"
+    return f"`all` in data.train stands for its {n} dataset(s) not named *_val / *_test, of {len(table)}"
+
+
+def _missing_too(registry: _Registry) -> list[str]:
+    """When a pattern's file is not found the recipe is refused before anything else looks for files: one line per
+    split naming the other files the recipe took from the registry that are missing too, so one refusal lists them
+    all (a wrong root makes every one of them missing)."""
+    if not (registry.pattern_failed and registry.missing and registry.table is not None):
+        return []
+    lines = []
+    for split in ("train", "val"):
+        gone = [(name, path) for key, name, path in registry.missing if key.startswith(f"data.{split}.")]
+        if gone:
+            shown = ", ".join(f"{name} ({path})" for name, path in gone[:3])
+            more = f", ... ({len(gone)} in all)" if len(gone) > 3 else ""
+            lines.append(f"data.{split}: {len(gone)} annotation file(s) the registry names are missing too: "
+                         f"{shown}{more}; {registry.table.root_hint()}")
+    return lines
 
 
 def resolve_data_section(data: dict) -> dict:
@@ -254,7 +306,7 @@ def resolve_data_section(data: dict) -> dict:
                           "list the datasets one by one instead of `all`")
         data[split] = resolved
     if errors:
-        raise ValueError("\n".join(dict.fromkeys(errors)))
+        raise ValueError("\n".join(dict.fromkeys(errors + _missing_too(registry))))
     return data
 
 
@@ -271,13 +323,17 @@ def _fill(entry: dict, key: str, registry: _Registry, errors: list[str]) -> dict
     elif name not in table:
         close = difflib.get_close_matches(name, table, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        errors.append(f"{key}.name: unknown dataset {name!r} in registry {registry.path}{hint} (`all` names every "
-                      f"one of its {len(table)} datasets)")
+        split = key.split(".")[1]
+        errors.append(f"{key}.name: unknown dataset {name!r} in registry {registry.path}{hint} "
+                      f"({_all_means(table, split)})")
     else:
         try:  # an annotation pattern is matched here, and only when the entry does not give its own file
             found = table[name] if "annotation_path" in needs else {"data_path": table.data_path(name)}
         except ValueError as e:
             errors.append(f"{key}.name: {e}")
+            registry.pattern_failed = True
         else:
             entry = {**entry, **{k: found[k] for k in needs}}
+            if "annotation_path" in needs and not Path(found["annotation_path"]).exists():
+                registry.missing.append((key, name, found["annotation_path"]))
     return entry

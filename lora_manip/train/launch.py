@@ -55,7 +55,7 @@ def launch_training(recipe_path: str | os.PathLike, overrides: list[str], overwr
     if dry_run:
         from .plan import describe_plan
 
-        return 0, describe_plan(recipe)
+        return describe_plan(recipe)
     out = run_dir(recipe)  # resolved once: the kit and the Trainer write to the same folder
     d = recipe.distributed
     started = in_distributed_run()

@@ -131,20 +131,84 @@ def activation_memory(model, recipe: Recipe) -> list[str]:
             f"checkpointing: {', '.join(gc) or 'none'})"]
 
 
-def _dataset_sizes(recipe: Recipe) -> list[tuple[str, str]]:
-    from ..data.records import read_raw_records
+def _created_on_first_train(recipe: Recipe) -> set[Path]:
+    """What the demo's synthetic data set creates on first train (build.prepare_demo_inputs): the first train
+    dataset's data_path with train.json and val.json in it, when that dataset's annotation file does not exist."""
+    synth, train = recipe.data.create_synthetic_if_missing, recipe.data.train
+    if synth is None or not train or Path(train[0].annotation_path).exists():
+        return set()
+    folder = Path(train[0].data_path).resolve()
+    return {folder, folder / "train.json", folder / "val.json"}
 
-    rows = []
+
+def _datasets(recipe: Recipe) -> tuple[list[tuple[str, str]], list[tuple[str, str, bool]], int | None]:
+    """(rows: (dataset, what the plan says of it); gaps: (what is wrong, dataset, whether the path came from the
+    registry) for each file or folder the run would stop on; training records counted, None when some are created
+    on first train). Records are counted from the file's index, not checked one by one (`data check` does that)."""
+    from ..data.check import path_hint, recipe_registry
+    from ..data.records import RecordIndex
+    from ..errors import UserError
+
+    created, registry = _created_on_first_train(recipe), recipe_registry(recipe.data)
+    rows, gaps, n_train = [], [], 0
     for split, entries in (("train", recipe.data.train), ("val", recipe.data.val)):
         for d in entries:
-            path = Path(d.annotation_path)
-            n = f"{len(read_raw_records(path)):,} records" if path.is_file() else "missing (created on first train)" \
-                if recipe.data.create_synthetic_if_missing else "MISSING"
-            rows.append((f"{split}: {d.name or path.name}", f"{n}{f', sample {d.sample}' if d.sample else ''}"))
-    return rows
+            label, said = f"{split}: {d.name or Path(d.annotation_path).name}", []
+            annotation, images = Path(d.annotation_path), Path(d.data_path)
+            if annotation.resolve() in created:
+                said.append("missing (created on first train)")
+                n_train = None if split == "train" else n_train
+            elif not annotation.is_file():
+                said.append(f"MISSING: annotation file {annotation} "
+                            f"{'is not a file' if annotation.exists() else 'not found'}")
+                gaps.append(("annotation file not found", label, bool(path_hint(registry, d, "annotation_path"))))
+            else:
+                try:
+                    index = RecordIndex(annotation)
+                    problem = str(index.problems[0]) if index.problems else None  # training stops on these too
+                except UserError as e:
+                    index, problem = None, str(e)
+                if problem:
+                    said.append(f"UNREADABLE: {problem}")
+                    gaps.append(("annotation file unreadable", label, False))
+                else:
+                    said.append(f"{len(index):,} records")
+                    if split == "train" and n_train is not None:
+                        n_train += len(index)
+            if not images.is_dir() and images.resolve() not in created:
+                said.append(f"MISSING: images folder (data_path) {images} "
+                            f"{'is not a folder' if images.exists() else 'not found'}")
+                gaps.append(("images folder not found", label, bool(path_hint(registry, d, "data_path"))))
+            rows.append((label, "; ".join(said) + (f", sample {d.sample}" if d.sample else "")))
+    if n_train == 0 and recipe.data.train and not any(g[1].startswith("train: ") for g in gaps):
+        gaps.append(("data.train's files hold no records", "-", False))
+    return rows, gaps, n_train
 
 
-def describe_plan(recipe: Recipe) -> str:
+def _stop_line(recipe: Recipe, gaps: list[tuple[str, str, bool]]) -> str:
+    """One line: what the run would stop on, for which datasets, and what to fix."""
+    from ..data.check import recipe_registry
+
+    parts = []
+    for what in dict.fromkeys(g[0] for g in gaps):
+        names = [g[1] for g in gaps if g[0] == what]
+        more = f", and {len(names) - 3} more" if len(names) > 3 else ""
+        parts.append(f"{what} for {len(names)} dataset(s) ({', '.join(names[:3])}{more})" if names[0] != "-"
+                     else what)
+    fixes = []
+    registry = recipe_registry(recipe.data)
+    if registry is not None and any(g[2] for g in gaps):
+        fixes.append(registry.root_hint())
+    if any(not g[2] and g[1] != "-" for g in gaps):
+        fixes.append("fix the recipe's annotation_path / data_path")
+    fixes.append("`lora-manip data check RECIPE` lists every problem")
+    return f"error: the run would stop on its data: {'; '.join(parts)}; {'; '.join(fixes)}"
+
+
+def describe_plan(recipe: Recipe) -> tuple[int, str]:
+    """(exit code, the plan). 2 (bad input) when the run would stop on its data: an annotation file or images
+    folder missing, an unreadable file, no training records (the demo's synthetic data, created on first train, is
+    not missing); the plan is printed all the same, its last line saying what and what to fix."""
     from ..model.adapters import prepare_trainable, trainable_summary
     from ..model.load import resolve_attention
     from .optim import param_groups
@@ -169,30 +233,34 @@ def describe_plan(recipe: Recipe) -> str:
     d = recipe.distributed
     lines.append(f"processes: {d.nproc_per_node} per node x {d.nnodes} node(s)"
                  f"{', DeepSpeed ' + d.deepspeed if d.deepspeed else ''}")
-    sizes = _dataset_sizes(recipe)
-    if recipe.train.max_tokens_per_batch:
-        measured, why = _measured_train_set(recipe)
+    rows, gaps, n_train = _datasets(recipe)
+    t = recipe.train
+    if t.max_tokens_per_batch:
+        measured, why, blocks = _measured_train_set(recipe, gaps)
+        if blocks:
+            gaps.append((blocks, "-", False))
         lines.append(batch_accounting(recipe, *measured) if measured else
                      f"{_budget_head(recipe)}; samples and tokens per optimizer step are measured from the data, "
                      f"not here: {why}")
-        lines += [f"  {name}: {n}" for name, n in sizes]
-        if not measured:
-            lines.append(f"optimizer steps: {recipe.train.max_steps} (train.max_steps)" if recipe.train.max_steps > 0
-                         else "optimizer steps: set by the token budget (the run logs them at start)")
-        return "\n".join(lines)
-    lines.append(batch_accounting(recipe))
-    lines += [f"  {name}: {n}" for name, n in sizes]
-    t = recipe.train
+    else:
+        measured = None
+        lines.append(batch_accounting(recipe))
+    lines += [f"  {name}: {n}" for name, n in rows]
     if t.max_steps > 0:
         lines.append(f"optimizer steps: {t.max_steps} (train.max_steps)")
-    else:
-        n_train = sum(int(s.split()[0].replace(",", "")) for name, s in sizes
-                      if name.startswith("train") and s[0].isdigit())
-        if n_train:
-            steps = math.ceil(n_train / recipe.effective_batch_size * t.epochs)
-            lines.append(f"optimizer steps: ~{steps} ({n_train:,} samples x {t.epochs} epoch(s) / "
-                         f"{recipe.effective_batch_size}, before sub-sampling and length drops)")
-    return "\n".join(lines)
+    elif gaps:
+        lines.append("optimizer steps: not known: the run would stop on its data (last line)")
+    elif n_train is None:
+        lines.append("optimizer steps: set by the data created on first train (the run logs them at start)")
+    elif t.max_tokens_per_batch and not measured:
+        lines.append("optimizer steps: set by the token budget (the run logs them at start)")
+    elif not t.max_tokens_per_batch:  # under a measured budget batch_accounting has said them
+        steps = math.ceil(n_train / recipe.effective_batch_size * t.epochs)
+        lines.append(f"optimizer steps: ~{steps} ({n_train:,} samples x {t.epochs:g} epoch(s) / "
+                     f"{recipe.effective_batch_size}, before sub-sampling and length drops)")
+    if gaps:
+        return 2, "\n".join(lines + [_stop_line(recipe, gaps)])
+    return 0, "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ batch accounting
@@ -239,21 +307,27 @@ def batch_accounting(recipe: Recipe, train_set=None, tile_tokens: int | None = N
     return f"{_budget_head(recipe)}: {stats.describe()}, {total_steps(recipe, stats.steps)}"
 
 
-def _measured_train_set(recipe: Recipe) -> tuple[tuple | None, str | None]:
-    """((train dataset, tokens per tile), None) measured as the run measures it (the same checks and cached length
-    scan), or (None, why not): a model or data set the first train creates, a missing file, no processor."""
+def _measured_train_set(recipe: Recipe, gaps: list) -> tuple[tuple | None, str | None, str | None]:
+    """((train dataset, tokens per tile), None, None) measured as the run measures it (the same checks and cached
+    length scan), else (None, why not, what the run would stop on or None): a model or data set the first train
+    creates, data the run would stop on (`gaps`), a processor that does not load, records training refuses."""
     from ..data.dataset import build_datasets
     from ..data.processor import load_processor
     from ..errors import UserError
 
     if recipe.model.create_tiny_if_missing and not Path(recipe.model.path).exists():
-        return None, "the model is created on first train"
+        return None, "the model is created on first train", None
+    if gaps:
+        return None, "the data cannot be read (last line)", None
     missing = [d.annotation_path for d in recipe.data.train if not Path(d.annotation_path).is_file()]
-    if missing:
-        return None, f"{missing[0]} does not exist" + (" yet" if recipe.data.create_synthetic_if_missing else "")
+    if missing:  # the demo's, created on first train (anything else is a gap)
+        return None, f"{missing[0]} does not exist yet", None
     try:
         processor = load_processor(recipe.model.path, recipe.data.max_image_tiles)
     except UserError as e:
-        return None, str(e)
-    train, _ = build_datasets(recipe.data, processor, recipe.train.seed)
-    return (train, processor.num_image_tokens), None
+        return None, str(e), f"the processor does not load ({str(e).splitlines()[0]})"
+    try:
+        train, _ = build_datasets(recipe.data, processor, recipe.train.seed)
+    except UserError as e:  # records training refuses: the run would stop on them
+        return None, str(e), f"records training refuses ({str(e).splitlines()[0]})"
+    return (train, processor.num_image_tokens), None, None

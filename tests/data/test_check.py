@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from lora_manip.cli import app
 from lora_manip.data.encode import Chat
-from lora_manip.data.report import Entry, check_entries
+from lora_manip.data.report import Entry, check_entries, format_report
 from lora_manip.data.dataset import build_datasets
 from lora_manip.errors import UserError
 from lora_manip.recipe import recipe_from_dict
@@ -162,6 +162,51 @@ def test_cli_checks_a_recipe_through_the_registry(root, tiny_model_dir, tmp_path
     assert [d["split"] for d in report["datasets"]] == ["train", "val"] and report["tokens_computed"]
     assert report["problem_counts"] == {"empty_answer": 1} and report["problems"][0]["record_id"] == "bad"
     assert report["padding_efficiency"]["batch_size"] == 4  # the recipe's per_device_batch_size
+    assert report["padding_efficiency"]["batching"] == "length-grouped"  # the schema's default
+    code, out = cli("data", "check", recipe, "--set", "data.group_by_length=false")
+    (line,) = [x for x in out.splitlines() if x.startswith("padding efficiency")]
+    assert code == 1 and "% in random order (data.group_by_length: false); length grouping would give " in line
+    assert "length-grouped" not in line  # never trained that way: not shown as if it applied
+
+
+@pytest.mark.parametrize("batching, says, not_said", [
+    ("length-grouped", "% length-grouped (data.group_by_length: true); random order would give ", "random order 1"),
+    ("random", "% in random order (data.group_by_length: false); length grouping would give ", "length-grouped"),
+    ("token-budget", "(training batches by train.max_tokens_per_batch, not by this batch size)", None),
+    (None, "random order ", "data.group_by_length"),  # one file, no recipe: both, neither claimed
+])
+def test_the_padding_line_says_which_order_training_uses(root, processor, batching, says, not_said):
+    path = write(root, "a.jsonl", [GOOD, rec("t", "ok", images=()), rec("c", "B", task="choice")])
+    report = check_entries([Entry("a", str(path), str(root))], Chat(processor, None), batch_size=2,
+                           batching=batching)
+    (line,) = [x for x in format_report(report).splitlines() if x.startswith("padding efficiency")]
+    assert says in line and (not_said is None or not_said not in line), line
+
+
+def test_missing_registry_files_name_the_registry_root_and_every_one_is_listed(root, tmp_path):
+    """A wrong registry root: each missing file, train and val, is a problem saying it came from the registry and
+    which root to check; a missing file the recipe names itself gets no registry hint."""
+    wrong = tmp_path / "wrong-root"
+    registry = tmp_path / "datasets.yaml"
+    registry.write_text(yaml.safe_dump({"root": str(wrong), "datasets": {
+        n: {"annotation_path": f"{n}.json", "data_path": "."} for n in ("a_train", "b_train", "c_val")}}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"path": str(tmp_path / "no-model")}, "method": "lora", "train": {"output_dir": str(tmp_path / "o")},
+        "data": {"registry": str(registry), "train": [{"name": "all"}, {"name": "mine", "data_path": str(root),
+                                                                      "annotation_path": str(root / "gone.json")}],
+                 "val": [{"name": "all"}]}}))
+    code, out = cli("data", "check", recipe, "--json")
+    problems = json.loads(out)["problems"]
+    assert code == 1 and [p["kind"] for p in problems] == ["missing_file"] * 4
+    hint = f"check the registry's root ({registry}: root = {wrong})"
+    a, b, mine, c = problems  # train (the registry's, then the recipe's own), then val
+    for p, name in ((a, "a_train"), (b, "b_train"), (c, "c_val")):
+        assert p["field"] == "annotation_path" and p["reason"].endswith(
+            f"not found; dataset {name!r} takes its annotation_path from the registry; {hint}"), p
+    assert mine["reason"] == f"annotation file {root / 'gone.json'} not found"  # the recipe's own path
+    code, out = cli("data", "check", recipe)
+    assert code == 1 and all(n in out for n in ("a_train.json", "b_train.json", "c_val.json", "gone.json"))
 
 
 def _recipe(root, tiny_model_dir, out, **data):

@@ -125,7 +125,8 @@ def _predictions(path):
 def _normalize(path):
     from lora_manip.data.normalize import normalize_file
 
-    out = normalize_file(path, path.parent / ("out" + path.suffix), "thousand")
+    suffix = path.suffix if path.suffix.lower() in (".json", ".jsonl") else ".json"  # OUT must be .json / .jsonl
+    out = normalize_file(path, path.parent / ("out" + suffix), "thousand")
     if out["problems"]:
         raise UserError(out["problems"][0]["reason"])
     return [str(r["id"]) for r in (json.loads(line) for line in open(out["output"], encoding="utf-8"))] \

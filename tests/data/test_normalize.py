@@ -235,7 +235,7 @@ def test_csv_rows_that_cannot_be_converted_are_named_and_nothing_is_written(tmp_
         "a.png,point,,10 10,,\n")  # no question
     res = runner.invoke(app, ["data", "normalize", str(tmp_path / "bad.csv"), str(tmp_path / "o.jsonl")])
     assert res.exit_code == 1 and not (tmp_path / "o.jsonl").exists()
-    for line, words in ((3, "outside the image"), (4, "does not read as a box"), (5, "no image size"),
+    for line, words in ((3, "outside the image"), (4, "does not read as a box"), (5, "missing.png not found"),
                         (6, "coordinate-like numbers"), (7, "field `question`: empty")):
         assert any(f"line {line}" in x and words in x for x in res.output.splitlines()), (line, res.output)
     assert "5 problem(s) in 6 rows" in res.output
@@ -290,3 +290,61 @@ def test_robointer_pixel_formats_convert_to_its_llava_format(tmp_path, fmt, mode
             for tw, tg in zip(w["conversations"], g["conversations"]):
                 nums = lambda t: [float(x) for x in re.findall(r"\d+\.\d+|\d+", t.split("Answer")[0])]  # noqa: E731
                 assert nums(tg["value"]) == pytest.approx(nums(tw["value"]), abs=0.03)  # whole pixels of 32x18
+            assert g["gt"] == g["conversations"][1]["value"]  # the release's `gt` converted with the answer
+            assert g["images"].startswith("rel/Generation/")  # relative to the output's folder
+        assert run_check(str(out))["ok"]  # every image found from the output's own folder, `gt` in [0, 1] too
+
+
+# --- what a converted record carries: its image size, its `gt` converted with its answer, images that exist ------
+from lora_manip.data.check import run_check  # noqa: E402
+
+
+def test_a_converted_record_states_the_image_size(src, tmp_path):
+    normalize_file(src, tmp_path / "out.jsonl")
+    sizes = [{k: r[k] for k in ("width", "height", "w", "h") if k in r}
+             for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())]
+    # read from the image for "header" and "flat"; records copied unchanged stay unchanged
+    assert sizes == [{"width": 640, "height": 480}] * 3 + [{}, {}]
+    rh = tmp_path / "rh.jsonl"  # RoboInter's spelling is kept, not doubled
+    rh.write_text(json.dumps(rec("rh", '{"current_bbox": [[320, 240], [640, 480]]}', w=640, h=480)) + "\n")
+    normalize_file(rh, tmp_path / "rh-out.jsonl")
+    out = json.loads((tmp_path / "rh-out.jsonl").read_text())
+    assert (out["w"], out["h"]) == (640, 480) and "width" not in out
+
+
+def test_gt_is_converted_with_the_answer_and_data_check_holds_it_to_the_same_rule(tmp_path):
+    Image.new("RGB", (640, 480)).save(tmp_path / "f.png")
+    answer = '{"future_traj": [[64, 48], [128, 96]]}'
+    recs = [rec("text", answer, gt=answer, task="traj"),
+            rec("json", answer, gt={"future_traj": [[64, 48], [128, 96]]}, task="traj"),
+            rec("other", "[[320, 240], [640, 480]]", gt="[[320, 240], [640, 480]]", task="current_box")]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    s = normalize_file(tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+    assert s["converted"] == 3, s["problems"]
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["gt"] for r in out] == ['{"future_traj": [[0.1, 0.1], [0.2, 0.2]]}',
+                                      {"future_traj": [[0.1, 0.1], [0.2, 0.2]]}, "[[0.5, 0.5], [1.0, 1.0]]"]
+    assert run_check(str(tmp_path / "out.jsonl"))["ok"]
+    # a gt left in pixels beside a converted answer: data check names it; normalize refuses to guess which is right
+    out[0]["gt"] = answer
+    (tmp_path / "half.jsonl").write_text(json.dumps(out[0]) + "\n")
+    report = run_check(str(tmp_path / "half.jsonl"))
+    assert [(p["field"], p["kind"]) for p in report["problems"]] == [("gt", "coords_out_of_range")]
+    s = normalize_file(tmp_path / "half.jsonl", tmp_path / "again.jsonl")
+    assert [(p["field"], p["kind"]) for p in s["problems"]] == [("gt", "coords_out_of_range")]
+    assert "`gt` and the answer are in different units" in s["problems"][0]["reason"]
+
+
+def test_records_whose_image_is_missing_or_that_data_check_refuses_are_refused(tmp_path):
+    Image.new("RGB", (640, 480)).save(tmp_path / "f.png")
+    gone = rec("gone", '{"current_bbox": [[320, 240], [640, 480]]}', width=640, height=480)
+    gone["images"] = ["gone.png"]
+    recs = [gone, rec("one", '{"future_traj": [[64, 48]]}'), rec("inverted", '{"current_bbox": [640, 480, 320, 240]}'),
+            rec("fine", '{"future_traj": [[64, 48], [128, 96]]}')]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    s = normalize_file(tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+    assert s["output"] is None and s["converted"] == 1
+    assert [(p["record_id"], p["field"], p["kind"]) for p in s["problems"]] == [
+        ("gone", "images", "missing_image"), ("one", "conversations", "short_trajectory"),
+        ("inverted", "conversations", "box_inverted")]
+    assert "gone.png not found" in s["problems"][0]["reason"]

@@ -61,6 +61,14 @@ def test_the_example_registry_names_every_val_file_once_with_distinct_names(rele
     msg = str(e.value)
     assert "\n" not in msg and str(registry) in msg and "vla_final_box_val" in msg and "*_final_box_qa.json" in msg
     assert "elsewhere.json" in msg and "set annotation_path to one of them" in msg
+    plain = next(f for f in files if "Understanding" in f.parts)  # a file named as is, not by a pattern
+    plain.rename(moved)
+    try:  # a missing file named as is: the registry's root as written, the first thing to check
+        with pytest.raises(UserError) as e:
+            resolve_data(None, split="val", registry=str(registry))
+    finally:
+        moved.rename(plain)
+    assert str(plain) in str(e.value) and f"root = {root}" in str(e.value)
 
 
 def _answers(model, processor, prompts, images, max_new_tokens):

@@ -199,6 +199,14 @@ def test_format_table():
     assert "33.3%" in table
 
 
+def test_coordinates_line_only_where_coordinates_were_read():
+    _, s = score_records([{"id": 1, "task": "choice", "gt": "A", "pred": "A"},
+                          {"id": 2, "task": "planning", "gt": "pick up the cup", "pred": "pick up the cup"}])
+    assert "coordinates:" not in format_table(s)
+    _, s = score_records([{"id": 1, "task": "object_box", "gt": "[0.1, 0.1, 0.5, 0.5]", "pred": "[0.1, 0.1, 0.5, 0.5]"}])
+    assert "coordinates: predictions read as [0, 1]" in format_table(s)
+
+
 def test_write_outputs(tmp_path):
     rows, s = score_records(_records())
     write_outputs(tmp_path / "out", rows, s)

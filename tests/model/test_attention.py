@@ -45,3 +45,18 @@ def test_no_gpu_is_sdpa_without_a_warning(monkeypatch, caplog):
     with pytest.raises(UserError, match="no CUDA GPU"):
         load.resolve_attention("flash_attention_2")
     load.flash_attention_problem.cache_clear()
+
+
+def test_the_float32_note_on_a_cpu_is_logged_once(monkeypatch, caplog):
+    """A run asks for its compute dtype in several places (arguments, loading, the trainer; eval twice): the note
+    that a CPU computes in float32 is one line per process, not one per question."""
+    import torch
+
+    monkeypatch.setattr(load, "has_cuda", lambda: False)
+    load._note_float32.cache_clear()
+    with caplog.at_level(logging.INFO, logger=load.__name__):
+        assert [load.compute_dtype("bfloat16") for _ in range(3)] == [torch.float32] * 3
+        load.compute_dtype("float16")
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("no CUDA GPU")]
+    assert notes == ["no CUDA GPU: computing in float32 instead of bfloat16",
+                     "no CUDA GPU: computing in float32 instead of float16"]

@@ -243,8 +243,42 @@ def test_a_pattern_is_matched_only_when_its_dataset_is_used(tmp_path):
     missing = tmp_path / "datasets2.yaml"
     missing.write_text(yaml.safe_dump({"datasets": {"v_val": {"annotation_path": "nowhere/*.json", "data_path": "."}}}))
     with pytest.raises(ValueError, match=r"datasets.v_val.annotation_path 'nowhere/\*.json': folder .*nowhere not "
-                                         r"found \(check the registry's root\)$"):
+                                         r"found; check the registry's root \(.*datasets2.yaml sets none: its paths "
+                                         r"are relative to its folder .*\)$"):
         load_registry(missing)["v_val"]
+
+
+@pytest.mark.parametrize("root, says", [("/mnt/no-such-release", "root = /mnt/no-such-release)"),
+                                        ("rel", "root = rel, i.e. {folder}/rel)")])
+def test_a_missing_pattern_folder_names_the_registry_root(tmp_path, root, says):
+    path = tmp_path / "datasets.yaml"
+    path.write_text(yaml.safe_dump({"root": root, "datasets": {"v_val": {"annotation_path": "m/*.json",
+                                                                          "data_path": "."}}}))
+    with pytest.raises(UserError) as e:
+        load_registry(path)["v_val"]
+    assert str(e.value).endswith(f"; check the registry's root ({path}: {says.format(folder=tmp_path)}")
+
+
+def test_a_wrong_root_lists_every_missing_file_of_the_recipe_train_and_val(tmp_path):
+    """The example registry as a user copies it, its root wrong: the refusal for the val patterns also counts the
+    training files (and plain val files) that are missing, each line naming the root to check."""
+    wrong = tmp_path / "not-the-release"
+    reg = _example_with_root(wrong, tmp_path)
+    written = yaml.safe_load(reg.read_text())["datasets"]
+    train = [n for n in written if not n.endswith(("_val", "_test"))]
+    plain_val = [n for n in written if n.endswith("_val") and "*" not in written[n]["annotation_path"]]
+    with pytest.raises(UserError) as e:
+        recipe_from_dict(base({"registry": str(reg), "train": [{"name": "all"}], "val": [{"name": "all"}]}))
+    lines = str(e.value).splitlines()
+    hint = f"check the registry's root ({reg}: root = {wrong})"
+    assert len(train) == 26 and plain_val and all(line.endswith(hint) for line in lines[1:]), lines
+    (t,) = [x for x in lines if "data.train:" in x]
+    assert f"data.train: {len(train)} annotation file(s) the registry names are missing too: {train[0]} (" in t
+    assert f"({len(train)} in all)" in t
+    (v,) = [x for x in lines if "data.val:" in x]
+    assert f"data.val: {len(plain_val)} annotation file(s) the registry names are missing too: {plain_val[0]} (" in v
+    assert len([x for x in lines if "not found; check the registry's root" in x]) == len(written) - len(train) \
+        - len(plain_val)  # one line per val pattern
 
 
 def test_a_literal_path_is_not_globbed_even_with_brackets_in_its_name(tmp_path):
@@ -286,12 +320,24 @@ def test_all_names_every_registry_dataset(registry):
      "data.train: dataset 'droid_traj_choice_qa_train' is named twice (once through `all`)"),
     ([{"name": "all", "annotation_path": "a.json"}], "data.train.0.name: `all` stands for every dataset of the "
                                                       "registry; it takes no annotation_path"),
-    ([{"name": "rh20t"}], "(`all` names every one of its 2 datasets)"),
+    ([{"name": "rh20t"}], "(`all` in data.train stands for its 2 dataset(s) not named *_val / *_test, of 2)"),
 ])
 def test_all_refusals(registry, train, message):
     with pytest.raises(UserError) as e:
         recipe_from_dict(base({"registry": str(registry), "train": train}))
     assert message in str(e.value)
+
+
+def test_an_unknown_name_says_what_all_means_where_it_is_used(tmp_path):
+    path = tmp_path / "datasets.yaml"
+    names = ("a_train", "b_train", "a_val", "b_val", "c_val", "a_test")
+    path.write_text(yaml.safe_dump({"datasets": {n: {"annotation_path": f"{n}.json", "data_path": "."}
+                                                 for n in names}}))
+    with pytest.raises(UserError) as e:
+        recipe_from_dict(base({"registry": str(path), "train": [{"name": "a_trian"}], "val": [{"name": "a_vla"}]}))
+    assert "data.train.0.name: unknown dataset 'a_trian'" in str(e.value)
+    assert "(`all` in data.train stands for its 2 dataset(s) not named *_val / *_test, of 6)" in str(e.value)
+    assert "(`all` in data.val stands for its 3 *_val dataset(s) of 6)" in str(e.value)
 
 
 def test_a_registry_dataset_called_all_is_that_dataset(tmp_path):

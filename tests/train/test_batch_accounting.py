@@ -83,8 +83,10 @@ def test_dry_run_without_the_data_says_what_it_cannot_measure(tiny_model_dir, tm
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(_budget_recipe(tiny_model_dir, tmp_path / "nodata", tmp_path)))
     result = CliRunner().invoke(app, ["train", str(path), "--dry-run"])
-    assert result.exit_code == 0, result.output
-    assert "measured from the data, not here:" in result.output and "train.json does not exist" in result.output
+    assert result.exit_code == 2, result.output  # the plan, then why the run would stop (tests/train/test_dry_run.py)
+    assert "measured from the data, not here: the data cannot be read (last line)" in result.output
+    assert result.output.splitlines()[-1].startswith("error: the run would stop on its data: annotation file not "
+                                                     "found for 1 dataset(s) (train: train.json)")
 
 
 # ------------------------------------------------------------------------------------------ learning rates
