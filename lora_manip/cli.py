@@ -19,6 +19,7 @@ from .answers.kinds import KINDS
 from .dtypes import WEIGHT_NAMES, WEIGHT_SHORT_NAMES
 from .eval.table import TABLE_NAMES
 from .errors import UserError
+from .fsutil import home_paths
 from .model.tiny import GEOMETRIES, TEMPLATES
 from .recipe.names import EVAL_BACKENDS, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, POINT_THRESHOLD, SYNTH_TASKS
 
@@ -38,12 +39,12 @@ def _setup_logging() -> None:
 
 
 def command(fn):
-    """Map UserError to a one-line message and exit code (2: bad input; a failed self-check may choose 1)."""
+    """Paths with `~` expanded; UserError mapped to one line and an exit code (2: bad input; a self-check may use 1)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _setup_logging()
         try:
-            return fn(*args, **kwargs)
+            return fn(*args, **{k: home_paths(v) for k, v in kwargs.items()})  # `~` in every path argument
         except UserError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(getattr(e, "exit_code", 2)) from None
@@ -114,8 +115,7 @@ def data_check(target: Path = typer.Argument(..., help="A recipe (.yaml: all its
                set_: Optional[List[str]] = SetOpt,
                json_out: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
                show: int = typer.Option(5, help="Problems listed per reason (--json lists all).")):
-    """Read every record; report each problem (file, line/index, id, field, reason) and statistics. Exit 1 when
-    problems were found."""
+    """Read every record; report each problem (file, line/index, id, field, reason) and statistics; exit 1 if any."""
     import json
 
     from .data.check import run_check

@@ -237,6 +237,16 @@ def remove_empty(folders: list[Path]) -> None:
 # -------------------------------------------------------------------------------------------------- locks
 
 
+def home_paths(value: Any) -> Any:
+    """A command's argument with `~` expanded when it is a path (or a list of paths): the shell leaves `~` in quotes
+    and after `--opt=`, and a path must mean the same folder to every reader. Anything else is returned as given."""
+    if isinstance(value, Path):
+        return Path(os.path.expanduser(value))
+    if isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
+        return [Path(os.path.expanduser(v)) for v in value]
+    return value
+
+
 def lock_path(out: str | os.PathLike) -> Path:
     out = Path(out).expanduser().absolute()
     return out.parent / f".{out.name}.lock"

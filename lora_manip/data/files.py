@@ -92,3 +92,24 @@ def path_under(root: str | os.PathLike, rel: str) -> str | None:
     base = os.path.abspath(root)
     p = os.path.normpath(os.path.join(base, rel))
     return p if p.startswith(base.rstrip(os.sep) + os.sep) else None
+
+
+def not_an_array(buf: str, p: int, decoder: json.JSONDecoder) -> str:
+    """Why a .json file that does not start with `[` is not read, saying what it holds where that is clear from its
+    start: JSON lines under a .json name, or one object (a COCO file, {"results": [...]}) whose records are inside."""
+    plain = "expected a JSON array of records (or use .jsonl, one record per line)"
+    if p >= len(buf) or buf[p] != "{":
+        return plain
+    try:
+        obj, end = decoder.raw_decode(buf, p)
+    except json.JSONDecodeError:
+        return plain  # malformed, or longer than what was read: the plain rule is enough
+    rest = buf[end:].lstrip()
+    if rest.startswith("{"):
+        return ("expected a JSON array of records, found one JSON object per line: that is JSON lines, which this "
+                "reads from a file named .jsonl (rename it)")
+    lists = [k for k, v in obj.items() if isinstance(v, list)][:5]
+    inside = f"; its list(s) {', '.join(map(repr, lists))} may hold the records: write one as its own file" \
+        if lists else ""
+    coco = "; a COCO file: `lora-manip data normalize` converts it" if {"images", "annotations"} <= set(obj) else ""
+    return f"expected a JSON array of records, found a JSON object{coco}{inside}"

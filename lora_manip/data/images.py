@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -213,3 +214,37 @@ def symlink_warnings(sample: Sample, file: str, where: str, data_root: str) -> l
             out.append(Problem(file, where, sample.id, f"images[{k}]", f"image {path} is a symlink (or lies under "
                                f"one) that leads out of the data root, to {real}", "symlink_outside_root"))
     return out
+
+
+def record_size(rec: dict, data_root: Path) -> tuple[int, int] | str:
+    """`data normalize`'s size of a record's image: (width, height) from the record's fields or its images'
+    headers, or why not. Every image must exist even when the fields give the size: a record of a missing image
+    would be written, then fail every later step."""
+    images = rec.get("images", rec.get("image"))
+    images = [] if images is None else [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(x, str) and x for x in images):
+        return f"`images` is not a list of paths ({images!r:.60})"
+    root = data_root.resolve()
+    paths = []
+    for rel in images:
+        p = (root / rel).resolve()
+        if not p.is_relative_to(root):
+            return f"image path {rel!r} escapes the data root {root}"
+        if not p.is_file():  # a path written on Windows names no file here
+            return f"image {p} not found" + (" (write paths with /, not \\)" if "\\" in rel else "")
+        paths.append(p)
+    for wk, hk in (("width", "height"), ("w", "h")):
+        w, h = rec.get(wk), rec.get(hk)
+        if isinstance(w, int) and isinstance(h, int) and not isinstance(w, bool) and w > 0 and h > 0:
+            return w, h
+    if not paths:
+        return "no image size: no width/height fields and no image to read it from"
+    sizes = set()
+    for p in paths:
+        got = read_image_size(str(p))
+        if isinstance(got, str):
+            return f"image {p}: {got}"
+        sizes.add(got)
+    if len(sizes) > 1:
+        return f"its images differ in size {sorted(sizes)}; which one do the coordinates refer to?"
+    return sizes.pop()

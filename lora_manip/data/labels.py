@@ -1,14 +1,17 @@
 """A lab's own labels for `lora-manip data normalize`: a CSV table or a COCO-style JSON with coordinates in pixels,
 in; the kit's records (LLaVA conversations, coordinates in [0, 1]) out, with one line of report per input row.
 
-CSV: UTF-8, one header row, one row per image and question. Columns (names case-insensitive, no others):
-  image      the image's path, relative to --data-root (default: the CSV's folder)                    required
+CSV: UTF-8, one header row, one row per image and question, separated by ',' (or ';' or tabs, as spreadsheets in
+some locales save it). Columns (names case-insensitive, no others):
+  image      the image's path, relative to --data-root (default: the CSV's folder); `~` and absolute paths
+             inside the data root are written relative to it                                           required
   task       a kind (box, point, trajectory, choice, yesno, planning) or a task name the scorer knows
              (current_box, contact_point, traj, traj_choice, ...): how the answer is read and scored   required
   question   the question; "<image>\\n" is put in front when it has no <image>                           required
   answer     box, point and trajectory tasks: the geometry in the --from unit (pixels by default), in any
              shape the scorer reads: "x1 y1 x2 y2", "[x1, y1, x2, y2]", "[[x1, y1], [x2, y2]]", "(x, y),
-             (x, y)", ... A box is two corners, not x, y, width, height. Other tasks: the answer text.    required
+             (x, y)", ... A box is two corners, not x, y, width, height (refused: the parser would sort it into
+             another box). Numbers all in [0, 1]: already normalised, kept. Other tasks: the answer text. required
   id         the record's id (default: FILE-LINE)                                                         optional
   width, height   the image's size in pixels (default: read from the image)                              optional
 Coordinate lists in a question ("starting at (320, 240)") are converted with the answer's.
@@ -17,8 +20,9 @@ COCO: a JSON object with `images` (id, file_name, width, height) and `annotation
 keypoints); `categories` (id, name, keypoints) optional. Each annotation gives one record per geometry it has:
 `bbox` ([x, y, width, height] in pixels, COCO's convention) a box; `keypoints` ([x, y, v] triples; v = 0 means
 not labelled) a point record of its labelled points, or with `--keypoints trajectory` a trajectory in keypoint
-order. The question is the annotation's `question` field, else one made from the category's name; the task is
-the annotation's `task` field, else the kind. COCO coordinates are pixels by definition.
+order (keypoints all unlabelled beside a bbox: the box alone). The question is the annotation's `question`
+field, else one made from the category's name; the task is the annotation's `task` field, else the kind. A crowd
+region (`iscrowd` 1) is skipped, as COCO's training skips it. COCO coordinates are pixels by definition.
 
 Output records: {"id", "task", "images": [image], "width", "height", "conversations": [human, gpt]}, the answer
 {"bbox": [[x1, y1], [x2, y2]]} / {"points": [[x, y], ...]} / {"trajectory": [...]} (or the task's own name when
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -38,11 +43,12 @@ from typing import Protocol
 from ..answers.coordinates import COORD_KEY
 from ..answers.kinds import GEOMETRIC, KINDS, TASK_KINDS, classify_task
 from ..answers.parse import parse_answer
-from ..answers.units import find, rescale_text, stray_coordinates, value_points
+from ..answers.units import find, rescale_text, value_points
 from ..errors import UserError
+from .files import path_under
 from .records import IMAGE_PLACEHOLDER, Problem
 from .report import MIN_TRAJ_POINTS
-from .validate import text_problems
+from .validate import box_order_problem, stray_in_lists, text_problems
 
 CSV_REQUIRED = ("image", "task", "question", "answer")
 CSV_OPTIONAL = ("id", "width", "height")
@@ -57,6 +63,7 @@ class Scaler(Protocol):
 
     mode: str
     decimals: int
+    root: Path
 
     def size(self, rec: dict) -> tuple[int, int] | str: ...
 
@@ -78,6 +85,8 @@ class Row:
     width: int | None = None
     height: int | None = None
     error: tuple[str, str] | None = None  # (field, reason): the row cannot become a record
+    skip: str | None = None  # why the row gives no record and needs none (a COCO crowd region)
+    note: str = ""  # said on the row's line
 
 
 def is_coco(path: Path) -> bool:
@@ -104,7 +113,10 @@ def _int(value: str, name: str) -> int | None:
 def read_csv(path: Path) -> list[Row]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
+            first = f.readline()
+            f.seek(0)  # spreadsheets in locales with a decimal comma save ';'-separated "CSV"; some save tabs
+            sep = next((d for d in (",", ";", "\t") if d in first), ",")
+            reader = csv.DictReader(f, delimiter=sep)
             header = [(h or "").strip().lower() for h in reader.fieldnames or []]
             missing = [c for c in CSV_REQUIRED if c not in header]
             unknown = [h for h in header if h not in CSV_REQUIRED + CSV_OPTIONAL]
@@ -182,6 +194,8 @@ def _number_list(value, size: int | None = None) -> bool:
 def _coco_geometries(ann: dict, aid, where: str, name: str, cat: dict, keypoints: str, common: dict) -> list[Row]:
     out = []
     task, question = ann.get("task"), ann.get("question")
+    if ann.get("iscrowd"):  # RLE over a group of objects: COCO's own training and evaluation leave it out
+        return [Row(where, str(aid), skip="iscrowd 1: a crowd region, not one object; COCO's training leaves it out too")]
     if "bbox" in ann:
         b = ann["bbox"]
         if not _number_list(b, 4) or b[2] <= 0 or b[3] <= 0:
@@ -201,6 +215,9 @@ def _coco_geometries(ann: dict, aid, where: str, name: str, cat: dict, keypoints
             return out
         seen = [k for k in range(len(kp) // 3) if kp[3 * k + 2] > 0]
         pts = [(kp[3 * k], kp[3 * k + 1]) for k in seen]
+        if not pts and out:  # exporters write [0, 0, 0, ...] for an object whose keypoints nobody labelled
+            out[-1].note = "its keypoints are all unlabelled (v = 0): no point record"
+            return out
         if not pts:  # a trajectory's length: data check's rule, applied to every record (convert_row)
             out.append(Row(where, rid, error=("keypoints", "no labelled point (v > 0)")))
             return out
@@ -228,8 +245,30 @@ def _task_problem(row: Row) -> str | None:
     return None
 
 
+def _under_root(image: str, root: Path) -> str | None:
+    """A row's image path relative to the data root, as records name images: `~` expanded, an absolute path inside
+    the root made relative (an absolute path in the output would tie it to this machine); None outside the root."""
+    path = os.path.expanduser(image)
+    if not os.path.isabs(path):
+        return image
+    inside = path_under(root, path)
+    return None if inside is None else Path(os.path.relpath(inside, os.path.abspath(root))).as_posix()
+
+
+def _in_unit_range(row: Row, kind: str, mode: str) -> bool:
+    """A CSV answer whose coordinates all lie in [0, 1] (pixels or resized pixels would put the whole box within
+    one pixel of the corner): labels already normalised, kept as they are. COCO is pixels by definition."""
+    if row.points is not None or kind not in GEOMETRIC or mode == "thousand" or row.answer is None:
+        return False
+    found = find(row.answer)
+    return bool(found.values) and not found.percent and all(0 <= v <= 1 for v in found.values)
+
+
 def convert_row(row: Row, scaler: Scaler, seen: set) -> tuple[dict | None, str, str, str]:
-    """(record, action, detail, problem kind) with action converted | copied, or (None, "refused", reason, kind)."""
+    """(record, action, detail, problem kind) with action converted | copied, or (None, "refused" | "skipped",
+    reason, kind)."""
+    if row.skip:
+        return None, "skipped", row.skip, ""
     if row.error:
         return None, "refused", f"{row.error[0]}: {row.error[1]}", ""
     if row.rid in seen:
@@ -237,7 +276,11 @@ def convert_row(row: Row, scaler: Scaler, seen: set) -> tuple[dict | None, str, 
     seen.add(row.rid)
     if (why := _task_problem(row)) is not None:
         return None, "refused", f"task: {why}", ""
-    rec: dict = {"id": row.rid, "task": row.task, "images": [row.image]}
+    image = _under_root(row.image, scaler.root)
+    if image is None:
+        return None, "refused", (f"images: {row.image!r} is not under the data root {os.path.abspath(scaler.root)}: "
+                                 "give --data-root a folder that holds every image"), "path_escapes_root"
+    rec: dict = {"id": row.rid, "task": row.task, "images": [image]}
     if row.width and row.height:
         rec.update(width=row.width, height=row.height)
     size = scaler.size(rec)
@@ -248,8 +291,15 @@ def convert_row(row: Row, scaler: Scaler, seen: set) -> tuple[dict | None, str, 
     question = row.question if IMAGE_PLACEHOLDER in row.question else f"{IMAGE_PLACEHOLDER}\n{row.question}"
     in_question = find(question, bare=False)
     sx, sy = scaler.divisors(size)
-    notes = []
-    if in_question.lists or in_question.odd:
+    notes = [row.note] if row.note else []
+    unit = _in_unit_range(row, kind, scaler.mode)
+    if unit and any(abs(v) > 1 for v in in_question.values):
+        return None, "refused", ("question: the answer is in [0, 1] but the question holds coordinates above 1 "
+                                 f"({', '.join(f'{v:g}' for v in in_question.values[:4])})"), ""
+    if unit:
+        sx = sy = 1.0  # a lab's answers already in [0, 1]: divided again they would all collapse onto a corner
+        notes.append("already in [0, 1]: kept")
+    elif in_question.lists or in_question.odd:
         question, outside, err = rescale_text(question, sx, sy, scaler.decimals, bare=False)
         if err or outside:
             why = err or f"coordinates outside the image ({outside[0]:.3f})"
@@ -259,6 +309,8 @@ def convert_row(row: Row, scaler: Scaler, seen: set) -> tuple[dict | None, str, 
         percent = row.points is None and find(row.answer).percent  # Molmo tags: percent whatever --from says
         if row.points is not None:
             pts = [(x / sx, y / sy) for x, y in row.points]
+        elif (why := box_order_problem(row.answer, row.task)) is not None:  # the parser would swap the corners
+            return None, "refused", f"answer: {why}", "box_inverted"
         else:
             parsed = parse_answer(row.answer, kind, "pixels", (sx, sy))
             if not parsed.ok:
@@ -275,15 +327,15 @@ def convert_row(row: Row, scaler: Scaler, seen: set) -> tuple[dict | None, str, 
         for problem_kind, reason in text_problems(answer, row.task, size, MIN_TRAJ_POINTS):  # data check's rule
             return None, "refused", f"answer: {reason}", problem_kind
         notes.insert(0, f"{kind} read from Molmo tags as percent of the image" if percent
-                     else f"{kind} divided by {sx:g} x {sy:g}")
+                     else kind if unit else f"{kind} divided by {sx:g} x {sy:g}")
         action = "converted"
     else:
-        stray = stray_coordinates(row.answer, row.task)
+        stray = stray_in_lists(row.answer, row.task)
         if stray:
             return None, "refused", f"answer: {stray}", ""
         answer, action = row.answer, "copied"
         notes.insert(0, f"{kind} answer copied")
-    rebased = scaler.rebase(row.image)
+    rebased = scaler.rebase(image)
     if rebased is None:
         return None, "refused", f"images: path {row.image!r} escapes the data root", "path_escapes_root"
     rec["images"] = [rebased]
@@ -300,6 +352,8 @@ def read_labels(src: Path, scaler: Scaler, keypoints: str = "points") -> tuple[l
     for row in rows:
         rec, action, detail, kind = convert_row(row, scaler, seen)
         report.append({"where": row.where, "id": row.rid, "action": action, "detail": detail})
+        if rec is None and action == "skipped":
+            continue
         if rec is None:
             field, _, reason = detail.partition(": ")
             problems.append(Problem(str(src), row.where, row.rid, field, reason, kind or "invalid_record"))

@@ -9,10 +9,11 @@ records repeat the answer there; both are converted, and must be in one unit):
   else the answer's format): its coordinates in every shape the scorer's parser reads (answers/units.py), rescaled
   in place and read back with the scorer's parser, which must find the same coordinates. Molmo's `<point x= y=>`
   tags are percent by definition and stay as they are;
-- the coordinate lists of the human turns of a record whose answer is converted ("the gripper starts at [320,
-  240]").
+- the coordinate lists of the human turns ("the gripper starts at [320, 240]"), with the answer, or on their own
+  when the answer holds none (a yes/no or choice record whose question names a position).
 A record is refused, with its reason, when its numbers cannot be converted safely (a geometric answer the parser
-cannot read, an odd number of numbers, a choice / yes-no / planning answer holding numbers above 1, a question in
+cannot read, an odd number of numbers, a choice / yes-no / planning answer holding lists of numbers above 1 (its
+prose numbers, "pick up 2 cups", are words), an inverted box in any shape (x, y, width, height), a question in
 pixels beside an answer in [0, 1]), when an image is missing, or when `data check` would refuse what it became (a
 one-point trajectory, an inverted box). Everything else is copied unchanged; the input is never modified (the
 output is a new .json / .jsonl file, written atomically), and any problem means nothing is written.
@@ -40,15 +41,15 @@ from pathlib import Path
 from ..answers.coordinates import COORD_KEY, answer_json, numbers
 from ..answers.kinds import GEOMETRIC, classify_task
 from ..answers.parse import parse_answer
-from ..answers.units import find, rescale_text, stray_coordinates, value_points
+from ..answers.units import find, rescale_text, value_points
 from ..errors import UserError
 from ..outputs import check_file, write_file
 from .files import path_under
-from .images import read_image_size
+from .images import record_size
 from .labels import is_coco, read_labels
 from .records import Problem, RecordIndex
 from .report import MIN_TRAJ_POINTS
-from .validate import text_problems
+from .validate import stray_in_lists, text_problems
 
 MODES = ("pixels", "resized", "thousand")
 OUT_SUFFIXES = (".json", ".jsonl")
@@ -113,39 +114,6 @@ def _coordinates(obj) -> list[float]:
     return []
 
 
-def _record_size(rec: dict, data_root: Path) -> tuple[int, int] | str:
-    """(width, height) from the record's fields or its images' headers, or why not. Every image must exist even
-    when the fields give the size: a record of a missing image would be written, then fail every later step."""
-    images = rec.get("images", rec.get("image"))
-    images = [] if images is None else [images] if isinstance(images, str) else images
-    if not isinstance(images, list) or not all(isinstance(x, str) and x for x in images):
-        return f"`images` is not a list of paths ({images!r:.60})"
-    root = data_root.resolve()
-    paths = []
-    for rel in images:
-        p = (root / rel).resolve()
-        if not p.is_relative_to(root):
-            return f"image path {rel!r} escapes the data root {root}"
-        if not p.is_file():
-            return f"image {p} not found"
-        paths.append(p)
-    for wk, hk in (("width", "height"), ("w", "h")):
-        w, h = rec.get(wk), rec.get(hk)
-        if isinstance(w, int) and isinstance(h, int) and not isinstance(w, bool) and w > 0 and h > 0:
-            return w, h
-    if not paths:
-        return "no image size: no width/height fields and no image to read it from"
-    sizes = set()
-    for p in paths:
-        got = read_image_size(str(p))
-        if isinstance(got, str):
-            return f"image {p}: {got}"
-        sizes.add(got)
-    if len(sizes) > 1:
-        return f"its images differ in size {sorted(sizes)}; which one do the coordinates refer to?"
-    return sizes.pop()
-
-
 class _Scaler:
     """The --from unit (what a record's coordinates are divided by) and where the output's image paths start."""
 
@@ -161,7 +129,7 @@ class _Scaler:
         self.image_root = out_dir if self.prefix is not None else r
 
     def size(self, rec: dict) -> tuple[int, int] | str:
-        return _record_size(rec, self.root)
+        return record_size(rec, self.root)
 
     def divisors(self, size: tuple[int, int]) -> tuple[float, float]:
         if self.mode == "thousand":
@@ -243,16 +211,16 @@ def _convert_record(rec: dict, scaler: _Scaler) -> tuple[str, str, str, str]:
                 return "refused", f"a {kind} answer whose coordinates cannot be read ({why}): {text[:60]!r}", "", fld
             texts.append((t, key, kind, fld))
             values[fld] += found.values
-        elif (why := stray_coordinates(text, task)) is not None:
+        elif (why := stray_in_lists(text, task)) is not None:
             return "refused", why, "", fld
-    if not keyed and not texts:
+    in_questions = [v for t, key in questions for v in find(t[key], bare=False).values]
+    if not keyed and not texts and not any(abs(v) > 1 for v in in_questions):  # a question in pixels is converted
         return "no_coordinates", "; ".join(notes), "", ""
     unit = {fld: all(0 <= x <= 1 for x in v) for fld, v in values.items() if v}
     if len(set(unit.values())) > 1 and scaler.mode != "thousand":
         return "refused", ("`gt` and the answer are in different units (one in [0, 1], the other not): which is "
                            "the ground truth?"), "coords_out_of_range", "gt"
-    in_questions = [v for t, key in questions for v in find(t[key], bare=False).values]
-    if all(unit.values()) and scaler.mode != "thousand":
+    if unit and all(unit.values()) and scaler.mode != "thousand":
         if any(abs(v) > 1 for v in in_questions):
             return "refused", ("the answer is in [0, 1] but the question holds coordinate lists above 1 "
                                f"({', '.join(f'{v:g}' for v in in_questions[:4])})"), "", "conversations"
@@ -293,7 +261,9 @@ def _convert_record(rec: dict, scaler: _Scaler) -> tuple[str, str, str, str]:
     if not any(k in rec for k in ("width", "height", "w", "h")):
         rec["width"], rec["height"] = size  # the size read from the image: eval reports pixel distances with it
     notes.insert(0, f"divided by {sx:g} x {sy:g}" + (f"; {n_lists} coordinate list(s) in the question too"
-                                                      if n_lists else ""))
+                                                      if n_lists and (keyed or texts) else
+                                                      f": {n_lists} coordinate list(s) in the question" if n_lists
+                                                      else ""))
     return "converted", "; ".join(notes), "", ""
 
 
@@ -362,9 +332,10 @@ def _write(dst: Path, texts: list[str], problems: list) -> None:
         write_file(dst, text.encode("utf-8"), "normalize")
 
 
-ROW_ACTIONS = ("converted", "copied", "refused")
+ROW_ACTIONS = ("converted", "copied", "skipped", "refused")
 _SAID = {"converted": "converted", "already_normalised": "already in [0, 1] (unchanged)",
-         "no_coordinates": "without coordinates (copied)", "copied": "copied (no coordinates)", "refused": "refused"}
+         "no_coordinates": "without coordinates (copied)", "copied": "copied (no coordinates)", "skipped": "skipped",
+         "refused": "refused"}
 
 
 def format_summary(s: dict, show: int = 20) -> str:
@@ -388,8 +359,8 @@ def format_summary(s: dict, show: int = 20) -> str:
         lines.append(f"  - {Problem(**pr)}")
     if show and len(s["problems"]) > show:
         lines.append(f"  ... {len(s['problems']) - show} more problems (--json lists every one)")
-    kinds = ROW_ACTIONS if s["input"] != "records" else ("converted", "already_normalised", "no_coordinates",
-                                                         "refused")
+    kinds = [k for k in ROW_ACTIONS if k != "skipped" or s.get(k)] if s["input"] != "records" else (
+        "converted", "already_normalised", "no_coordinates", "refused")
     totals = ", ".join(f"{s.get(k, 0)} {_SAID[k]}" for k in kinds)
     noun = "records" if s["input"] == "records" else "rows"
     if s["output"]:

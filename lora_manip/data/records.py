@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .files import DuplicateKey, json_format, loads, path_under
+from .files import DuplicateKey, json_format, loads, not_an_array, path_under
 
 IMAGE_PLACEHOLDER = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -179,7 +179,7 @@ class RecordIndex:
             refill()
             p = skip_ws(0)
             if p >= len(buf) or buf[p] != "[":
-                fail(p, "expected a JSON array of records (or use .jsonl, one record per line)")
+                fail(p, not_an_array(buf, p, decoder))
                 return
             p = skip_ws(p + 1)
             if p < len(buf) and buf[p] == "]":

@@ -14,14 +14,19 @@ records repeat the answer there) is held to the same rule.
 from __future__ import annotations
 
 import json
+import re
 
 from ..answers.coordinates import PIXEL_HINT, coordinate_values, load_answer, value_problems
-from ..answers.units import ground_truth_problem
+from ..answers.units import find, ground_truth_problem, stray_coordinates
 from ..answers.kinds import classify_task
 from .images import image_problems
 from .records import Problem, RecordIndex, Sample, to_sample
 
-__all__ = ["PIXEL_HINT", "answer_problems", "check_record", "task_of", "text_problems"]
+__all__ = ["PIXEL_HINT", "answer_problems", "box_order_problem", "check_record", "stray_in_lists", "task_of",
+           "text_problems"]
+
+# "x=10 y=20 w=30 h=40": a box given by its size, which the parser would read as two corners
+_SIZE_LABEL = re.compile(r"(?<![\w.])(?:w|h|width|height)[\"']?\s*[=:]", re.IGNORECASE)
 
 
 def _task_name(sample: Sample) -> str | None:
@@ -32,6 +37,33 @@ def _task_name(sample: Sample) -> str | None:
 def task_of(sample: Sample) -> str:
     """What `data check` counts the record under: its `task`, else the kind its answer is scored as."""
     return _task_name(sample) or classify_task(None, sample.messages[-1]["content"]).kind
+
+
+def box_order_problem(text: str, task: str | None) -> str | None:
+    """Why a box answer in any shape the parser reads (tuples, a flat list, `bbox_2d`, tags, prose) is not two
+    corners top-left first: the parser sorts the corners, so x, y, width, height (COCO's order, the usual slip)
+    would silently become another box. None when it is fine or no box."""
+    if classify_task(task, text).kind != "box":
+        return None
+    if _SIZE_LABEL.search(text):
+        return "the box names a width or height: give two corners (x1, y1, x2, y2), not x, y, width, height"
+    found = find(text)
+    boxes = [lst for lst in found.lists if len(lst) == 4]
+    if not boxes and len(found.lists) == 2 and all(len(lst) == 2 for lst in found.lists):
+        boxes = [found.lists[0] + found.lists[1]]  # "(x1, y1), (x2, y2)"
+    for b in boxes:
+        x1, y1, x2, y2 = (n.value for n in b)
+        if x1 > x2 or y1 > y2:
+            return (f"inverted box ({x1:g}, {y1:g}, {x2:g}, {y2:g}): the first corner must be the top-left (x1 <= "
+                    "x2, y1 <= y2); x, y, width, height? give two corners")
+    return None
+
+
+def stray_in_lists(text: str, task: str | None) -> str | None:
+    """`stray_coordinates` of the bracket lists only: numbers in a choice, yes/no or planning answer's prose ("pick
+    up 2 cups", "step 3") are words, not pixels; a list such as "[320, 240]" beside them is."""
+    inner = find(text, bare=False)
+    return stray_coordinates(text, task) if inner.lists or inner.odd else None
 
 
 def text_problems(text: str, task: str | None, size, min_traj_points: int = 2) -> list[tuple[str, str]]:
@@ -45,22 +77,28 @@ def text_problems(text: str, task: str | None, size, min_traj_points: int = 2) -
     beyond = ground_truth_problem(text, task, size)  # tuples, prose, bbox_2d...
     if beyond:
         problems.append(("coords_out_of_range", beyond))
-    if obj is None:
-        return problems
-    # a bare list: the kind the scorer gives the record says whether (and how) it holds coordinates
-    bare = classify_task(task, text).kind if isinstance(obj, list) else None
-    for key, value, kind in coordinate_values(obj, bare):
-        problems += value_problems(key, value, kind, min_traj_points)
+    if obj is not None:
+        # a bare list: the kind the scorer gives the record says whether (and how) it holds coordinates
+        bare = classify_task(task, text).kind if isinstance(obj, list) else None
+        for key, value, kind in coordinate_values(obj, bare):
+            problems += value_problems(key, value, kind, min_traj_points)
+    # every other shape the parser reads (it would swap the corners); one problem per answer is enough
+    said = any(k in ("box_inverted", "coords_out_of_range") for k, _ in problems)
+    if not said and (why := box_order_problem(text, task)) is not None:
+        problems.append(("box_inverted", why))
     return problems
 
 
-def answer_problems(sample: Sample, file: str, where: str, min_traj_points: int = 2, gt=None) -> list[Problem]:
+def answer_problems(sample: Sample, file: str, where: str, min_traj_points: int = 2, gt=None,
+                    size: tuple[int, int] | None = None) -> list[Problem]:
+    """The answer checks of one record; `size` (the decoded image's, when the record states none) lets a pixel
+    ground truth be named as pixels of that image."""
     texts = [(f"conversations[{i}].value", m["content"]) for i, m in enumerate(sample.messages)
              if m["role"] == "assistant"]
     if isinstance(gt, (str, list, dict)):  # RoboInter's records repeat the answer in `gt`: it must not stay in pixels
         texts.append(("gt", gt if isinstance(gt, str) else json.dumps(gt)))
     return [Problem(file, where, sample.id, fld, reason, kind) for fld, text in texts
-            for kind, reason in text_problems(text, _task_name(sample), sample.size, min_traj_points)]
+            for kind, reason in text_problems(text, _task_name(sample), sample.size or size, min_traj_points)]
 
 
 def check_record(index: RecordIndex, pos: int, data_root: str, min_traj_points: int = 2,
@@ -73,5 +111,6 @@ def check_record(index: RecordIndex, pos: int, data_root: str, min_traj_points: 
     if isinstance(s, Problem):
         return None, [], [s]
     sizes, problems = image_problems(s, file, where, stamps)
-    problems += answer_problems(s, file, where, min_traj_points, raw.get("gt") if isinstance(raw, dict) else None)
+    problems += answer_problems(s, file, where, min_traj_points, raw.get("gt") if isinstance(raw, dict) else None,
+                                sizes[0] if len(set(sizes)) == 1 else None)
     return (None if problems else s), sizes, problems

@@ -44,8 +44,9 @@ def load_predictions(path: str | os.PathLike) -> list[dict]:
     from ..data.records import Problem, RecordIndex
 
     def invalid(p: Problem) -> UserError:
-        reason = p.reason.removeprefix("malformed JSON")
-        return UserError(f"{path}: {p.where}: invalid JSON{reason if reason != p.reason else ': ' + reason}")
+        if not p.reason.startswith("malformed JSON"):  # JSON, but not records (an object, JSON lines named .json)
+            return UserError(f"{path}: {p.where}: {p.reason}")
+        return UserError(f"{path}: {p.where}: invalid JSON{p.reason.removeprefix('malformed JSON')}")
 
     path = Path(path)
     index = RecordIndex(path, what="predictions file")
@@ -64,12 +65,14 @@ def load_predictions(path: str | os.PathLike) -> list[dict]:
 def read_prediction_files(paths: list[Path]) -> tuple[list[dict], list[str]]:
     """(every record of every file, the file each came from); a file given twice or one without records is a
     UserError. With several files, a record without a `dataset` takes its file's name (as eval names files), so
-    each file is a row of its own."""
+    each file is a row of its own; a record whose `dataset` and id another file also answers (two evals' predictions
+    files) is a UserError, since the two would share one row."""
     from .sources import file_names
 
     records: list[dict] = []
     origins: list[str] = []
     seen: dict[Path, Path] = {}
+    answered: dict[tuple, Path] = {}  # (dataset, id) -> the file that answers it (eval's files name datasets)
     names = file_names(paths) if len(paths) > 1 else [None] * len(paths)
     for p, name in zip(paths, names):
         same = seen.setdefault(p.resolve(), p)
@@ -78,6 +81,12 @@ def read_prediction_files(paths: list[Path]) -> tuple[list[dict], list[str]]:
         got = load_predictions(p)
         if not got:  # an empty table with exit 0 would read as "scored, all fine"
             raise UserError(f"{p}: no records (the predictions file is empty); nothing to score")
+        for i, rec in enumerate(got):  # two evals' answers to one record would be averaged into one row
+            key = (rec.get("dataset"), str(rec["id"]))
+            if key[0] not in (None, "") and answered.setdefault(key, p) is not p:
+                raise UserError(f"{p}: record {i} id={rec['id']!r} of dataset {key[0]!r} is answered in "
+                                f"{answered[key]} too: two evals of the same records are scored one at a time (one "
+                                "`lora-manip score` each), or their numbers would be averaged into one row")
         for rec in got if name else []:
             if rec.get("dataset") in (None, ""):
                 rec["dataset"] = name

@@ -125,15 +125,23 @@ class PredictionLog:
     Nothing in the folder changes until the first `append`: a run that makes no answer leaves it as it was.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, meta: dict, resume: bool = False, force: bool = False):
+    def __init__(self, out_dir: str | os.PathLike, meta: dict, resume: bool = False, force: bool = False,
+                 images_of: dict | None = None):
         self.dir = Path(out_dir)
         self.path, self.meta_path = self.dir / PREDICTIONS, self.dir / META
         self.meta = meta
         self.records: list[dict] = []
         self.fresh = not (resume and self._has_answers())
+        self._restamp = False  # images no answer was made from changed: the metadata takes their new stamps
         if not self.fresh:
-            self._check_meta(meta)
-            self.records = self._read()
+            records, cut = self._read()
+            self._check_meta(meta, records, images_of)
+            if cut is not None:  # a batch's writes were cut short when the run was killed: its last line is partial
+                log.warning("%s: dropping an incomplete last line (the run was interrupted while writing it)",
+                            self.path)
+                with open(self.path, "r+b") as f:
+                    f.truncate(cut)
+            self.records = records
             log.info("resuming %s: %d answers already there", self.path, len(self.records))
         else:
             # A meta file beside no answer is what a run that failed before its first answer left: no eval.
@@ -154,12 +162,15 @@ class PredictionLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.fresh:
             self.path.unlink(missing_ok=True)
+        if self.fresh or self._restamp:
             atomic_write_json(self.meta_path, self.meta)
         for name in _DERIVED:  # scored from the finished file at the end; until then they would describe another run
             (self.dir / name).unlink(missing_ok=True)
         self._fh = open(self.path, "a", encoding="utf-8")
 
-    def _check_meta(self, meta: dict) -> None:
+    def _check_meta(self, meta: dict, records: list[dict], images_of: dict | None) -> None:
+        """Refuse answers made from other inputs or settings. `images_of` ({record key: its image paths}): an image
+        only records without an answer show may have changed (a broken image fixed after it stopped the run)."""
         try:
             old = json.loads(self.meta_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -168,6 +179,13 @@ class PredictionLog:
         except (OSError, ValueError) as e:
             raise UserError(f"{self.meta_path}: unreadable ({e}); pass --force to start over") from None
         recorded = {k: old.get(k, None if k in _ABSENT_IS_NONE else _UNRECORDED) for k in _MUST_MATCH}
+        then, now = recorded["images"], meta.get("images")
+        if images_of is not None and isinstance(then, dict) and isinstance(now, dict) and then != now:
+            seen = {p for k in record_keys((r.get("dataset"), r["id"]) for r in records) for p in images_of.get(k, ())}
+            # an unanswered record's image is compared as it is now; an answered record's as it was then
+            recorded["images"] = {**{p: v for p, v in now.items() if p not in seen},
+                                  **{p: v for p, v in then.items() if p in seen}}
+            self._restamp = recorded["images"] == now
         changes = [_difference(key, recorded[key], meta.get(key)) for key in _MUST_MATCH
                    if recorded[key] != meta.get(key)]
         if changes:
@@ -175,7 +193,8 @@ class PredictionLog:
                             f"{'; '.join(changes)}; answers of different runs are never mixed: use the same inputs "
                             "and settings, another --out, or --force to start over")
 
-    def _read(self) -> list[dict]:
+    def _read(self) -> tuple[list[dict], int | None]:
+        """(the records, the length to cut the file to when its last line is partial, else None)."""
         raw = self.path.read_bytes()
         complete, newline, tail = raw.rpartition(b"\n")
         records = []
@@ -190,11 +209,7 @@ class PredictionLog:
                 raise UserError(f"{self.path}: line {lineno} is not a prediction record; the file is damaged, "
                                 "pass --force to start over")
             records.append(rec)
-        if tail.strip():  # a batch's writes were cut short when the run was killed: its last line is partial
-            log.warning("%s: dropping an incomplete last line (the run was interrupted while writing it)", self.path)
-            with open(self.path, "r+b") as f:
-                f.truncate(len(complete) + len(newline))
-        return records
+        return records, len(complete) + len(newline) if tail.strip() else None
 
     def append(self, records: list[dict]) -> None:
         if self._fh is None:

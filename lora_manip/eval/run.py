@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -97,6 +98,7 @@ def run_eval(model_path: str, data: str | list[str], data_root: str | None = Non
     from .table import table_problem
 
     cfg = settings or EvalSettings()
+    model_path = os.path.expanduser(model_path)  # the shell leaves `~` in quotes and after `--opt=`; hub ids have none
     if cfg.resume and not out_dir:
         raise UserError("--resume continues the eval in --out; pass --out DIR")
     if cfg.backend not in EVAL_BACKENDS:
@@ -161,8 +163,10 @@ def _generate_and_score(model_path: str, sources: list, out_dir: str | None, gro
         meta = run_identity(model_path, [(src.name, src.path) for src in sources], samples, base=cfg.base,
                             limit=cfg.limit, system_prompt=prompt, system_prompt_from=prompt_from,
                             max_new_tokens=max_new_tokens, backend=backend)
-        plog = PredictionLog(out_dir, meta, resume=cfg.resume, force=cfg.force)
     keys = record_keys((src.name, s.id) for (src, _), s in zip(origin, samples))
+    if out_dir:
+        plog = PredictionLog(out_dir, meta, resume=cfg.resume, force=cfg.force,
+                             images_of={k: s.images for k, s in zip(keys, samples)})
     done_keys = set(record_keys((r.get("dataset"), r["id"]) for r in plog.records)) if plog else set()
     todo = [i for i, k in enumerate(keys) if k not in done_keys]
     made: list[dict] = []
@@ -174,15 +178,25 @@ def _generate_and_score(model_path: str, sources: list, out_dir: str | None, gro
 
     if todo:
         t0 = time.perf_counter()
-        if backend == "vllm":
-            from .vllm_backend import generate_vllm
+        try:
+            if backend == "vllm":
+                from .vllm_backend import generate_vllm
 
-            generate_vllm(model_path, [samples[i] for i in todo], prompt, max_new_tokens, keep, cfg.progress,
-                          len(samples) - len(todo))
-        else:
-            model, processor = load_for_inference(model_path, cfg.base)
-            predict_samples(model, Chat(processor, prompt), [samples[i] for i in todo], cfg.batch_size,
-                            max_new_tokens, cfg.progress, keep, len(samples) - len(todo))
+                generate_vllm(model_path, [samples[i] for i in todo], prompt, max_new_tokens, keep, cfg.progress,
+                              len(samples) - len(todo))
+            else:
+                model, processor = load_for_inference(model_path, cfg.base)
+                predict_samples(model, Chat(processor, prompt), [samples[i] for i in todo], cfg.batch_size,
+                                max_new_tokens, cfg.progress, keep, len(samples) - len(todo))
+        except BaseException as e:  # a bad image, Ctrl-C, out of memory: say that the answers made are not lost
+            if plog is None or not plog.records:
+                raise
+            kept = (f"{len(plog.records)} of {len(samples)} answers are kept in {plog.path}: continue with the same "
+                    "command plus --resume")
+            if isinstance(e, UserError):
+                raise UserError(f"{e}; {kept}") from None
+            log.warning("stopped (%s); %s", type(e).__name__, kept)
+            raise
         dt = time.perf_counter() - t0
         log.info("generated %d answers in %.1f s (%.2f records/s, %s backend)", len(todo), dt, len(todo) / dt, backend)
     if plog:
@@ -231,6 +245,7 @@ def predict_one(model_path: str, image: str, question: str, draw: str | None = N
     from .safety import check_model
 
     cfg = settings or EvalSettings()
+    model_path, image = os.path.expanduser(model_path), os.path.expanduser(image)
     coords = cfg.coords
     if coords not in COORDS:
         raise UserError(f"--coords {coords}: choose one of {', '.join(COORDS)}")

@@ -380,11 +380,11 @@ def score_files(predictions: list[str | os.PathLike], out: str | os.PathLike | N
 
     if table_problem(table):
         raise UserError(table_problem(table))
-    paths = [Path(p) for p in predictions]
+    paths = [Path(p).expanduser() for p in predictions]  # the shell leaves `~` in quotes and after `--opt=`
     if out is not None:
         out = check_results(out, OUTPUT_FILES, force, files=paths)  # before any work; again below, holding it
     records, origins = read_prediction_files(paths)
-    roots = ([Path(data_root)] if data_root else []) + list(dict.fromkeys(p.parent for p in paths))
+    roots = ([Path(data_root).expanduser()] if data_root else []) + list(dict.fromkeys(p.parent for p in paths))
     try:
         rows, summary = score_records(records, upstream_compatible, point_threshold, task_map, coords, roots,
                                       origins)

@@ -34,7 +34,7 @@ class EvalData:
 
 
 def _registry(path: str | None) -> tuple[Registry, str]:
-    where = path or os.environ.get(ENV_VAR)
+    where = os.path.expanduser(path or os.environ.get(ENV_VAR) or "")
     if not where:
         raise UserError(f"a dataset name or --split needs a registry: pass --registry datasets.yaml or set {ENV_VAR} "
                         "(recipes/registry/datasets.example.yaml is one), or give --data a file")
@@ -74,7 +74,13 @@ def resolve_data(data: list[str] | None, split: str | None = None, registry: str
     table: Registry | None = None
     where = ""
     found: list[tuple[str, str, str | None, str]] = []  # (name, path, registry data_path, what named it)
+    if data_root:  # a wrong root would otherwise read as every image missing
+        data_root = os.path.expanduser(data_root)
+        if not Path(data_root).is_dir():
+            what = "is a file, not a folder" if Path(data_root).exists() else "no such folder"
+            raise UserError(f"--data-root {data_root}: {what} (the folder the records' image paths start at)")
     for item in data or []:
+        item = os.path.expanduser(item)  # the shell leaves `~` in --data=~/val.json and in quotes
         if Path(item).is_file() or _looks_like_a_file(item):
             if not Path(item).is_file():
                 raise UserError(f"--data {item}: no such file")

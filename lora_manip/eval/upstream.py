@@ -29,8 +29,9 @@ Trajectory records also get VABench-V's visual-trace RMSE / MAE by Embodied-R1's
 (``eval/hf_inference_vabench_visual_trace.py`` of pickxiguapi/Embodied-R1), rule for rule (`vabench_trace`):
 
 - the answer: inside ``<answer>...</answer>`` when it has that tag (on one line, as upstream's regex needs; a tagged
-  answer whose tag does not close there reads as empty), then the first ``<point>[...]</point>``, read as JSON,
-  else as its ``[x, y]`` pairs of unsigned numbers; no tag, no points. Its points are PIXELS of the image (the
+  answer whose tag does not close there reads as empty: the script with ``reasoning_model=True``, as published),
+  else the whole answer (the script with ``reasoning_model=False``), then the first ``<point>[...]</point>``,
+  read as JSON, else as its ``[x, y]`` pairs of unsigned numbers; no tag, no points. Its points are PIXELS of the image (the
   record's ``w`` / ``h``, else ``image_size``); a point that is not a pair of numbers makes upstream's script raise,
   and the record is left out;
 - both traces scaled to 0-999 (x / width * 999; the kit's [0, 1] ground truth times 999);

@@ -144,7 +144,7 @@ def _listing(names: list[str]) -> str:
 def load_registry(path: str | os.PathLike) -> Registry:
     """{name: {"annotation_path", "data_path"}} with paths made absolute (a Registry: a glob pattern is matched when
     its dataset is looked up). Raises ValueError naming the problem."""
-    path = Path(path)
+    path = Path(path).expanduser()  # `~` as the shell would read it, here and in root and every entry's paths
     if not path.is_file():
         raise ValueError(f"registry file {path} not found")
     try:
@@ -162,7 +162,7 @@ def load_registry(path: str | os.PathLike) -> Registry:
     if raw.get("root") is not None and not isinstance(raw["root"], str):
         raise ValueError(f"registry file {path}: root must be a folder path (a string), not "
                          f"{type(raw['root']).__name__} {raw['root']!r}")
-    root = Path(raw["root"]) if raw.get("root") else path.parent
+    root = Path(raw["root"]).expanduser() if raw.get("root") else path.parent
     if not root.is_absolute():
         root = path.parent / root
     out, written = {}, {}
@@ -173,7 +173,7 @@ def load_registry(path: str | os.PathLike) -> Registry:
         bad = [k for k in ("annotation_path", "data_path") if not isinstance(entry[k], str) or not entry[k]]
         if bad:
             raise ValueError(f"registry file {path}: datasets.{name}.{bad[0]} must be a path (a string)")
-        out[str(name)] = {k: str(root / entry[k]) for k in ("annotation_path", "data_path")}
+        out[str(name)] = {k: str(root / Path(entry[k]).expanduser()) for k in ("annotation_path", "data_path")}
         written[str(name)] = entry["annotation_path"]
     return Registry(path, out, written, root, raw.get("root") or None)
 

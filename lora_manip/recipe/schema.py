@@ -7,9 +7,10 @@ are reported together, each naming its key path (`lora.r: must be > 0`).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import os
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from ..dtypes import WEIGHT_NAMES, WEIGHT_SHORT_NAMES
 from .checks import cross_check
@@ -17,6 +18,9 @@ from .names import SYNTH_TASKS, TRAIN_EVAL_MAX_NEW_TOKENS
 from .registry import resolve_data_section
 
 PartMode = Literal["frozen", "full", "lora"]
+# A path a user wrote: `~` means the home folder wherever it stands (YAML, --set, an override), as the shell would
+# read it, so that every reader (the kit, transformers, DeepSpeed) gets the same folder; a hub id has no `~`.
+UserPath = Annotated[str, AfterValidator(os.path.expanduser)]
 SAVED_RUN = "saved_run"  # validation context: a run folder's recipe.yaml, read back (load.read_run_recipe)
 
 
@@ -27,7 +31,7 @@ class _Strict(BaseModel):
 
 
 class ModelCfg(_Strict):
-    path: str = Field(description="Hub id (llava-hf/llava-onevision-qwen2-7b-ov-hf) or local folder in HF layout.")
+    path: UserPath = Field(description="Hub id (llava-hf/llava-onevision-qwen2-7b-ov-hf) or local folder in HF layout.")
     dtype: Literal[WEIGHT_NAMES] = Field(
         "bfloat16", description="Dtype the weights are loaded in. On CPU everything runs in float32 (bf16 is "
         "unusably slow there); the switch is logged.")
@@ -35,7 +39,7 @@ class ModelCfg(_Strict):
         "auto", description="auto: flash_attention_2 when flash-attn and a CUDA GPU are present, else sdpa.")
     create_tiny_if_missing: bool = Field(
         False, description="Demo only: write a tiny random LLaVA-OneVision at `path` when it does not exist.")
-    adapter: str | None = Field(
+    adapter: UserPath | None = Field(
         None, description="objective grpo: an SFT LoRA adapter folder trained on `path`, loaded and trained further "
         "(its own LoRA settings and parts are kept); the result is an adapter on `path` like the SFT one.")
 
@@ -73,9 +77,9 @@ class PartsCfg(_Strict):
 
 
 class DatasetCfg(_Strict):
-    annotation_path: str = Field(description="LLaVA conversation JSON (.json array or .jsonl). May be left out "
+    annotation_path: UserPath = Field(description="LLaVA conversation JSON (.json array or .jsonl). May be left out "
                                  "when `name` is in data.registry.")
-    data_path: str = Field(description="Folder the records' image paths are relative to. May be left out when "
+    data_path: UserPath = Field(description="Folder the records' image paths are relative to. May be left out when "
                            "`name` is in data.registry.")
     name: str | None = Field(None, description="A dataset of data.registry (its paths are filled in from there), "
                              "or a label. `name%NN` samples NN% of it, like upstream.")
@@ -94,7 +98,7 @@ class SynthCfg(_Strict):
 
 
 class DataCfg(_Strict):
-    registry: str | None = Field(
+    registry: UserPath | None = Field(
         None, description="Dataset registry YAML (name -> annotation_path, data_path), set once per machine; "
         "default: the LORA_MANIP_REGISTRY environment variable. See lora_manip/recipe/registry.py.")
     train: list[DatasetCfg] = Field(min_length=1)
@@ -139,7 +143,7 @@ class DataCfg(_Strict):
 
 
 class TrainCfg(_Strict):
-    output_dir: str
+    output_dir: UserPath
     per_device_batch_size: int = Field(1, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     epochs: float = Field(1.0, gt=0)
@@ -193,7 +197,7 @@ class DistributedCfg(_Strict):
                               "newest complete checkpoint); the CLI's --max-restarts overrides it.")
     slurm: bool = Field(True, description="Inside an srun step, take the node count, this node's rank and the "
                         "rendezvous host from SLURM_* (docs/training.md, \"Several nodes\").")
-    deepspeed: str | None = Field(None, description="DeepSpeed JSON config, relative to the recipe file.")
+    deepspeed: UserPath | None = Field(None, description="DeepSpeed JSON config, relative to the recipe file.")
 
 
 class GrpoCfg(_Strict):

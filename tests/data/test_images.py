@@ -62,9 +62,9 @@ PIXEL_PATHS = {"load_image (predict)": I.load_image, "collate (training)": _coll
 
 
 def _normalize_size(path):
-    from lora_manip.data.normalize import _record_size
+    from lora_manip.data.images import record_size
 
-    return _record_size({"images": [Path(path).name]}, Path(path).parent)
+    return record_size({"images": [Path(path).name]}, Path(path).parent)
 
 
 # paths that read the size coordinates and token counts are computed from

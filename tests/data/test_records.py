@@ -151,3 +151,22 @@ def test_the_pre_training_scan_is_cached_and_invalidated(tmp_path, processor, sy
     for f in (tmp_path / "cache" / "scan").glob("*.npz"):
         f.write_bytes(b"not an npz")  # a corrupt entry is scanned again, never trusted
     assert len(build()) == len(first) - 1 and len(calls) == 4
+
+
+@pytest.mark.parametrize("text, says", [
+    ('{"id": 1, "task": "box"}\n{"id": 2, "task": "box"}\n', "one JSON object per line: that is JSON lines"),
+    ('{"results": [{"id": 1}], "model": "x"}', "found a JSON object; its list(s) 'results' may hold the records"),
+    ('{"images": [], "annotations": [], "categories": []}', "a COCO file: `lora-manip data normalize` converts it"),
+    ('"just a string"', "expected a JSON array of records (or use .jsonl"),
+])
+def test_a_json_file_that_is_no_array_says_what_it_holds(tmp_path, text, says):
+    """JSON lines under a .json name and an object holding the records are JSON: saying "invalid JSON" would send
+    the user looking for a syntax error that is not there."""
+    from lora_manip.eval.report import load_predictions
+
+    (tmp_path / "a.json").write_text(text)
+    ix = RecordIndex(tmp_path / "a.json")
+    assert not ix.complete and says in ix.problems[0].reason
+    with pytest.raises(UserError) as e:
+        load_predictions(tmp_path / "a.json")
+    assert says in str(e.value) and "invalid JSON" not in str(e.value) and "\n" not in str(e.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -68,6 +69,18 @@ def test_the_same_id_in_two_files_is_two_records_and_one_file_twice_is_refused(t
     assert res.exit_code == 0 and "could not be scored" not in res.output, res.output
     res = runner.invoke(app, ["score", str(a), str(tmp_path / "." / "a.jsonl")])
     assert res.exit_code == 2 and "given twice" in res.output
+
+
+def test_two_evals_of_the_same_records_are_never_averaged_into_one_row(tmp_path):
+    """eval's predictions name their dataset: two runs' files would otherwise share its row."""
+    a, b, c = (tmp_path / n / "predictions.jsonl" for n in ("run_a", "run_b", "run_c"))
+    for p, ds in ((a, "val"), (b, "val"), (c, "other_val")):
+        p.parent.mkdir()
+        p.write_text(json.dumps({**GOOD, "dataset": ds}) + "\n")
+    res = runner.invoke(app, ["score", str(a), str(b)])
+    assert res.exit_code == 2 and f"{b}: record 0 id='ok' of dataset 'val' is answered in {a} too" in res.output
+    res = runner.invoke(app, ["score", str(a), str(c)])  # other records: a row each
+    assert res.exit_code == 0 and re.search(r"\nval +box +1 ", res.output) and "other_val" in res.output, res.output
 
 
 def test_a_task_map_name_no_record_has_is_an_error(tmp_path):
@@ -211,3 +224,66 @@ def test_an_image_placeholder_in_the_system_prompt_is_one_line(tiny_model_dir, s
                               "--system-prompt", "Look at <image> first."])
     assert res.exit_code == 2 and "<image> inside a system prompt" in res.output, res.output
     assert "Traceback" not in res.output
+
+
+def test_a_run_stopped_by_a_bad_image_resumes_once_the_image_is_fixed(tiny_model_dir, synth_dir, tmp_path,
+                                                                      monkeypatch):
+    """An image only unanswered records show may change (the broken one, fixed); an answered record's may not."""
+    import lora_manip.eval.generate as gen
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    records = json.loads((data / "val.json").read_text())[:6]
+    (data / "val.json").write_text(json.dumps(records))
+    real, calls = gen.generate, []
+
+    def stops(model, processor, prompts, images, max_new_tokens):
+        if calls:  # the second batch: what a truncated image does to a run (ImageError is a UserError)
+            raise UserError("cannot read image x.png (OSError: Truncated File Read)")
+        calls.append(len(prompts))
+        return real(model, processor, prompts, images, max_new_tokens)
+
+    monkeypatch.setattr(gen, "generate", stops)
+    args = ["eval", str(tiny_model_dir), "--data", str(data / "val.json"), "--out", str(tmp_path / "ev"),
+            "--max-new-tokens", "2", "--batch-size", "2"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "Truncated File Read" in res.output, res.output
+    monkeypatch.setattr(gen, "generate", real)
+    answered = {r["id"] for r in map(json.loads, (tmp_path / "ev/predictions.jsonl").read_text().splitlines())}
+    kept = re.search(r"(\d+) of (\d+) answers are kept in \S+: continue with the same command plus --resume",
+                     res.output)  # the way on, in the error's line
+    n = int(kept.group(2))
+    assert int(kept.group(1)) == len(answered) and 0 < len(answered) < n
+    shown = lambda ids: {p for r in records if r["id"] in ids for p in r["images"]}  # noqa: E731
+    fixed = sorted(shown({r["id"] for r in records} - answered) - shown(answered))[0]
+    Image.new("RGB", (50, 40), (9, 9, 9)).save(data / fixed)  # the broken image, replaced
+    res = runner.invoke(app, args + ["--resume"])
+    assert res.exit_code in (0, 1), res.output  # 1: some answers of the random model do not parse
+    assert len((tmp_path / "ev/predictions.jsonl").read_text().splitlines()) == n
+    assert runner.invoke(app, args + ["--resume"]).exit_code in (0, 1)  # the new stamp was kept
+    Image.new("RGB", (50, 40), (1, 1, 1)).save(data / sorted(shown(answered))[0])  # an answer's image changed
+    res = runner.invoke(app, args + ["--resume"])
+    assert res.exit_code == 2 and "image(s)" in res.output and "never mixed" in res.output, res.output
+
+
+def test_paths_with_a_tilde_the_shell_left_are_home_paths(tiny_model_dir, synth_dir, tmp_path):
+    home = tmp_path / "home"
+    shutil.copytree(synth_dir, home / "data")
+    (home / "model").symlink_to(tiny_model_dir, target_is_directory=True)
+    (home / "reg.yaml").write_text("datasets:\n  v_val:\n    annotation_path: data/val.json\n    data_path: data\n")
+    env = {"HOME": str(home)}
+    res = runner.invoke(app, ["eval", "~/model", "--data=~/data/val.json", "--data-root=~/data", "--limit", "1",
+                              "--max-new-tokens", "2", "--out", "~/ev"], env=env)
+    assert res.exit_code in (0, 1) and (home / "ev/predictions.jsonl").is_file(), res.output
+    res = runner.invoke(app, ["eval", "~/model", "--registry=~/reg.yaml", "--data", "v_val", "--limit", "1",
+                              "--max-new-tokens", "2"], env=env)
+    assert res.exit_code in (0, 1), res.output
+    res = runner.invoke(app, ["score", "~/ev/predictions.jsonl", "--data-root=~/data"], env=env)
+    assert res.exit_code in (0, 1) and "dataset" in res.output, res.output
+
+
+@pytest.mark.parametrize("root, words", [("nowhere", "no such folder"), ("val.json", "is a file, not a folder")])
+def test_a_data_root_that_is_no_folder_is_refused_before_the_model_loads(synth_dir, tmp_path, root, words):
+    res = runner.invoke(app, ["eval", str(tmp_path / "no-model-needed"), "--data", str(synth_dir / "val.json"),
+                              "--data-root", str(synth_dir / root)])
+    assert res.exit_code == 2 and f"--data-root {synth_dir / root}: {words}" in res.output, res.output

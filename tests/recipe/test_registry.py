@@ -346,3 +346,30 @@ def test_a_registry_dataset_called_all_is_that_dataset(tmp_path):
                                                  "other": {"annotation_path": "o.json", "data_path": "img"}}}))
     r = recipe_from_dict(base({"registry": str(path), "train": [{"name": "all"}]}))
     assert [(d.name, Path(d.annotation_path).name) for d in r.data.train] == [("all", "mix.json")]
+
+
+def test_a_tilde_is_the_home_folder_in_every_recipe_and_registry_path(tmp_path, monkeypatch):
+    """`~` in YAML or --set is not expanded by any shell: a path left with it made a folder named `~` beside the run
+    (the tiny model was written to the home folder, then loaded from `./~`). Every path field, the registry file,
+    its root and its entries' paths mean the home folder."""
+    home = tmp_path / "home"
+    (home / "reg").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    (home / "reg" / "datasets.yaml").write_text(yaml.safe_dump({"root": "~/RoboInter-VQA", "datasets": {
+        "a_train": {"annotation_path": "meta/a.json", "data_path": "images"},
+        "b_train": {"annotation_path": "~/elsewhere/b.json", "data_path": "~/elsewhere"}}}))
+    (home / "ds.json").write_text((Path(__file__).parents[2] / "recipes" / "zero3.json").read_text())
+    r = recipe_from_dict({"model": {"path": "~/models/base", "adapter": None}, "method": "lora",
+                          "data": {"registry": "~/reg/datasets.yaml", "train": [
+                              {"name": "a_train"}, {"name": "b_train"},
+                              {"annotation_path": "~/own.json", "data_path": "~/own"}]},
+                          "train": {"output_dir": "~/runs/x"}, "distributed": {"deepspeed": "~/ds.json"}})
+    assert r.model.path == str(home / "models/base") and r.train.output_dir == str(home / "runs/x")
+    assert r.distributed.deepspeed == str(home / "ds.json") and r.data.registry == str(home / "reg/datasets.yaml")
+    got = [(d.annotation_path, d.data_path) for d in r.data.train]
+    assert got == [(str(home / "RoboInter-VQA/meta/a.json"), str(home / "RoboInter-VQA/images")),
+                   (str(home / "elsewhere/b.json"), str(home / "elsewhere")),
+                   (str(home / "own.json"), str(home / "own"))]
+    assert recipe_from_dict({"model": {"path": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"}, "method": "lora",
+                             "data": {"train": [{"annotation_path": "a.json", "data_path": "."}]},
+                             "train": {"output_dir": "o"}}).model.path == "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
