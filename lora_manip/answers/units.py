@@ -170,3 +170,27 @@ def ground_truth_problem(text: str, task: str | None, size: tuple[float, float] 
     if not parsed.ok:
         return None  # unreadable, not out of range: reported as such where it matters
     return unit_problem(value_points(parsed.value), size)
+
+
+# "x=10 y=20 w=30 h=40": a box given by its size, which the parser would read as two corners
+_SIZE_LABEL = re.compile(r"(?<![\w.])(?:w|h|width|height)[\"']?\s*[=:]", re.IGNORECASE)
+
+
+def box_order_problem(text: str, task: str | None) -> str | None:
+    """Why a box answer in any shape the parser reads (tuples, a flat list, `bbox_2d`, tags, prose) is not two
+    corners top-left first: the parser sorts the corners, so x, y, width, height (COCO's order, the usual slip)
+    would silently become another box. None when it is fine or no box."""
+    if classify_task(task, text).kind != "box":
+        return None
+    if _SIZE_LABEL.search(text):
+        return "the box names a width or height: give two corners (x1, y1, x2, y2), not x, y, width, height"
+    found = find(text)
+    boxes = [lst for lst in found.lists if len(lst) == 4]
+    if not boxes and len(found.lists) == 2 and all(len(lst) == 2 for lst in found.lists):
+        boxes = [found.lists[0] + found.lists[1]]  # "(x1, y1), (x2, y2)"
+    for b in boxes:
+        x1, y1, x2, y2 = (n.value for n in b)
+        if x1 > x2 or y1 > y2:
+            return (f"inverted box ({x1:g}, {y1:g}, {x2:g}, {y2:g}): the first corner must be the top-left (x1 <= "
+                    "x2, y1 <= y2); x, y, width, height? give two corners")
+    return None

@@ -175,6 +175,10 @@ def read_coco(path: Path, keypoints: str = "points") -> list[Row]:
             rows.append(Row(where, str(aid), error=("image_id", f"no image with id {ann.get('image_id')!r} and a "
                                                                "file_name in `images`")))
             continue
+        if cats and "category_id" in ann and ann["category_id"] not in cats:  # its name would become "object"
+            rows.append(Row(where, str(aid), error=("category_id", f"{ann['category_id']!r} is not an id of "
+                                                                   f"`categories` ({sorted(map(str, cats))[:8]})")))
+            continue
         cat = cats.get(ann.get("category_id"), {})
         name = str(cat.get("name") or "object")
         try:  # a size COCO states must be one (640.0 is); a missing one is read from the image
@@ -195,7 +199,8 @@ def _coco_geometries(ann: dict, aid, where: str, name: str, cat: dict, keypoints
     out = []
     task, question = ann.get("task"), ann.get("question")
     if ann.get("iscrowd"):  # RLE over a group of objects: COCO's own training and evaluation leave it out
-        return [Row(where, str(aid), skip="iscrowd 1: a crowd region, not one object; COCO's training leaves it out too")]
+        return [Row(where, str(aid),
+                    skip="iscrowd 1: a crowd region, not one object; COCO's training leaves it out too")]
     if "bbox" in ann:
         b = ann["bbox"]
         if not _number_list(b, 4) or b[2] <= 0 or b[3] <= 0:

@@ -14,19 +14,15 @@ records repeat the answer there) is held to the same rule.
 from __future__ import annotations
 
 import json
-import re
 
 from ..answers.coordinates import PIXEL_HINT, coordinate_values, load_answer, value_problems
-from ..answers.units import find, ground_truth_problem, stray_coordinates
+from ..answers.units import box_order_problem, find, ground_truth_problem, stray_coordinates
 from ..answers.kinds import classify_task
 from .images import image_problems
 from .records import Problem, RecordIndex, Sample, to_sample
 
 __all__ = ["PIXEL_HINT", "answer_problems", "box_order_problem", "check_record", "stray_in_lists", "task_of",
            "text_problems"]
-
-# "x=10 y=20 w=30 h=40": a box given by its size, which the parser would read as two corners
-_SIZE_LABEL = re.compile(r"(?<![\w.])(?:w|h|width|height)[\"']?\s*[=:]", re.IGNORECASE)
 
 
 def _task_name(sample: Sample) -> str | None:
@@ -37,26 +33,6 @@ def _task_name(sample: Sample) -> str | None:
 def task_of(sample: Sample) -> str:
     """What `data check` counts the record under: its `task`, else the kind its answer is scored as."""
     return _task_name(sample) or classify_task(None, sample.messages[-1]["content"]).kind
-
-
-def box_order_problem(text: str, task: str | None) -> str | None:
-    """Why a box answer in any shape the parser reads (tuples, a flat list, `bbox_2d`, tags, prose) is not two
-    corners top-left first: the parser sorts the corners, so x, y, width, height (COCO's order, the usual slip)
-    would silently become another box. None when it is fine or no box."""
-    if classify_task(task, text).kind != "box":
-        return None
-    if _SIZE_LABEL.search(text):
-        return "the box names a width or height: give two corners (x1, y1, x2, y2), not x, y, width, height"
-    found = find(text)
-    boxes = [lst for lst in found.lists if len(lst) == 4]
-    if not boxes and len(found.lists) == 2 and all(len(lst) == 2 for lst in found.lists):
-        boxes = [found.lists[0] + found.lists[1]]  # "(x1, y1), (x2, y2)"
-    for b in boxes:
-        x1, y1, x2, y2 = (n.value for n in b)
-        if x1 > x2 or y1 > y2:
-            return (f"inverted box ({x1:g}, {y1:g}, {x2:g}, {y2:g}): the first corner must be the top-left (x1 <= "
-                    "x2, y1 <= y2); x, y, width, height? give two corners")
-    return None
 
 
 def stray_in_lists(text: str, task: str | None) -> str | None:

@@ -62,11 +62,12 @@ def load_predictions(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def read_prediction_files(paths: list[Path]) -> tuple[list[dict], list[str]]:
+def read_prediction_files(paths: list[Path], by_task: bool = False) -> tuple[list[dict], list[str]]:
     """(every record of every file, the file each came from); a file given twice or one without records is a
     UserError. With several files, a record without a `dataset` takes its file's name (as eval names files), so
     each file is a row of its own; a record whose `dataset` and id another file also answers (two evals' predictions
-    files) is a UserError, since the two would share one row."""
+    files) is a UserError, since the two would share one row; so are, when the scores group by task (`by_task`:
+    upstream's lines, a table), two upstream eval_details files of one task (two models')."""
     from .sources import file_names
 
     records: list[dict] = []
@@ -74,10 +75,16 @@ def read_prediction_files(paths: list[Path]) -> tuple[list[dict], list[str]]:
     seen: dict[Path, Path] = {}
     answered: dict[tuple, Path] = {}  # (dataset, id) -> the file that answers it (eval's files name datasets)
     names = file_names(paths) if len(paths) > 1 else [None] * len(paths)
+    tasks: dict[str, Path] = {}  # upstream's eval_details_<task>.json: one file per task and model
     for p, name in zip(paths, names):
         same = seen.setdefault(p.resolve(), p)
         if same is not p:  # its records would count twice
             raise UserError(f"{p}: given twice (as {same} and {p}); each predictions file is scored once")
+        task = task_from_filename(str(p)) if by_task and p.name.lower().startswith("eval_details_") else None
+        if task and tasks.setdefault(task, p) is not p:  # upstream's lines and the table group by task
+            raise UserError(f"{p}: upstream's file of task {task!r} again (also {tasks[task]}): two models' "
+                            "eval_details files would be mixed into one upstream line or table cell; score one "
+                            "model's files at a time")
         got = load_predictions(p)
         if not got:  # an empty table with exit 0 would read as "scored, all fine"
             raise UserError(f"{p}: no records (the predictions file is empty); nothing to score")

@@ -1,7 +1,7 @@
 """Score predictions against ground truths, per dataset, task and kind (pure Python + numpy + PIL, no torch).
 
-Input records: ``{"id", "pred", "gt"}`` plus optional ``task``, ``dataset``, ``w``, ``h`` (original image size in
-pixels), ``mask`` (a mask image for pointing questions, which need no ``gt``) and ``image_size`` (upstream's field).
+Input records: ``{"id", "pred", "gt"}`` plus optional ``task``, ``dataset``, ``w``, ``h`` or ``width``, ``height``
+(original image size in pixels), ``mask`` (a mask image for pointing questions) and ``image_size`` (upstream's).
 Predictions may come from this kit, vLLM or upstream scripts.
 
 Strict mode (default) reads answers with `parse_answer`, in the units ``coords`` says. A prediction that does not
@@ -34,13 +34,13 @@ from .metrics import (bleu, box_iou, discrete_frechet, dtw_distance, endpoint_er
                       point_distance, to_pixels, trace_rmse_mae)
 from ..answers.geometry import COORDS, DEFAULT_COORDS, Parsed, coords_above_one
 from ..answers.coordinates import truth_problem
-from ..answers.units import value_problem
+from ..answers.units import box_order_problem, value_problem
 from ..answers.kinds import GEOMETRIC, KINDS, classify_task
 from ..errors import UserError
 from ..answers.parse import parse_answer
 from ..recipe.names import POINT_THRESHOLD
 from . import pointing, upstream as up
-from .report import read_prediction_files, write_outputs
+from .report import OUTPUT_FILES, read_prediction_files, write_outputs
 
 __all__ = ["score_records", "score_files", "table_summary", "DEFAULT_DATASET"]
 
@@ -72,11 +72,12 @@ def _answer_text(rec: dict, field: str) -> tuple[str | None, str | None]:
     return None, "missing or null" if value is None else f"not a string ({type(value).__name__})"
 
 
-def _size(record: dict) -> tuple[float, float] | None:
-    w, h = record.get("w"), record.get("h")
+def _size(record: dict) -> tuple[float, float] | None:  # RoboInter's w / h, else width / height (the kit's)
+    keys = ("w", "h") if record.get("w") is not None or record.get("h") is not None else ("width", "height")
+    w, h = record.get(keys[0]), record.get(keys[1])
     if w is None and h is None:
         return None
-    for name, v in (("w", w), ("h", h)):
+    for name, v in zip(keys, (w, h)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise _DataError(name, f"must be a positive number of pixels (got {v!r})")
     return float(w), float(h)
@@ -185,7 +186,8 @@ class _Scorer:
         row.update(gt=_jsonable(gt.value), pred_text=pred_text)
         if self.upstream and kind in up.UPSTREAM_TYPE:
             return self._upstream(kind, rec, row, pred_text, gt_text)
-        problem = (truth_problem(gt_text, kind) or value_problem(gt.value, size)) if kind in GEOMETRIC else None
+        problem = (truth_problem(gt_text, kind) or box_order_problem(gt_text, kind) or value_problem(gt.value, size)
+                   ) if kind in GEOMETRIC else None  # box order in any shape, as data check
         if problem:  # the parser would read it anyway (corners re-ordered, "0.1" as 0.1): the data is wrong
             raise _DataError("gt", problem)
         if kind in GEOMETRIC and self.coords == "pixels" and not size:
@@ -369,13 +371,11 @@ def table_summary(name: str, records: list[dict], rows: list[dict], summary: dic
 
 def score_files(predictions: list[str | os.PathLike], out: str | os.PathLike | None = None, force: bool = False,
                 upstream_compatible: bool = False, point_threshold: float = POINT_THRESHOLD,
-                task_map: dict | None = None, coords: str = DEFAULT_COORDS,
-                data_root: str | os.PathLike | None = None, table: str | None = None) -> dict:
+                task_map: dict | None = None, coords: str = DEFAULT_COORDS, data_root: str | os.PathLike | None = None,
+                table: str | None = None) -> dict:
     """`lora-manip score`: read and score prediction files; with `out`, write metrics.json and scores.jsonl there
-    (never over an input, nor over earlier results unless `force`). `table`: also a published table's layout
-    (table.py), in the summary as ``table``. Returns the summary."""
+    (never over an input, nor earlier results unless `force`). `table`: also a published table's layout (table.py)."""
     from ..outputs import check_results, results_folder
-    from .report import OUTPUT_FILES
     from .table import table_problem
 
     if table_problem(table):
@@ -383,7 +383,7 @@ def score_files(predictions: list[str | os.PathLike], out: str | os.PathLike | N
     paths = [Path(p).expanduser() for p in predictions]  # the shell leaves `~` in quotes and after `--opt=`
     if out is not None:
         out = check_results(out, OUTPUT_FILES, force, files=paths)  # before any work; again below, holding it
-    records, origins = read_prediction_files(paths)
+    records, origins = read_prediction_files(paths, by_task=upstream_compatible or bool(table))
     roots = ([Path(data_root).expanduser()] if data_root else []) + list(dict.fromkeys(p.parent for p in paths))
     try:
         rows, summary = score_records(records, upstream_compatible, point_threshold, task_map, coords, roots,

@@ -176,6 +176,21 @@ def test_coco_crowd_regions_are_skipped_and_unlabelled_keypoints_give_no_point_r
         "1 skipped, 0 refused" in format_summary(s)
 
 
+
+def test_a_coco_category_id_missing_from_categories_is_refused_not_named_object(tmp_path):
+    _image(tmp_path)
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 640, "height": 480}],
+            "categories": [{"id": 1, "name": "mug"}],
+            "annotations": [{"id": 7, "image_id": 1, "category_id": 3, "bbox": [64, 48, 64, 48]}]}
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    s = normalize_file(tmp_path / "c.json", tmp_path / "c.jsonl")
+    assert [(p["record_id"], p["field"]) for p in s["problems"]] == [("7", "category_id")]
+    assert not (tmp_path / "c.jsonl").exists()
+    coco["annotations"][0]["category_id"] = 1
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    s = normalize_file(tmp_path / "c.json", tmp_path / "c.jsonl")
+    assert s["problems"] == [] and "mug" in _records(tmp_path / "c.jsonl")[0]["conversations"][0]["value"]
+
 def test_data_check_names_pixels_of_the_decoded_image_when_the_record_states_no_size(tmp_path):
     _image(tmp_path)
     report = run_check(str(_record_file(tmp_path, [_rec("r", "(320, 240), (330, 250)", "contact_point")])))

@@ -83,6 +83,20 @@ def test_two_evals_of_the_same_records_are_never_averaged_into_one_row(tmp_path)
     assert res.exit_code == 0 and re.search(r"\nval +box +1 ", res.output) and "other_val" in res.output, res.output
 
 
+
+def test_two_models_upstream_files_of_one_task_are_not_mixed(tmp_path):
+    """Upstream's eval_details_<task>.json carry no dataset: two models' files of one task would share the upstream
+    line and the table's cell."""
+    a, b, c = tmp_path / "mA/eval_details_traj.json", tmp_path / "mB/eval_details_traj.json", \
+        tmp_path / "mA/eval_details_current_box.json"
+    rec = {"id": "1", "gt": "[[0.1, 0.1], [0.2, 0.2]]", "pred": "[[10, 10], [20, 20]]", "w": 100, "h": 100}
+    for p in (a, b, c):
+        p.parent.mkdir(exist_ok=True)
+        p.write_text(json.dumps([rec if "traj" in p.name else {**rec, "gt": "[[0.1, 0.1], [0.2, 0.2]]"}]))
+    res = runner.invoke(app, ["score", str(a), str(b), "--upstream-compatible"])
+    assert res.exit_code == 2 and "task 'traj' again" in res.output and str(a) in res.output, res.output
+    assert runner.invoke(app, ["score", str(a), str(c), "--upstream-compatible"]).exit_code == 0
+
 def test_a_task_map_name_no_record_has_is_an_error(tmp_path):
     preds = tmp_path / "p.jsonl"
     preds.write_text(json.dumps(dict(GOOD, task="mine")) + "\n")

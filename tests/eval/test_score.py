@@ -184,6 +184,31 @@ def test_trajectory_metrics_include_hausdorff_and_trace_errors():
     assert "hausdorff=0.100" in format_table(s) and "trace_rmse=99.900" in format_table(s)
 
 
+def test_the_image_size_is_read_from_width_height_as_from_w_h():
+    """The kit's records (and LLaVA's) say `width` / `height`: pixel metrics and the pixel-unit hint need them as
+    much as RoboInter's `w` / `h`."""
+    base = {"id": 1, "task": "traj", "gt": "[[0, 0], [0.5, 0]]", "pred": "[[0, 0.1], [0.5, 0.1]]"}
+    (a,), _ = score_records([{**base, "w": 100, "h": 100}])
+    (b,), _ = score_records([{**base, "width": 100, "height": 100}])
+    assert a["hausdorff_px"] == b["hausdorff_px"] == approx(10.0)
+    rows, s = score_records([{**base, "gt": "[[300, 200], [600, 400]]", "width": 640, "height": 480}])
+    assert not rows and "640x480" in s["data_errors"][0]["reason"]
+    rows, s = score_records([{**base, "width": 0, "height": 100}])
+    assert s["data_errors"][0]["field"] == "width"
+
+
+@pytest.mark.parametrize("gt", ["[[0.3, 0.4], [0.1, 0.2]]", "(0.3, 0.4), (0.1, 0.2)", "[0.3, 0.4, 0.1, 0.2]",
+                                '{"bbox_2d": [0.3, 0.4, 0.1, 0.2]}', "x=0.1 y=0.2 w=0.3 h=0.3"])
+def test_an_inverted_or_sized_ground_truth_box_is_refused_in_every_shape(gt):
+    """The parser sorts corners, so an inverted ground truth (x, y, width, height, most often) would be scored as
+    another box; strict scoring refuses it as data check does, whatever the shape."""
+    rows, s = score_records([{"id": 1, "task": "current_box", "gt": gt, "pred": "[0.1, 0.2, 0.3, 0.4]"}])
+    assert not rows and s["data_errors"][0]["field"] == "gt"
+    rows, s = score_records([{"id": 1, "task": "current_box", "gt": "(0.1, 0.2), (0.3, 0.4)",
+                              "pred": "[0.1, 0.2, 0.3, 0.4]"}])
+    assert rows[0]["iou"] == approx(1.0)
+
+
 def test_format_table():
     _, s = score_records(_records())
     table = format_table(s)
