@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..data.files import file_digest, file_stamp, loads
 from ..errors import UserError
-from ..fsutil import atomic_write_json
+from ..fsutil import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -222,3 +222,12 @@ class PredictionLog:
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
+
+    def put_in_order(self, records: list[dict]) -> None:
+        """Rewrite the finished file with `records` (every answer it holds) in the data's order: answers are appended
+        in generation order (longest first, batches, resumed runs), and `lora-manip score` of the file must sum in the
+        order eval scored, so both give the same numbers to the last bit. Atomic: a kill leaves one file or the other."""
+        if len(records) != len(self.records) or not self.path.exists():
+            return
+        atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        self.records = list(records)

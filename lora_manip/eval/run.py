@@ -204,6 +204,8 @@ def _generate_and_score(model_path: str, sources: list, out_dir: str | None, gro
     have = plog.records if plog else made
     by_key = dict(zip(record_keys((r.get("dataset"), r["id"]) for r in have), have))
     records = [by_key[k] for k in keys]
+    if plog:
+        plog.put_in_order(records)  # the data's order, so that `score` of the file sums as below
     roots = list(dict.fromkeys(src.root for src in sources))
     kwargs = dict(point_threshold=cfg.point_threshold, task_map=cfg.task_map, coords=cfg.coords, mask_roots=roots)
     try:
