@@ -19,6 +19,14 @@ import os
 from pathlib import Path
 
 BOM = codecs.BOM_UTF8
+SIZE_FIELDS = (("width", "height"), ("w", "h"))  # the kit's and LLaVA's, then RoboInter's
+
+
+def size_fields(rec) -> tuple[str, str] | None:
+    """The pair of a record's fields that states its image's size: `width` / `height`, else RoboInter's `w` / `h`,
+    the first pair of which either field is given (so a missing half is named, not passed over); None if neither.
+    One rule for every reader: data check, normalize, eval's records and the scorer."""
+    return next((pair for pair in SIZE_FIELDS if any(rec.get(k) is not None for k in pair)), None)
 
 
 class DuplicateKey(ValueError):

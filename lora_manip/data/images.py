@@ -24,7 +24,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from ..errors import UserError
-from .files import file_stamp
+from .files import file_stamp, size_fields
 from .records import Problem, Sample
 
 MAX_PIXELS_ENV = "LORA_MANIP_MAX_IMAGE_PIXELS"
@@ -233,10 +233,10 @@ def record_size(rec: dict, data_root: Path) -> tuple[int, int] | str:
         if not p.is_file():  # a path written on Windows names no file here
             return f"image {p} not found" + (" (write paths with /, not \\)" if "\\" in rel else "")
         paths.append(p)
-    for wk, hk in (("width", "height"), ("w", "h")):
-        w, h = rec.get(wk), rec.get(hk)
-        if isinstance(w, int) and isinstance(h, int) and not isinstance(w, bool) and w > 0 and h > 0:
-            return w, h
+    keys = size_fields(rec)
+    w, h = (rec.get(keys[0]), rec.get(keys[1])) if keys else (None, None)
+    if isinstance(w, int) and isinstance(h, int) and not isinstance(w, bool) and w > 0 and h > 0:
+        return w, h
     if not paths:
         return "no image size: no width/height fields and no image to read it from"
     sizes = set()

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ..data.encode import Chat, prompt_text
+from ..data.files import size_fields
 from ..data.records import Sample
 from ..errors import UserError
 from ..recipe import DataCfg
@@ -182,10 +183,8 @@ def predict_samples(model, chat: Chat, samples: list[Sample], batch_size: int = 
 def stated_size(s: Sample) -> tuple[float, float] | None:
     """(width, height) of the image as the record states it: `width` / `height` (the kit's records), else `w` / `h`
     (RoboInter's), else None."""
-    for wk, hk in (("width", "height"), ("w", "h")):
-        if wk in s.extra and hk in s.extra:
-            return s.extra[wk], s.extra[hk]
-    return None
+    keys = size_fields(s.extra)
+    return (s.extra[keys[0]], s.extra[keys[1]]) if keys and all(s.extra.get(k) is not None for k in keys) else None
 
 
 def eval_record(s: Sample, pred: str, dataset: str, task: str | None = None) -> dict:

@@ -40,6 +40,7 @@ from ..errors import UserError
 from ..answers.parse import parse_answer
 from ..recipe.names import POINT_THRESHOLD
 from . import pointing, upstream as up
+from ..data.files import size_fields
 from .report import OUTPUT_FILES, read_prediction_files, write_outputs
 
 __all__ = ["score_records", "score_files", "table_summary", "DEFAULT_DATASET"]
@@ -72,11 +73,10 @@ def _answer_text(rec: dict, field: str) -> tuple[str | None, str | None]:
     return None, "missing or null" if value is None else f"not a string ({type(value).__name__})"
 
 
-def _size(record: dict) -> tuple[float, float] | None:  # RoboInter's w / h, else width / height (the kit's)
-    keys = ("w", "h") if record.get("w") is not None or record.get("h") is not None else ("width", "height")
-    w, h = record.get(keys[0]), record.get(keys[1])
-    if w is None and h is None:
+def _size(record: dict) -> tuple[float, float] | None:
+    if (keys := size_fields(record)) is None:  # width / height, else RoboInter's w / h
         return None
+    w, h = record.get(keys[0]), record.get(keys[1])
     for name, v in zip(keys, (w, h)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise _DataError(name, f"must be a positive number of pixels (got {v!r})")

@@ -34,7 +34,7 @@ class EvalData:
 
 
 def _registry(path: str | None) -> tuple[Registry, str]:
-    where = os.path.expanduser(path or os.environ.get(ENV_VAR) or "")
+    where = path or os.environ.get(ENV_VAR)  # load_registry reads `~` as the home folder
     if not where:
         raise UserError(f"a dataset name or --split needs a registry: pass --registry datasets.yaml or set {ENV_VAR} "
                         "(recipes/registry/datasets.example.yaml is one), or give --data a file")
