@@ -87,6 +87,20 @@ def launch_training(recipe_path: str | os.PathLike, overrides: list[str], overwr
         return 0, f"saved to {run_training(recipe, overwrite=overwrite, resume=bool(resume))}"
     except Preempted as e:
         return PREEMPTED_EXIT, f"preempted: {e}"
+    finally:
+        if started:
+            close_process_group()
+
+
+def close_process_group() -> None:
+    """Tear down the process group (the Trainer's, or DeepSpeed's) while Python is fully alive, finished or failed.
+    torch does not do it at exit: gloo's worker threads can then outlive the interpreter and abort a process that
+    has saved everything (SIGABRT, "terminate called without an active exception"), so torchrun reports a failed
+    run, and a refusal's exit 2 becomes -6. pytorch/pytorch#179291 proposed an atexit hook in torch and was closed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------- SLURM

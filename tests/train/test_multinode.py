@@ -111,3 +111,40 @@ def test_slurm_fills_the_nodes_and_refuses_another_count(tmp_path, monkeypatch, 
     assert "--node_rank=2" in cmd and "is_host=0" in cmd and "SIGUSR1" in cmd
     with pytest.raises(UserError, match="distributed.nnodes is 2 but this SLURM step runs on 4 nodes"):
         apply_slurm(Recipe.model_validate({**raw, "distributed": {"nnodes": 2}}))
+
+
+@pytest.mark.parametrize("outcome", ["finished", "refused", "preempted"])
+def test_a_process_of_a_distributed_run_closes_its_process_group(outcome, tmp_path, monkeypatch, tiny_model_dir,
+                                                                  synth_dir):
+    """A process torch left its gloo group to at exit could abort after the run was saved (SIGABRT: torchrun
+    called the finished run failed, and CI saw it once): every ending of a process's `train` closes the group."""
+    import torch.distributed as dist
+
+    from lora_manip.train import callbacks, launch, run_folder, workflow
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_model_dir, synth_dir, tmp_path / "run")))
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(run_folder, "role", lambda recipe: type("R", (), {"launched": False})())
+
+    def run_training(recipe, overwrite, resume):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        if outcome == "refused":
+            raise UserError("refused")
+        if outcome == "preempted":
+            raise callbacks.Preempted("stopped")
+        return tmp_path / "run"
+
+    monkeypatch.setattr(workflow, "run_training", run_training)
+    try:
+        if outcome == "refused":
+            with pytest.raises(UserError):
+                launch.launch_training(path, [])
+        else:
+            code, _ = launch.launch_training(path, [])
+            assert code == (0 if outcome == "finished" else run_folder.PREEMPTED_EXIT)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
