@@ -4,8 +4,9 @@ modes that follow the umask, one-line errors for a full disk or a read-only fold
 - Files are written to a temporary name beside the target and renamed into place, so nothing a user wrote is
   overwritten half-way and nothing half-written is left under the real name. They get the mode an ordinary file
   would get under the umask (mkstemp/mkdtemp, and safetensors, would leave 0600/0700).
-- `create_exclusive` makes a file that must not exist yet (markers, lock files): O_CREAT|O_EXCL|O_NOFOLLOW, so it
-  never opens a file someone else put there, nor follows a link planted at its name.
+- `create_exclusive` makes a file that must not exist yet (markers, launch files): complete under a temporary name,
+  then hard-linked to its name, so it never opens a file someone else put there, nor follows a link planted at its
+  name, and no reader sees it half-written.
 - `output_lock` gives an output one owner at a time: a lock file beside it (`.NAME.lock`) holding the owner's pid
   and host, kept under an flock for the owner's lifetime. The kernel drops the flock when the owner dies (kill -9
   included), so a lock whose flock can be taken is stale: it is taken over with a warning, but only when it is a
@@ -189,18 +190,49 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 
 def create_exclusive(path: str | os.PathLike, data: bytes) -> None:
     """Create `path` holding `data`; refused (FileExistsError) when anything, a link included, is there already.
+    The name appears only once the content is complete (written to a temporary file beside it, then hard-linked to
+    the name, which fails when the name exists): a reader racing the creator (eight ranks claiming one cache folder)
+    never sees an empty file. Where the file system has no hard links, O_CREAT|O_EXCL|O_NOFOLLOW at the name.
     Nothing is left behind when the write fails."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(e, path) or e from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        normal_mode(Path(tmp), folder=False)
+        try:
+            os.link(tmp, path)  # EEXIST for anything at the name, a dangling link included
+            return
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+        _create_in_place(path, data)  # no hard links here (some FUSE / SMB mounts)
+    except FileExistsError:
+        raise
+    except BaseException as e:
+        err = write_error(e, path)
+        if err is not None:
+            raise err from None
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _create_in_place(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
         os.write(fd, data)
         os.fsync(fd)
-    except BaseException as e:
+    except BaseException:
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        err = write_error(e, path)
-        if err is not None:
-            raise err from None
         raise
     os.close(fd)
 

@@ -4,6 +4,7 @@ list-content template, one with lmms-lab's string ChatML) and one small syntheti
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -126,7 +127,15 @@ def saved_run_recipe(**over) -> str:
     return yaml.safe_dump(tiny_recipe_dict(Path("model"), Path("data"), Path("run"), **over), sort_keys=False)
 
 
-def train_two_processes(tmp_path, data_dir, model_dir, port, train=None, **over):
+def free_port() -> int:
+    """A port free now, for a run's rendezvous: never a fixed number, which a second CI run on the host (or a
+    process an earlier failure left) would hold."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_two_processes(tmp_path, data_dir, model_dir, train=None, **over):
     """`lora-manip train` with ZeRO-3 over 2 CPU processes (gloo): the 8-GPU recipe's code path. Returns the run."""
     import subprocess
     import sys
@@ -136,7 +145,7 @@ def train_two_processes(tmp_path, data_dir, model_dir, port, train=None, **over)
     recipe = tmp_path / "recipe.yaml"
     raw = tiny_recipe_dict(model_dir, data_dir, tmp_path / "run", **over)
     raw["distributed"] = {"nproc_per_node": 2, "deepspeed": str(ROOT / "recipes" / "zero3.json"),
-                          "master_port": port}
+                          "master_port": free_port()}
     raw["train"].update({"per_device_batch_size": 2, "max_steps": 2, "save_steps": 2, **(train or {})})
     recipe.write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
@@ -169,7 +178,7 @@ def zero3_lora_run(tiny_model_dir, synth_dir, tmp_path_factory):
     data = {"train": [{"annotation_path": str(mixed / "train.json"), "data_path": str(mixed)}],
             "val": [{"annotation_path": str(synth_dir / "val.json"), "data_path": str(synth_dir)}],
             "model_max_length": 4096}
-    return train_two_processes(tmp, mixed, tiny_model_dir, 29671, data=data, train={
+    return train_two_processes(tmp, mixed, tiny_model_dir, data=data, train={
         "per_device_batch_size": 1, "max_steps": 4, "save_steps": 4, "eval_steps": 2, "eval_limit": 5,
         "eval_max_new_tokens": 8, "best_metric": "choice.accuracy", "save_total_limit": 1})
 

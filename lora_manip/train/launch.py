@@ -214,7 +214,7 @@ def relaunch(recipe_path: str, argv: list[str], recipe: Recipe, extra_env: dict[
     env = {**os.environ, **extra_env}
     if not has_cuda():
         env.setdefault("DS_ACCELERATOR", "cpu")
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=stop_with_parent())
     got: list[int] = []
 
     def forward(signum, frame):
@@ -229,3 +229,28 @@ def relaunch(recipe_path: str, argv: list[str], recipe: Recipe, extra_env: dict[
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if proc.poll() is None:  # leaving on an error: torchrun's processes save and stop, not run on alone
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
+
+
+def stop_with_parent():
+    """What torchrun runs before it starts (Linux): the kernel sends it SIGTERM when this launcher dies, however it
+    dies (kill -9, the OOM killer, a closed terminal): torchrun forwards it, and the processes save and stop
+    instead of holding their devices with no launcher to report to. torchrun runs in a session of its own, so
+    nothing else would reach it. Elsewhere: None (no such call)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def child() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the launcher died before the call: the kernel will not tell us
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return child

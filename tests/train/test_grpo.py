@@ -148,7 +148,7 @@ def test_cli_refuses_bad_grpo_recipe(tmp_path):
     g["grpo"]["temperature"] = -1
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(g))
     p = subprocess.run([sys.executable, "-m", "lora_manip.cli", "train", str(tmp_path / "r.yaml")],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 2 and "grpo.temperature" in p.stderr and "Traceback" not in p.stderr
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,16 +15,10 @@ import yaml
 from lora_manip.errors import UserError
 from lora_manip.train.launch import apply_slurm, first_host, relaunch_command
 
-from ..conftest import ROOT, tiny_recipe_dict
+from ..conftest import ROOT, free_port, tiny_recipe_dict
 
 CLEAN = {k: v for k, v in os.environ.items()
          if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LORA_MANIP_LAUNCH") and not k.startswith("SLURM_")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_node_recipe(tmp_path, model_dir, data_dir):

@@ -11,12 +11,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from lora_manip.train.run_folder import PREEMPTED_EXIT
 
-from ..conftest import ROOT, tiny_recipe_dict
-from .test_multinode import CLEAN, free_port
+from ..conftest import ROOT, free_port, tiny_recipe_dict
+from .test_multinode import CLEAN
 
 STEPS = 12
 
@@ -101,3 +102,44 @@ def test_auto_without_resume_is_refused_before_anything_happens(tiny_model_dir, 
     assert not (tmp_path / "stray").exists()
     res = CliRunner().invoke(app, ["train", "--resume", "auto", str(recipe), "--dry-run"])
     assert res.exit_code == 0, res.output  # the other order still means --resume auto
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has stopped
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_launcher_killed_hard_stops_the_processes_it_started(tmp_path):
+    """kill -9 (or the OOM killer) on `lora-manip train`'s launcher: torchrun, in a session of its own, must not
+    train on without it; it gets SIGTERM (which it forwards: the processes save and stop). A stand-in torchrun
+    here: a process that records its pid and sleeps."""
+    pidfile = tmp_path / "child.pid"
+    sleeper = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    script = tmp_path / "launcher.py"
+    script.write_text(
+        "import sys, types\n"
+        "from lora_manip.train import launch\n"
+        f"launch.relaunch_command = lambda *a: [sys.executable, '-c', {sleeper!r}]\n"
+        "d = types.SimpleNamespace(nproc_per_node=2, node_rank=0, nnodes=1)\n"
+        "launch.relaunch('r.yaml', [], types.SimpleNamespace(distributed=d), {})\n")
+    launcher = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=CLEAN)
+    child = None
+    try:
+        deadline = time.monotonic() + 120
+        while not (pidfile.is_file() and pidfile.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        launcher.kill()
+        launcher.wait(timeout=60)
+        deadline = time.monotonic() + 20
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the launcher's torchrun runs on after the launcher was killed"
+    finally:
+        launcher.kill()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)

@@ -316,9 +316,10 @@ def test_two_trainings_into_one_folder_the_second_is_refused(tiny_model_dir, syn
     first = subprocess.Popen(cmd + [str(recipes[0])], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
     try:
-        deadline = time.time() + 120
-        while not (out / "recipe.yaml").exists() and time.time() < deadline:
+        deadline = time.time() + 300
+        while not (out / "recipe.yaml").exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.2)
+        assert (out / "recipe.yaml").exists() and first.poll() is None, "the first run never held the folder"
         # recipe.yaml is written holding the folder's lock, once the model is built. Paused, the first run keeps the
         # lock (the kernel holds the flock for the living process) and leaves the cores to the second's start-up.
         first.send_signal(signal.SIGSTOP)
@@ -346,19 +347,23 @@ def test_killed_overwrite_leaves_no_mix_and_merge_refuses_it(tiny_model_dir, syn
     assert (out / "run_complete.json").is_file()
     # --overwrite with r=8, killed after its first checkpoint: nothing of the r=4 run may remain
     r8 = write_recipe(tmp_path / "r8.yaml", tiny_recipe_dict(tiny_model_dir, synth_dir, out, lora__r=8,
-                                                             train__max_steps=200, train__save_steps=1))
+                                                             train__max_steps=200, train__save_steps=1,
+                                                             train__save_total_limit=None))
     p = subprocess.Popen([sys.executable, "-m", "lora_manip.cli", "train", str(r8), "--overwrite"], env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
         while not (out / "checkpoint-1/checkpoint_complete").exists() and time.time() < deadline:
-            time.sleep(0.2)  # the r=4 run has checkpoint-3 only; checkpoint-1 is the new run's first
+            time.sleep(0.02)  # the r=4 run has checkpoint-3 only; checkpoint-1 is the new run's first
         assert (out / "checkpoint-1/checkpoint_complete").exists(), "no checkpoint within 4 minutes"
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
     assert not (out / "adapter_config.json").exists()  # the r=4 adapter went before anything new was written
-    assert not (out / "checkpoint-3").exists() and not (out / "run_complete.json").exists()
+    assert not (out / "run_complete.json").exists()
+    # the r=4 run's checkpoint-3 went too: a checkpoint there now (this run may have got further) is the new run's
+    assert all(json.loads((c.parent / "adapter_config.json").read_text())["r"] == 8
+               for c in out.glob("checkpoint-*/checkpoint_complete"))
     assert yaml.safe_load((out / "recipe.yaml").read_text())["lora"]["r"] == 8
     one_line_error(*cli("merge", out, "--no-verify"), "did not finish", "run_complete.json")
     # the killed run's lock is stale: --resume takes it over and finishes the r=8 run

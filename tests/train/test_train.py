@@ -152,7 +152,7 @@ def test_zero3_lora_two_processes_saves_complete_adapter(zero3_lora_run, tmp_pat
 def test_zero3_full_two_processes_saves_complete_model(tiny_model_dir, synth_dir, tmp_path):
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    run = train_two_processes(tmp_path, synth_dir, tiny_model_dir, 29641, method="full",
+    run = train_two_processes(tmp_path, synth_dir, tiny_model_dir, method="full",
                                parts={"language_model": {"lr": 1e-4}, "projector": {"lr": 1e-3},
                                       "vision_tower": {"train": "frozen"}})
     trained = dict(LlavaOnevisionForConditionalGeneration.from_pretrained(run).named_parameters())
