@@ -29,6 +29,18 @@ def size_fields(rec) -> tuple[str, str] | None:
     return next((pair for pair in SIZE_FIELDS if any(rec.get(k) is not None for k in pair)), None)
 
 
+def resized_size(rec) -> tuple[int, int] | str | None:
+    """(width, height) of the resized image a record's coordinates may be pixels of: RoboInter's `new_w` / `new_h`
+    (its dataset card: smart_resize_format is pixels of new_h x new_w); None when it states neither, or why the
+    fields cannot be used. Every reader of resized pixels takes the record's own size over a recomputed one."""
+    w, h = rec.get("new_w"), rec.get("new_h")
+    if w is None and h is None:
+        return None
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (w, h)):
+        return w, h
+    return f"`new_w` / `new_h` must both be positive whole numbers of pixels, not {w!r} / {h!r}"
+
+
 class DuplicateKey(ValueError):
     """An object with a key given twice; `value` is what the text decodes to otherwise (for the record's id)."""
 

@@ -58,8 +58,9 @@ _TOLERANCE = 1e-6
 
 
 class Scaler(Protocol):
-    """What normalize.py supplies: the unit, a record's image size (or why there is none), the divisors (x, y) of
-    a size, and an image path as the output writes it (None when it leaves the data root)."""
+    """What normalize.py supplies: the unit, a record's image size (or why there is none), the divisors (x, y, and
+    where a resized size came from) of a record of that size, and an image path as the output writes it (None when
+    it leaves the data root)."""
 
     mode: str
     decimals: int
@@ -67,7 +68,7 @@ class Scaler(Protocol):
 
     def size(self, rec: dict) -> tuple[int, int] | str: ...
 
-    def divisors(self, size: tuple[int, int]) -> tuple[float, float]: ...
+    def divisors(self, rec: dict, size: tuple[int, int]) -> tuple[float, float, str] | str: ...
 
     def rebase(self, rel: str) -> str | None: ...
 
@@ -295,7 +296,7 @@ def convert_row(row: Row, scaler: Scaler, seen: set) -> tuple[dict | None, str, 
     kind = row.kind or classify_task(row.task, row.answer).kind
     question = row.question if IMAGE_PLACEHOLDER in row.question else f"{IMAGE_PLACEHOLDER}\n{row.question}"
     in_question = find(question, bare=False)
-    sx, sy = scaler.divisors(size)
+    sx, sy, _ = scaler.divisors(rec, size)  # a row states no new_w / new_h: never a refusal, no note
     notes = [row.note] if row.note else []
     unit = _in_unit_range(row, kind, scaler.mode)
     if unit and any(abs(v) > 1 for v in in_question.values):

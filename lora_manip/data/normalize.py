@@ -20,9 +20,10 @@ output is a new .json / .jsonl file, written atomically), and any problem means 
 
 Units (`--from`):
   pixels   pixels of the original image: x / width, y / height
-  resized  pixels of the image as Qwen2-VL / Qwen2.5-VL resized it (`smart_resize`: sides rounded to multiples of
-           28, area clamped to [min_pixels, max_pixels]); this is the "smart_resize_format" of Qwen-VL fine-tuning
-           data: x / resized width, y / resized height
+  resized  pixels of the image as Qwen2-VL / Qwen2.5-VL resized it: x / resized width, y / resized height, the
+           record's `new_w` / `new_h` when it states them (RoboInter's "smart_resize_format"; a size that differs
+           from the kit's is said per record), else `smart_resize`'s (sides rounded to multiples of 28, area
+           clamped to [min_pixels, max_pixels])
   thousand Qwen-VL's integer grid 0..1000: v / 1000
 Image sizes come from the record's `width`/`height` (or `w`/`h`) fields, else from the image header; a converted
 record without those fields gets `width`/`height` (eval reports pixel distances with them). Image paths are
@@ -44,7 +45,7 @@ from ..answers.parse import parse_answer
 from ..answers.units import find, rescale_text, value_points
 from ..errors import UserError
 from ..outputs import check_file, write_file
-from .files import path_under
+from .files import path_under, resized_size
 from .images import record_size
 from .labels import is_coco, read_labels
 from .records import Problem, RecordIndex
@@ -131,13 +132,19 @@ class _Scaler:
     def size(self, rec: dict) -> tuple[int, int] | str:
         return record_size(rec, self.root)
 
-    def divisors(self, size: tuple[int, int]) -> tuple[float, float]:
+    def divisors(self, rec: dict, size: tuple[int, int]) -> tuple[float, float, str] | str:
+        """(x divisor, y divisor, where the resized size came from) or why the record's own size is unusable."""
         if self.mode == "thousand":
-            return 1000.0, 1000.0
+            return 1000.0, 1000.0, ""
         w, h = size
-        if self.mode == "resized":
-            h, w = smart_resize(h, w, self.factor, self.min_pixels, self.max_pixels)
-        return float(w), float(h)
+        if self.mode != "resized":
+            return float(w), float(h), ""
+        h, w = smart_resize(h, w, self.factor, self.min_pixels, self.max_pixels)
+        own = resized_size(rec)
+        if own is None or isinstance(own, str):
+            return own or (float(w), float(h), "")
+        said = "" if own == (w, h) else f", not the {w} x {h} that smart_resize gives for {size[0]} x {size[1]}"
+        return float(own[0]), float(own[1]), f", the record's new_w x new_h{said}"
 
     def rebase(self, rel: str) -> str | None:
         """An image path (relative to the data root) as the output writes it; None when it leaves the root."""
@@ -228,7 +235,10 @@ def _convert_record(rec: dict, scaler: _Scaler) -> tuple[str, str, str, str]:
     size = scaler.size(rec)
     if isinstance(size, str):
         return "refused", size, "missing_image", "images"
-    sx, sy = scaler.divisors(size)
+    got = scaler.divisors(rec, size)
+    if isinstance(got, str):
+        return "refused", got, "", "new_w"
+    sx, sy, source = got
     tol, outside = 10.0 ** -scaler.decimals, []
     for t, key, obj, fld in keyed:
         t[key] = json.dumps(_convert(obj, sx, sy, scaler.decimals, outside), ensure_ascii=False)
@@ -251,8 +261,9 @@ def _convert_record(rec: dict, scaler: _Scaler) -> tuple[str, str, str, str]:
         n_lists += len(find(t[key], bare=False).lists)
         t[key], outside = new, outside + out
     if outside:
-        return "refused", (f"{len(outside)} coordinate(s) outside the image after dividing by {sx:g} x {sy:g} "
-                           f"(e.g. {outside[0]:.3f}): wrong --from mode or image size?"), "coords_out_of_range", ""
+        return "refused", (f"{len(outside)} coordinate(s) outside the image after dividing by {sx:g} x {sy:g}"
+                           f"{source} (e.g. {outside[0]:.3f}): wrong --from mode or image size?"),\
+            "coords_out_of_range", ""
     for t, key, *_, fld in keyed + texts:  # what data check would refuse (a one-point trajectory...) is refused here
         for kind, reason in text_problems(t[key], task, size, MIN_TRAJ_POINTS):
             return "refused", f"once converted: {reason}", kind, fld
@@ -260,7 +271,7 @@ def _convert_record(rec: dict, scaler: _Scaler) -> tuple[str, str, str, str]:
             rec["gt"] = json.loads(t["gt"])
     if not any(k in rec for k in ("width", "height", "w", "h")):
         rec["width"], rec["height"] = size  # the size read from the image: eval reports pixel distances with it
-    notes.insert(0, f"divided by {sx:g} x {sy:g}" + (f"; {n_lists} coordinate list(s) in the question too"
+    notes.insert(0, f"divided by {sx:g} x {sy:g}{source}" + (f"; {n_lists} coordinate list(s) in the question too"
                                                       if n_lists and (keyed or texts) else
                                                       f": {n_lists} coordinate list(s) in the question" if n_lists
                                                       else ""))

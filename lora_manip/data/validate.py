@@ -13,11 +13,13 @@ records repeat the answer there) is held to the same rule.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from ..answers.coordinates import PIXEL_HINT, coordinate_values, load_answer, value_problems
 from ..answers.units import box_order_problem, find, ground_truth_problem, stray_coordinates
 from ..answers.kinds import classify_task
+from .files import resized_size
 from .images import image_problems
 from .records import Problem, RecordIndex, Sample, to_sample
 
@@ -89,4 +91,16 @@ def check_record(index: RecordIndex, pos: int, data_root: str, min_traj_points: 
     sizes, problems = image_problems(s, file, where, stamps)
     problems += answer_problems(s, file, where, min_traj_points, raw.get("gt") if isinstance(raw, dict) else None,
                                 sizes[0] if len(set(sizes)) == 1 else None)
-    return (None if problems else s), sizes, problems
+    return (None if problems else s), sizes, _resized_hint(problems, raw)
+
+
+def _resized_hint(problems: list[Problem], raw) -> list[Problem]:
+    """Pixel hints of a record that states its resized size (RoboInter's new_w / new_h): its coordinates may be
+    pixels of that size (smart_resize_format) as well as of the image, and only `--from` tells them apart."""
+    own = resized_size(raw) if isinstance(raw, dict) else None
+    if not isinstance(own, tuple):
+        return problems
+    hint = (f"; `--from resized` if they are pixels of its new_w x new_h ({own[0]} x {own[1]}), `--from pixels` if "
+            "of the image itself")
+    return [dataclasses.replace(p, reason=p.reason + hint) if p.kind == "coords_out_of_range" and "pixel" in p.reason
+            else p for p in problems]  # "pixel": the hint for values above 1, not for negative ones

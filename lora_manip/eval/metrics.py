@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..answers.kinds import KINDS
+
 __all__ = [
     "box_iou",
     "point_distance",
@@ -28,6 +30,9 @@ __all__ = [
     "TRACE_SCALE",
     "bleu",
     "to_pixels",
+    "TRAJ_METRICS",
+    "summarise_kind",
+    "group_by_kind",
 ]
 
 Point = Sequence[float]
@@ -273,3 +278,55 @@ def bleu(candidate: str, reference: str) -> float:
             log_p.append(math.log((matches + 1) / (total + 1)))
     scores = [bp * math.exp(sum(log_p[:n]) / n) for n in range(1, 5)]
     return float(sum(scores) / 4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One kind's records -> its numbers (score.py's summary; rows as score.py makes them)
+
+TRAJ_METRICS = ("dtw", "frechet", "hausdorff", "endpoint_error")
+
+
+def _mean(xs: list[float]) -> float | None:
+    return float(sum(xs) / len(xs)) if xs else None
+
+
+def summarise_kind(kind: str, rows: list[dict], thr: float) -> dict:
+    """A kind's numbers over its scored rows: count, parse failures and the kind's metrics."""
+    n = len(rows)
+    fails = sum(1 for r in rows if r.get("parse_error") is not None)
+    out: dict[str, Any] = {"count": n, "parse_failures": fails, "parse_failure_rate": fails / n if n else 0.0}
+    if kind == "box":
+        ious = [r["iou"] for r in rows]
+        out["mean_iou"] = _mean(ious)
+        out["acc@0.1"] = _mean([1.0 if x > 0.1 else 0.0 for x in ious])  # the published RoboInter metric
+        out["acc@0.5"] = _mean([1.0 if x >= 0.5 else 0.0 for x in ious])
+    elif kind == "point":
+        out["mean_distance"] = _mean([r["distance"] for r in rows if r["distance"] is not None])
+        px = [r["distance_px"] for r in rows if r.get("distance_px") is not None]
+        if px:
+            out["mean_distance_px"] = _mean(px)
+        out[f"acc@{thr:g}"] = _mean([1.0 if r["hit"] else 0.0 for r in rows])
+    elif kind == "trajectory" and any("upstream_points" in r for r in rows):
+        kept = [r["dtw_px"] for r in rows if r["dtw_px"] > 0]  # upstream drops zero DTW
+        out.update(dtw_px=_mean(kept), n_scored=len(kept), n_dropped=n - len(kept))
+    elif kind == "trajectory":
+        out["n_scored"] = n - fails
+        for name in TRAJ_METRICS + ("trace_rmse", "trace_mae"):
+            out[name] = _mean([r[name] for r in rows if r.get(name) is not None])
+        for name in TRAJ_METRICS:
+            px = [r[name + "_px"] for r in rows if r.get(name + "_px") is not None]
+            if px:
+                out[name + "_px"] = _mean(px)
+                out["n_scored_px"] = len(px)
+    elif kind in ("choice", "yesno"):
+        out["accuracy"] = _mean([1.0 if r["correct"] else 0.0 for r in rows])
+    elif kind == "pointing":
+        scored = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+        out.update(accuracy=_mean(scored), n_scored=len(scored), skipped=n - len(scored))
+    else:
+        out["bleu"] = _mean([r["bleu"] for r in rows])
+    return out
+
+
+def group_by_kind(rows: list[dict], thr: float) -> dict[str, dict]:
+    return {k: summarise_kind(k, sel, thr) for k in KINDS if (sel := [r for r in rows if r["kind"] == k])}

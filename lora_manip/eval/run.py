@@ -15,8 +15,10 @@ from __future__ import annotations
 import io
 import logging
 import os
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,13 +26,16 @@ from typing import Any
 from ..answers.geometry import DEFAULT_COORDS
 from ..data.encode import Chat, prompt_text
 from ..data.records import Sample, load_samples
-from ..errors import UserError
+from ..errors import STOPPED_EXIT, UserError
 from ..recipe.names import EVAL_BACKENDS, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, POINT_THRESHOLD
 from .generate import UNSET, eval_record, load_for_inference, predict_samples, resolve_system_prompt
 
 log = logging.getLogger(__name__)
 
 EVAL_OUTPUTS = ("predictions.jsonl", "predictions.meta.json", "metrics.json", "scores.jsonl")
+# Signals that stop an eval as Ctrl-C does (the answers made kept, one line, --resume): SIGTERM (a scheduler, `kill`),
+# SIGHUP (a closed ssh session) and SIGUSR1 (SLURM's warning before a time limit, on which training stops too).
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGUSR1") if hasattr(signal, n))
 _FULL_DISK = ("the answers made so far are kept in predictions.jsonl: free space and continue with --resume (the "
               "same command plus --resume)")
 
@@ -90,8 +95,18 @@ def run_eval(model_path: str, data: str | list[str], data_root: str | None = Non
     at (default: a registry dataset's data_path, a file's own folder). With `out_dir`: ``predictions.jsonl``
     (appended per batch), ``predictions.meta.json``, ``metrics.json``, ``scores.jsonl`` and ``overlays/``. An
     existing eval there is refused unless `settings.resume` (continue it; the model and settings must match) or
-    `settings.force` (start over).
+    `settings.force` (start over). A stop signal (STOP_SIGNALS) ends it as Ctrl-C does: the answers made are kept
+    (exit STOPPED_EXIT, continue with --resume), or, before the first, nothing is left behind (exit 128 + signal).
     """
+    try:
+        with _stop_on_signals():
+            return _run_eval(model_path, data, data_root, out_dir, settings, split, registry)
+    except Stopped as e:
+        raise _stopped(e, out_dir) from None
+
+
+def _run_eval(model_path: str, data: str | list[str], data_root: str | None, out_dir: str | None,
+              settings: EvalSettings | None, split: str | None, registry: str | None):
     from ..outputs import check_results, results_folder
     from .safety import check_model
     from .sources import missing_images, resolve_data
@@ -195,6 +210,8 @@ def _generate_and_score(model_path: str, sources: list, out_dir: str | None, gro
                     "command plus --resume")
             if isinstance(e, UserError):
                 raise UserError(f"{e}; {kept}") from None
+            if isinstance(e, Stopped):
+                raise _exit_error(f"stopped by {e}; {kept}", STOPPED_EXIT) from None
             log.warning("stopped (%s); %s", type(e).__name__, kept)
             raise
         dt = time.perf_counter() - t0
@@ -207,12 +224,12 @@ def _generate_and_score(model_path: str, sources: list, out_dir: str | None, gro
     if plog:
         plog.put_in_order(records)  # the data's order, so that `score` of the file sums as below
     roots = list(dict.fromkeys(src.root for src in sources))
-    kwargs = dict(point_threshold=cfg.point_threshold, task_map=cfg.task_map, coords=cfg.coords, mask_roots=roots)
+    kwargs = dict(point_threshold=cfg.point_threshold, task_map=cfg.task_map, coords=cfg.coords, mask_roots=roots,
+                  files={src.name: src.path for src in sources})  # which val file a record is of (identity.py)
     try:
         rows, summary = score_records(records, cfg.upstream_compatible, **kwargs)
         if cfg.table:
-            summary["table"] = table_summary(cfg.table, records, rows, summary,
-                                             {src.name: src.path for src in sources}, **kwargs)
+            summary["table"] = table_summary(cfg.table, records, rows, summary, **kwargs)
     except ValueError as e:
         raise UserError(str(e)) from None
     prompts = {k: r.get("prompt", "") for k, r in zip(keys, records)}
@@ -228,6 +245,53 @@ def _generate_and_score(model_path: str, sources: list, out_dir: str | None, gro
         sample_by_key = dict(zip(keys, samples))
         write_overlays(out_dir, [(r, sample_by_key[k]) for r, k in zip(rows, row_keys) if k in sample_by_key])
     return rows, summary
+
+
+class Stopped(BaseException):
+    """A stop signal, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that every cleanup runs (the
+    answers made so far stay, a folder made for a run with no answer yet is taken back)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _stop_on_signals():
+    """STOP_SIGNALS raise Stopped while the block runs (once: a second signal must not cut the cleanup short); a
+    signal ignored when eval starts (`nohup` ignores SIGHUP) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+    fired = []
+
+    def stop(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise Stopped(signum)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+def _exit_error(message: str, code: int) -> UserError:
+    err = UserError(message)
+    err.exit_code = code  # the CLI prints the line and exits with it
+    return err
+
+
+def _stopped(e: Stopped, out_dir: str | None) -> UserError:
+    """A stop outside generation (loading, scoring, writing): answers kept if --out holds some, else nothing."""
+    preds = Path(os.path.expanduser(out_dir)) / "predictions.jsonl" if out_dir else None
+    if preds is not None and preds.is_file() and preds.stat().st_size:
+        return _exit_error(f"stopped by {e}; the answers in {preds} are kept: continue with the same command plus "
+                           "--resume", STOPPED_EXIT)
+    return _exit_error(f"stopped by {e} before the first answer; nothing is kept: run the same command again",
+                       128 + e.signum)
 
 
 def predict_one(model_path: str, image: str, question: str, draw: str | None = None,

@@ -30,23 +30,23 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .metrics import (bleu, box_iou, discrete_frechet, dtw_distance, endpoint_error, hausdorff_distance,
-                      point_distance, to_pixels, trace_rmse_mae)
+from .metrics import (TRAJ_METRICS as _TRAJ_METRICS, bleu, box_iou, discrete_frechet, dtw_distance, endpoint_error,
+                      group_by_kind, hausdorff_distance, point_distance, summarise_kind, to_pixels, trace_rmse_mae)
 from ..answers.geometry import COORDS, DEFAULT_COORDS, Parsed, coords_above_one
 from ..answers.coordinates import truth_problem
 from ..answers.units import box_order_problem, value_problem
-from ..answers.kinds import GEOMETRIC, KINDS, classify_task
+from ..answers.kinds import GEOMETRIC, classify_task
 from ..errors import UserError
 from ..answers.parse import parse_answer
 from ..recipe.names import POINT_THRESHOLD
 from . import pointing, upstream as up
+from .identity import source_of
 from ..data.files import size_fields
 from .report import OUTPUT_FILES, read_prediction_files, write_outputs
 
 __all__ = ["score_records", "score_files", "table_summary", "DEFAULT_DATASET"]
 
 DEFAULT_DATASET = "default"
-_TRAJ_METRICS = ("dtw", "frechet", "hausdorff", "endpoint_error")
 _TRAJ_FNS = (dtw_distance, discrete_frechet, hausdorff_distance, endpoint_error)
 
 
@@ -234,51 +234,6 @@ def _upstream_parse_note(row: dict) -> str | None:
     return None
 
 
-def _mean(xs: list[float]) -> float | None:
-    return float(sum(xs) / len(xs)) if xs else None
-
-
-def summarise_kind(kind: str, rows: list[dict], thr: float) -> dict:
-    n = len(rows)
-    fails = sum(1 for r in rows if r.get("parse_error") is not None)
-    out: dict[str, Any] = {"count": n, "parse_failures": fails, "parse_failure_rate": fails / n if n else 0.0}
-    if kind == "box":
-        ious = [r["iou"] for r in rows]
-        out["mean_iou"] = _mean(ious)
-        out["acc@0.1"] = _mean([1.0 if x > 0.1 else 0.0 for x in ious])  # the published RoboInter metric
-        out["acc@0.5"] = _mean([1.0 if x >= 0.5 else 0.0 for x in ious])
-    elif kind == "point":
-        out["mean_distance"] = _mean([r["distance"] for r in rows if r["distance"] is not None])
-        px = [r["distance_px"] for r in rows if r.get("distance_px") is not None]
-        if px:
-            out["mean_distance_px"] = _mean(px)
-        out[f"acc@{thr:g}"] = _mean([1.0 if r["hit"] else 0.0 for r in rows])
-    elif kind == "trajectory" and any("upstream_points" in r for r in rows):
-        kept = [r["dtw_px"] for r in rows if r["dtw_px"] > 0]  # upstream drops zero DTW
-        out.update(dtw_px=_mean(kept), n_scored=len(kept), n_dropped=n - len(kept))
-    elif kind == "trajectory":
-        out["n_scored"] = n - fails
-        for name in _TRAJ_METRICS + ("trace_rmse", "trace_mae"):
-            out[name] = _mean([r[name] for r in rows if r.get(name) is not None])
-        for name in _TRAJ_METRICS:
-            px = [r[name + "_px"] for r in rows if r.get(name + "_px") is not None]
-            if px:
-                out[name + "_px"] = _mean(px)
-                out["n_scored_px"] = len(px)
-    elif kind in ("choice", "yesno"):
-        out["accuracy"] = _mean([1.0 if r["correct"] else 0.0 for r in rows])
-    elif kind == "pointing":
-        scored = [r["accuracy"] for r in rows if r["accuracy"] is not None]
-        out.update(accuracy=_mean(scored), n_scored=len(scored), skipped=n - len(scored))
-    else:
-        out["bleu"] = _mean([r["bleu"] for r in rows])
-    return out
-
-
-def _group_by_kind(rows: list[dict], thr: float) -> dict[str, dict]:
-    return {k: summarise_kind(k, sel, thr) for k in KINDS if (sel := [r for r in rows if r["kind"] == k])}
-
-
 def settings_problem(upstream_compatible: bool, point_threshold, coords: str) -> str | None:
     """What is wrong with the scoring settings, if anything: checked here for library callers and by `eval` before
     it loads a model, so a bad flag never costs a generation run."""
@@ -294,19 +249,22 @@ def settings_problem(upstream_compatible: bool, point_threshold, coords: str) ->
 
 def score_records(records: list[dict], upstream_compatible: bool = False, point_threshold: float = POINT_THRESHOLD,
                   task_map: dict[str, str] | None = None, coords: str = DEFAULT_COORDS,
-                  mask_roots: list[str | os.PathLike] | None = None, origins: list | None = None
-                  ) -> tuple[list[dict], dict]:
+                  mask_roots: list[str | os.PathLike] | None = None, origins: list | None = None,
+                  files: dict[str, str] | None = None) -> tuple[list[dict], dict]:
     """Score `records`; return (per-record rows, summary). Never raises for a bad record (see the module docstring).
 
     `task_map`: ``{task name: kind}`` that overrides the built-in names (every name must be some record's task);
     `coords`: units of the predictions' coordinates (normalized, thousand or pixels; ground truths are always
     [0, 1]); `mask_roots`: folders a record's ``mask`` path is looked up in, in order (never outside them);
-    `origins`: the file each record came from (ids are unique per file; default: one file).
+    `origins`: the file each record came from (ids are unique per file; default: one file); `files`: {dataset: its
+    annotation file} (eval's). Both name the val file a record belongs to (identity.py).
 
-    Each row: ``id``, ``dataset``, ``task``, ``kind``, ``kind_from``, ``pred`` / ``gt`` (parsed values),
-    ``parse_error``, ``pred_text`` and its kind's scores. Summary: ``{"mode", "coords", "point_threshold", "count",
-    "records", "data_errors", "all": {kind: stats}, "by_dataset": {dataset: {kind: stats}}, "by_task": {task:
-    stats}}``, plus ``"upstream"`` (per-file table, Average Score) in upstream-compatible mode.
+    Each row: ``id``, ``dataset``, ``task``, ``kind``, ``kind_from``, ``source`` (the val file it belongs to, as
+    upstream names it, else its task, else its dataset: upstream's per-file rows and the tables group by it),
+    ``pred`` / ``gt`` (parsed values), ``parse_error``, ``pred_text`` and its kind's scores. Summary: ``{"mode",
+    "coords", "point_threshold", "count", "records", "data_errors", "all": {kind: stats}, "by_dataset": {dataset:
+    {kind: stats}}, "by_task": {task: stats}}``, plus ``"upstream"`` (per-file table, Average Score) in
+    upstream-compatible mode.
 
     Raises ValueError only for bad arguments.
     """
@@ -325,11 +283,16 @@ def score_records(records: list[dict], upstream_compatible: bool = False, point_
                            "the same id; each record is scored once"})
             continue
         try:
-            rows.append(scorer.record(rec))
+            row = scorer.record(rec)
         except _DataError as e:
             errors.append({"index": i, "id": rid, "field": e.field, "reason": e.reason})
         except Exception as e:  # one record's surprise must not cost the whole run its numbers
             errors.append({"index": i, "id": rid, "field": "-", "reason": f"cannot score: {type(e).__name__}: {e}"})
+        else:
+            task = rec.get("task")  # the record's own, never the kind it was scored as: kinds are not files
+            row["source"] = source_of(row["dataset"], ((files or {}).get(row["dataset"]), origins[i] if origins else
+                                                       None), task if isinstance(task, str) else None, rid)
+            rows.append(row)
 
     by_task = {}
     for t in dict.fromkeys(r["task"] for r in rows):
@@ -346,8 +309,8 @@ def score_records(records: list[dict], upstream_compatible: bool = False, point_
         "count": len(rows),
         "records": len(records),
         "data_errors": errors,
-        "all": _group_by_kind(rows, point_threshold),
-        "by_dataset": {ds: _group_by_kind([r for r in rows if r["dataset"] == ds], point_threshold)
+        "all": group_by_kind(rows, point_threshold),
+        "by_dataset": {ds: group_by_kind([r for r in rows if r["dataset"] == ds], point_threshold)
                        for ds in dict.fromkeys(r["dataset"] for r in rows)},
         "by_task": by_task,
     }
@@ -356,17 +319,16 @@ def score_records(records: list[dict], upstream_compatible: bool = False, point_
     return rows, summary
 
 
-def table_summary(name: str, records: list[dict], rows: list[dict], summary: dict, files: dict | None = None,
-                  **kwargs) -> dict:
+def table_summary(name: str, records: list[dict], rows: list[dict], summary: dict, **kwargs) -> dict:
     """A published table's layout (table.py) for `records`, given their `rows` and `summary` in one mode: the other
-    mode is scored here with score_records' `kwargs` (upstream rules read coordinates their own way)."""
+    mode is scored here with score_records' `kwargs`, the same ones (upstream rules read coordinates their own way)."""
     from .table import build_table
 
     if summary["mode"] == "upstream_compatible":
         strict_rows, strict = score_records(records, False, **kwargs)
-        return build_table(name, strict_rows, strict, rows, files)
+        return build_table(name, strict_rows, strict, rows)
     upstream_rows, _ = score_records(records, True, **{**kwargs, "coords": DEFAULT_COORDS})
-    return build_table(name, rows, summary, upstream_rows, files)
+    return build_table(name, rows, summary, upstream_rows)
 
 
 def score_files(predictions: list[str | os.PathLike], out: str | os.PathLike | None = None, force: bool = False,

@@ -128,19 +128,32 @@ def resolve_data(data: list[str] | None, split: str | None = None, registry: str
 
 def missing_images(sources: list[EvalData], samples: list[list]) -> str | None:
     """None when every image the records name is a file, else one line: how many are missing, in which files, the
-    first one with its record, and the root it was looked up under."""
-    missing: list[tuple[EvalData, object, str]] = []
+    first ones with their records and fields (`images[0]`, as `data check` names them). The root they were looked
+    up under, and `--data-root` as the fix, only when the root looks wrong (half or more of a file's images missing);
+    a few missing among many found are named plainly: the root is right, those files are not there."""
+    missing: list[tuple[EvalData, object, int, str]] = []
     per_file: dict[str, int] = {}
+    wrong_root = False
     for src, group in zip(sources, samples):
+        total = gone = 0
         for s in group:
-            for p in s.images:
+            for k, p in enumerate(s.images):
+                total += 1
                 if not os.path.isfile(p):
-                    missing.append((src, s, p))
-                    per_file[src.name] = per_file.get(src.name, 0) + 1
+                    gone += 1
+                    missing.append((src, s, k, p))
+        if gone:
+            per_file[src.name] = gone
+            wrong_root = wrong_root or 2 * gone >= total
     if not missing:
         return None
-    src, s, p = missing[0]
     files = ", ".join(f"{n} ({k})" for n, k in list(per_file.items())[:4]) + (", ..." if len(per_file) > 4 else "")
-    return (f"{len(missing)} image(s) not found, in {files}; first: {s.source} id={s.id!r} field `images`: {p} "
-            f"(looked up under {src.root}, {src.root_from}); pass --data-root with the folder the records' image "
-            "paths start at")
+    src, s, k, p = missing[0]
+    if wrong_root:
+        return (f"{len(missing)} image(s) not found, in {files}; first: {s.source} id={s.id!r} field `images[{k}]`: "
+                f"{p} (looked up under {src.root}, {src.root_from}); pass --data-root with the folder the records' "
+                "image paths start at")
+    shown = "; ".join(f"{s.source} id={s.id!r} field `images[{k}]`: {p}" for _, s, k, p in missing[:3])
+    more = f"; and {len(missing) - 3} more (`lora-manip data check` lists each)" if len(missing) > 3 else ""
+    return (f"{len(missing)} image(s) not found, in {files} (the others are there): {shown}{more}; restore them or "
+            "remove their records")

@@ -16,22 +16,18 @@ traj_wo_init_pos is listed under the table), Visual Trace = traj_choice, and the
 (``json_name_list`` and ``task_type`` of ``eval_llava_format/manip/generation.py``), and its "Average Score" (the mean
 of the rows' mean IoU, DTW in pixels and accuracy, as upstream prints it).
 
-A record finds its line as upstream finds it: by its val file's name, else by upstream's task-planning names in its
-id (how ``task_planning/eval.py`` sorts records), else by its `task`, else by its dataset name: without the release's
-``full_single_multi_contact_obj_`` prefix, ``rh20t_`` / ``droid_`` / ``vla_`` / ``manipvqa_`` prefixes and ``_qa`` /
-split suffixes (``..._traj_qa.json`` is `traj`, the start position given; ``..._traj_qa_wo_init_pos.json`` is
-`traj_wo_init_pos`; ``Task_planning/meta/val/choice/task_planning.json`` is `plan_choice`). Records of no line
+A record finds its line by the val file it belongs to (identity.py: its registry dataset name, else its file's name
+whatever the prefix, else upstream's task-planning names in its id, else its `task`): a record of the
+``..._traj_qa_wo_init_pos.json`` file is never a Trace record, whatever its `task` says. Records of no line
 (contact points, other data) are listed under the table with their strict numbers: nothing evaluated is left out.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import PurePath
 from typing import Any
 
-from .upstream_planning import planning_type
+from .identity import GENERATION, KNOWN, UNDERSTANDING, source_of
 
 __all__ = ["TABLES", "TABLE_NAMES", "build_table", "format_paper_table", "row_key", "table_problem"]
 
@@ -51,10 +47,6 @@ class Layout:
     paper: bool  # the paper's units (%, x100) and no Average Score; else upstream's printout
 
 
-_GENERATION = [("contact_box", "box"), ("current_box", "box"), ("final_box", "box"), ("gripper_det", "box"),
-               ("traj", "traj"), ("traj_wo_init_pos", "traj")]
-_UNDERSTANDING = ["contact_decide", "grasppose_choice", "grounding_choice", "traj_choice", "traj_direction_choice",
-                  "traj_direction_choice_with_traj", "trajlang_choice", "trajlang_sub_choice"]
 _PAPER = [
     ("Spatial / Generation", "current_box", "box", "Object G.D."),
     ("Spatial / Generation", "contact_box", "box", "Grasp A.F."),
@@ -73,28 +65,15 @@ TABLES: dict[str, Layout] = {
     "robointer": Layout("RoboInter paper, Table 3: one line per column, in the paper's order and units",
                         tuple(Row(k, g, t, label) for g, k, t, label in _PAPER), paper=True),
     "robointer-files": Layout("upstream's scorer (generation.py): one row per val file (eval_details_<row>.json)",
-                              tuple([Row(k, "Generation", t, k) for k, t in _GENERATION]
-                                    + [Row(k, "Understanding", "decide", k) for k in _UNDERSTANDING]), paper=False),
+                              tuple([Row(k, "Generation", t, k) for k, t in GENERATION]
+                                    + [Row(k, "Understanding", "decide", k) for k in UNDERSTANDING]), paper=False),
 }
 TABLE_NAMES = tuple(TABLES)
-_KNOWN = {r.key for layout in TABLES.values() for r in layout.rows}
 
 # The strict kinds a line's records may have (a choice file's Yes/No questions are yes/no records).
 _KINDS = {"box": ("box",), "traj": ("trajectory",), "decide": ("choice", "yesno"), "planning": ("planning",)}
 _METRIC = {False: {"box": "mIoU / IoU>0.1", "traj": "DTW (px)", "decide": "accuracy", "planning": "BLEU"},
            True: {"box": "ACC@IoU>0.1 %", "traj": "DTW px (lower)", "decide": "ACC %", "planning": "BLEU avg x100"}}
-
-_PREFIX = re.compile(r"^(?:eval_details_)?(?:full_single_multi_contact_obj_)?(?:(?:rh20t|droid)_)?(?:vla_)?")
-_SPLIT = re.compile(r"_(?:train|val|valid|test|eval)$")
-# Other spellings of a line's name: the release's trajectory file without a start position, upstream's training
-# registry names for the understanding files (docs/data.md lists which name reads which file), and the three
-# Task_planning val files (all called task_planning.json, told apart by their folder).
-_ALIASES = {"traj_qa_wo_init_pos": "traj_wo_init_pos", "traj_lang_choice": "trajlang_choice",
-            "traj_lang_sub_choice": "trajlang_sub_choice", "contact_choice": "contact_decide",
-            "graspppose_choice": "grasppose_choice", "manipvqa_planning": "planning",
-            "manipvqa_choice": "plan_choice", "manipvqa_decide": "plan_decide", "planning/task_planning": "planning",
-            "choice/task_planning": "plan_choice", "decide/task_planning": "plan_decide"}
-_BY_ID = {"planning": "planning", "plan_choice": "plan_choice", "plan_decide": "plan_decide"}
 
 
 def table_problem(name: str | None) -> str | None:
@@ -104,43 +83,15 @@ def table_problem(name: str | None) -> str | None:
     return f"--table {name}: choose one of {', '.join(TABLE_NAMES)}"
 
 
-def _norm(name: str) -> str:
-    n = str(name).strip().lower().replace("-", "_").replace(" ", "_").replace("\\", "/")
-    if n.endswith((".json", ".jsonl")):
-        n = n.rsplit(".", 1)[0]
-    parts = PurePath(n).parts
-    if len(parts) >= 2 and parts[-1] == "task_planning":  # Task_planning/meta/val/<which>/task_planning.json
-        n = "/".join(parts[-2:])
-    else:
-        n = parts[-1] if parts else n
-    n = _ALIASES.get(n := _SPLIT.sub("", _PREFIX.sub("", n)), n)
-    return _ALIASES.get(n := n.removesuffix("_qa"), n)
-
-
-def _norm_dataset(name: str) -> str:
-    """A dataset name's line. Upstream's registry names its trajectory sets the other way round from the release's
-    files: ``*_vla_traj_qa_*`` reads ``..._traj_qa_wo_init_pos.json``, ``*_vla_traj_init_point_qa_*`` reads
-    ``..._traj_qa.json`` (the start position given)."""
-    n = str(name).strip().lower()
-    if re.search(r"vla_traj_qa(?:_|$)", n):
-        return "traj_wo_init_pos"
-    if "traj_init_point" in n:
-        return "traj"
-    return _norm(name)
-
-
 def row_key(layout: Layout, task: Any, file: Any, dataset: Any, rid: Any = None) -> str | None:
-    """The line a record belongs to: by its annotation file's name, else upstream's task-planning names in its id,
-    else its task, else its dataset name. The first of these that names a known line decides, also when that line is
-    not in this layout (a record of the traj_wo_init_pos file whose task says "traj" is not a Trace record)."""
-    keys = {r.key for r in layout.rows}
-    names = [_norm(file) if isinstance(file, str) and file else None, _BY_ID.get(planning_type(rid) or "")]
-    names.append(_norm(task) if isinstance(task, str) and task else None)
-    names.append(_norm_dataset(dataset) if isinstance(dataset, str) and dataset else None)
-    for name in names:
-        if name in _KNOWN:
-            return name if name in keys else None
-    return None
+    """The line of `layout` a record belongs to (identity.source_of: its dataset's name, its file's name, its id,
+    its task; the first that names a known file decides, also when that file is not in this layout: a record of the
+    traj_wo_init_pos file whose task says "traj" is not a Trace record), or None."""
+    return _line(layout, source_of(dataset, (file,), task, rid))
+
+
+def _line(layout: Layout, source: Any) -> str | None:
+    return source if source in KNOWN and any(r.key == source for r in layout.rows) else None
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -172,20 +123,17 @@ def _cell(utype: str, rows: list[dict], upstream: bool) -> dict:
     return out
 
 
-def build_table(name: str, strict_rows: list[dict], strict_summary: dict, upstream_rows: list[dict],
-                files: dict[str, str] | None = None) -> dict:
-    """The table `name` from the same records scored both ways (score.py's `score_records`; `table_summary` there
-    scores the second way). `files`: {dataset: annotation file} (eval knows them; a line is then also found by the
-    file's name)."""
+def build_table(name: str, strict_rows: list[dict], strict_summary: dict, upstream_rows: list[dict]) -> dict:
+    """The table `name` from the same records scored both ways (score.py's `score_records`, whose rows say the file
+    each record belongs to, `source`; `table_summary` there scores the second way)."""
     from .report import main_metrics
 
     layout = TABLES[name]
-    files = files or {}
 
     def grouped(scored: list[dict]) -> dict[str | None, list[dict]]:
         out: dict[str | None, list[dict]] = {}
         for r in scored:
-            key = row_key(layout, r.get("task"), files.get(r.get("dataset")), r.get("dataset"), r.get("id"))
+            key = _line(layout, r.get("source"))
             row = next((x for x in layout.rows if x.key == key), None)
             if row is not None and r["kind"] not in _KINDS[row.utype]:
                 key = None  # a kind this line's rule cannot score (a --task-map override): listed below instead

@@ -247,16 +247,17 @@ def score_upstream(kind: str, pred: str, gt: str, record: dict) -> dict:
 
 
 def summarise_files(rows: list[dict]) -> dict:
-    """Upstream's per-file numbers (a file is a task name) and its Average Score over files.
+    """Upstream's per-file numbers and its Average Score over files: a file is a row's ``source`` (score.py; the val
+    file it belongs to, identity.py), never its kind.
 
-    Rows need ``task``, ``kind`` and the fields `score_upstream` adds. Files whose kind upstream does not score are
+    Rows need ``source``, ``kind`` and the fields `score_upstream` adds. Files whose kind upstream does not score are
     left out. A trajectory file whose DTWs are all 0 has no score (upstream divides by zero there). Task-planning
     rows (``upstream_type``) get `plan_entries`, kept out of the Average Score."""
     files: dict[str, dict] = {}
     is_plan = lambda r: r.get("upstream_type") in PLAN_KIND  # noqa: E731
-    for name in dict.fromkeys(r["task"] for r in rows if r["kind"] in UPSTREAM_TYPE or is_plan(r)):
-        plan = [r for r in rows if r["task"] == name and is_plan(r)]
-        sel = [r for r in rows if r["task"] == name and r["kind"] in UPSTREAM_TYPE and not is_plan(r)]
+    for name in dict.fromkeys(r["source"] for r in rows if r["kind"] in UPSTREAM_TYPE or is_plan(r)):
+        plan = [r for r in rows if r["source"] == name and is_plan(r)]
+        sel = [r for r in rows if r["source"] == name and r["kind"] in UPSTREAM_TYPE and not is_plan(r)]
         files.update(plan_entries(name, plan, bool(sel) or len({r["upstream_type"] for r in plan}) > 1))
         if not sel:
             continue

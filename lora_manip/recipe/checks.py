@@ -5,6 +5,7 @@ schema's Recipe, passed in by its validator (importing schema.py here would make
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .names import check_metric_name, check_reward_table
@@ -14,7 +15,7 @@ _PARTS = ("language_model", "projector", "vision_tower")
 
 def cross_check(r) -> list[str]:
     return (_unread(r) + _parts(r) + _deepspeed(r) + _grpo(r) + _train_eval(r) + _processes(r)
-            + _batching(r))
+            + _batching(r) + _val_trained_on(r))
 
 
 def unread_settings(r) -> dict[str, str]:
@@ -191,4 +192,34 @@ def _batching(r) -> list[str]:
         errors.append("train.max_steps: 0 would train nothing; use -1 (train.epochs decides) or a positive count")
     if r.train.precision == "fp16" and r.model.dtype == "bfloat16":
         errors.append("train.precision: fp16 with model.dtype bfloat16 mixes formats; use bf16 or float16")
+    return errors
+
+
+def _file_key(path: str) -> tuple:
+    """One file however it is reached (relative, through a link, under two registry names)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("path", os.path.realpath(path))
+    return ("inode", st.st_dev, st.st_ino)
+
+
+def _val_trained_on(r) -> list[str]:
+    """A data.val file that data.train also reads: training on the records its validation scores would measure
+    memory, not the task, with nothing to say so (directly, through `all`, or one file under two names). Refused:
+    val_fraction is the way to validate on part of a training file."""
+    trained = {}
+    for d in r.data.train:
+        trained.setdefault(_file_key(d.annotation_path), d)
+    errors = []
+    for j, v in enumerate(r.data.val):
+        d = trained.get(_file_key(v.annotation_path))
+        if d is None:
+            continue
+        what = (f"dataset {v.name!r} is in data.train too" if v.name and v.name == d.name else
+                f"{repr(v.name) + ' reads ' if v.name else ''}{v.annotation_path}, which data.train also reads"
+                + (f" (as {d.name!r})" if d.name else ""))
+        errors.append(f"data.val.{j}: {what}: its validation scores would be of records the model trains on; "
+                      "remove it from data.val or data.train, or validate on part of it with val_fraction on its "
+                      "data.train entry")
     return errors

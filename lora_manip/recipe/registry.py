@@ -21,10 +21,11 @@ registers `"all": None`, which its `data_list` then tries to copy. A registry th
 gets that dataset instead.
 
 An annotation_path may end in a glob pattern (`*`, `?`, `[...]` in the file name only; folders are literal), for
-files whose names are not published (RoboInter-VQA's Generation val files: `Generation/meta/val/llava_format/
-*_contact_box_qa.json`). It must match exactly one file, and is matched when its dataset is looked up, not when the
-registry is read: a machine without some of the files can still use the others. A path that exists as written is
-that file, even when its name holds `[` or `*`.
+files whose names are not published (RoboInter-VQA's Generation val files), with `{a,b}` for spellings that are
+equally likely: `Generation/meta/val/llava_format/{,*_}contact_box{,_qa}.json` is `contact_box.json`,
+`contact_box_qa.json`, `*_contact_box.json` or `*_contact_box_qa.json`. Together they must match exactly one file,
+and are matched when its dataset is looked up, not when the registry is read: a machine without some of the files
+can still use the others. A path that exists as written is that file, even when its name holds `[`, `{` or `*`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from ..errors import UserError
 ENV_VAR = "LORA_MANIP_REGISTRY"
 HELD_OUT = ("_val", "_test")  # name endings of the sets `eval --split` reads; `all` in data.train leaves them out
 _GLOB = re.compile(r"[*?[]")
+_BRACES = re.compile(r"\{([^{}]*,[^{}]*)\}")  # {a,b}: either spelling (no nesting)
 _LISTED = 10  # file names an error lists at most
 _PERCENT = re.compile(r"^(?P<name>.*?)%(?P<pct>\d+(?:\.\d+)?)$")
 
@@ -116,24 +118,39 @@ def match_annotation(path: str, where: str, hint: str = "check the registry's ro
     folder whose name matches. Raises RegistryError (one line starting with `where`) on no match or several;
     `hint` says what to check when the folder is missing."""
     p = Path(path)
-    if not _GLOB.search(p.name) or p.exists():
+    if not _is_pattern(p.name) or p.exists():
         return path
     folder = p.parent
     if not folder.is_dir():
-        only = "; only the file name may be a pattern" if _GLOB.search(str(folder)) else ""
+        only = "; only the file name may be a pattern" if _is_pattern(str(folder)) else ""
         raise RegistryError(f"{where}: folder {folder} not found; {hint}{only}")
-    hidden = p.name.startswith(".")  # as glob: `*` does not match a leading dot
+    spellings = _spellings(p.name)
+    hidden = any(a.startswith(".") for a in spellings)  # as glob: `*` does not match a leading dot
     names = sorted(n for n in os.listdir(folder) if not n.startswith(".") or hidden)
-    hits = [n for n in names if fnmatch.fnmatchcase(n, p.name) and (folder / n).is_file()]
+    hits = [n for n in names if any(fnmatch.fnmatchcase(n, a) for a in spellings) and (folder / n).is_file()]
     if len(hits) == 1:
         return str(folder / hits[0])
+    pattern = repr(p.name) + (f" (any of {', '.join(spellings)})" if len(spellings) > 1 else "")
     if hits:
-        raise RegistryError(f"{where}: {len(hits)} files in {folder} match {p.name!r}: {_listing(hits)}; make the "
+        raise RegistryError(f"{where}: {len(hits)} files in {folder} match {pattern}: {_listing(hits)}; make the "
                             "pattern match one of them, or set annotation_path to the file")
     files = [n for n in names if n.lower().endswith((".json", ".jsonl")) and (folder / n).is_file()]
     there = (f"its .json/.jsonl files: {_listing(files)}; set annotation_path to one of them" if files
              else "it holds no .json/.jsonl file")
-    raise RegistryError(f"{where}: no file in {folder} matches {p.name!r}; {there}")
+    raise RegistryError(f"{where}: no file in {folder} matches {pattern}; {there}")
+
+
+def _is_pattern(name: str) -> bool:
+    return bool(_GLOB.search(name) or _BRACES.search(name))
+
+
+def _spellings(name: str) -> list[str]:
+    """A file-name pattern's `{a,b}` alternatives spelt out: '{,*_}x{,_qa}.json' -> x.json, x_qa.json, *_x.json,
+    *_x_qa.json."""
+    m = _BRACES.search(name)
+    if m is None:
+        return [name]
+    return [s for alt in m[1].split(",") for s in _spellings(name[:m.start()] + alt + name[m.end():])]
 
 
 def _listing(names: list[str]) -> str:
@@ -256,6 +273,19 @@ def _all_means(table: Registry, split: str) -> str:
     return f"`all` in data.train stands for its {n} dataset(s) not named *_val / *_test, of {len(table)}"
 
 
+def _known(name: str, table: Registry) -> str:
+    """The names an unknown one may have meant: the close ones, else every one of a short registry, else the
+    nearest few (`all` counts as a name)."""
+    names = [*table, *([ALL] if ALL not in table else [])]
+    close = difflib.get_close_matches(name, names, n=5)
+    if close:
+        return f"did you mean {', '.join(close)}?"
+    if len(names) <= _LISTED:
+        return f"its names: {', '.join(names)}"
+    nearest = difflib.get_close_matches(name, names, n=_LISTED // 2, cutoff=0)
+    return f"its {len(names)} names, nearest first: {', '.join(nearest)}, ..."
+
+
 def _missing_too(registry: _Registry) -> list[str]:
     """When a pattern's file is not found the recipe is refused before anything else looks for files: one line per
     split naming the other files the recipe took from the registry that are missing too, so one refusal lists them
@@ -321,10 +351,8 @@ def _fill(entry: dict, key: str, registry: _Registry, errors: list[str]) -> dict
         if registry.why_not:
             errors.append(f"{key}.name: {registry.why_not}")
     elif name not in table:
-        close = difflib.get_close_matches(name, table, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
         split = key.split(".")[1]
-        errors.append(f"{key}.name: unknown dataset {name!r} in registry {registry.path}{hint} "
+        errors.append(f"{key}.name: unknown dataset {name!r} in registry {registry.path}; {_known(name, table)} "
                       f"({_all_means(table, split)})")
     else:
         try:  # an annotation pattern is matched here, and only when the entry does not give its own file

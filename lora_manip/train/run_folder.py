@@ -38,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import UserError
+from ..errors import STOPPED_EXIT, UserError
 from ..fsutil import KIT, atomic_write_text, create_exclusive, disk_errors, finish_tree, output_lock
 from ..outputs import Claim, check_folder, claim_folder, cleanup_partials, contents, holds_cwd, partial_dir, resolve
 from ..recipe import Recipe, dump_recipe
@@ -52,7 +52,7 @@ LAUNCH_FILE = ".launch.json"  # the same token in the run folder, while the laun
 EXTERNAL_WAIT_S = 300.0  # how long ranks > 0 of a hand-started torchrun wait for rank 0 to prepare the folder
 JOIN_WAIT_S = 900.0  # how long another node's launcher waits for node 0's launch file
 COMPLETE_MARKER = "checkpoint_complete"
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGUSR1 after saving a checkpoint; run again with --resume auto
+PREEMPTED_EXIT = STOPPED_EXIT  # stopped by SIGTERM / SIGUSR1 after saving a checkpoint; run again with --resume auto
 # Settings a --resume may change: how long to train, how often to save, log and evaluate, where to listen. Anything
 # else (model, method, LoRA shape, data, batch, optimizer, precision, seeds) would not continue the same run.
 RESUME_MAY_CHANGE = ("train.output_dir", "train.max_steps", "train.epochs", "train.save_steps",

@@ -188,6 +188,30 @@ def test_missing_images_are_reported_before_the_model_loads(tiny_model_dir, rele
     assert counted["load"] == 0 and not list(out.iterdir())
 
 
+def test_a_few_missing_images_are_named_plainly_a_wrong_root_gets_the_hint(release, tmp_path):
+    """Issue 24 QA: one image of many missing under the right root is named (file, record, `images[0]`, path), with
+    no advice to change a root that is right; every image missing (a wrong root) still gets the --data-root hint."""
+    from lora_manip.data.records import load_samples
+    from lora_manip.eval.sources import missing_images
+
+    root, files, registry = release
+    sources = resolve_data(["vla_current_box_val", "traj_choice_qa_val"], registry=str(registry))
+    samples = [load_samples(src.path, src.root)[0] for src in sources]
+    gone = Path(samples[1][-1].images[0])
+    assert sum(len(s.images) for group in samples for s in group) > 4 and missing_images(sources, samples) is None
+    moved = gone.with_name("moved.jpg")
+    gone.rename(moved)
+    try:
+        msg = missing_images(sources, samples)
+    finally:
+        moved.rename(gone)
+    assert msg.startswith("1 image(s) not found, in traj_choice_qa_val (1)") and "\n" not in msg
+    assert f"id={samples[1][-1].id!r} field `images[0]`: {gone}" in msg and "--data-root" not in msg
+    wrong = resolve_data(["vla_current_box_val"], registry=str(registry), data_root=str(tmp_path))
+    msg = missing_images(wrong, [load_samples(wrong[0].path, wrong[0].root)[0]])
+    assert "field `images[0]`" in msg and f"looked up under {tmp_path}" in msg and "pass --data-root" in msg
+
+
 def test_a_failed_run_leaves_nothing_in_the_way_and_an_interrupted_one_resumes(tiny_model_dir, release, counted,
                                                                                tmp_path, monkeypatch):
     root, files, registry = release
@@ -264,3 +288,35 @@ def test_a_registry_dataset_reads_its_images_under_its_data_path(tiny_model_dir,
     res = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", "contact_choice_qa_val", "--registry",
                               str(elsewhere / "datasets.yaml"), "--max-new-tokens", "4"])
     assert res.exit_code == 0, res.output  # no --data-root: the registry's data_path (the release folder)
+
+
+def test_a_val_file_is_known_by_its_registry_name_and_file_name_before_its_records_task(tiny_model_dir, release,
+                                                                                         counted, tmp_path):
+    """Issue 24 QA: the release's Generation val file names are not published (`val_traj_qa_wo_init_pos.json` here)
+    and neither is its records' `task`: the file without a start position, whose records say task "traj", is never
+    Trace, whether it is named by the registry or given as a file."""
+    root, files, _ = release
+    val = tmp_path / "val"
+    val.mkdir()
+    for stem in ("traj_qa", "traj_qa_wo_init_pos"):
+        records = json.loads(next(f for f in files if f.name.endswith(f"obj_{stem}.json")).read_text())
+        (val / f"val_{stem}.json").write_text(json.dumps([{**r, "task": "traj"} for r in records]))
+    registry = tmp_path / "r.yaml"
+    registry.write_text(yaml.safe_dump({"root": str(root), "datasets": {
+        "vla_traj_init_point_qa_val": {"annotation_path": str(val / "val_traj_qa.json"), "data_path": "."},
+        "vla_traj_qa_wo_init_pos_val": {"annotation_path": str(val / "val_traj_qa_wo_init_pos.json"),
+                                        "data_path": "."}}}))
+    n = len(json.loads((val / "val_traj_qa.json").read_text()))
+    by_name = ["--data", "vla_traj_init_point_qa_val", "--data", "vla_traj_qa_wo_init_pos_val", "--registry",
+               str(registry)]
+    by_file = ["--data", str(val / "val_traj_qa.json"), "--data", str(val / "val_traj_qa_wo_init_pos.json"),
+               "--data-root", str(root)]
+    for i, given in enumerate((by_name, by_file)):
+        out = tmp_path / f"ev{i}"
+        res = runner.invoke(app, ["eval", str(tiny_model_dir), *given, "--out", str(out), "--max-new-tokens", "4",
+                                  "--table", "robointer-files", "--upstream-compatible"])
+        assert res.exit_code == 0, res.output
+        metrics = json.loads((out / "metrics.json").read_text())
+        rows = {r["key"]: r for r in metrics["table"]["rows"]}
+        assert rows["traj"]["count"] == rows["traj_wo_init_pos"]["count"] == n  # not pooled into Trace (2n)
+        assert {k: e["count"] for k, e in metrics["upstream"]["files"].items()} == {"traj": n, "traj_wo_init_pos": n}

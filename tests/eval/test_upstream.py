@@ -116,14 +116,14 @@ def _mixed():
 def test_per_file_scores_and_average_score():
     _, s = score_records(_mixed(), upstream_compatible=True)
     files = s["upstream"]["files"]
-    assert list(files) == ["rh20t_current_box", "traj", "traj_choice"]
-    assert files["rh20t_current_box"]["mean_iou"] == approx((0.25 + 1) / 2)
-    assert files["rh20t_current_box"]["acc@0.1"] == 1.0
+    assert list(files) == ["current_box", "traj", "traj_choice"]  # a row is upstream's file: rh20t_current_box's
+    assert files["current_box"]["mean_iou"] == approx((0.25 + 1) / 2)
+    assert files["current_box"]["acc@0.1"] == 1.0
     assert files["traj"]["mean_dtw_px"] == approx(36.0) and files["traj_choice"]["accuracy"] == 0.5
     # LEAK: IoU, pixels and accuracy averaged together
     assert s["upstream"]["average_score"] == approx((0.625 + 36.0 + 0.5) / 3)
     table = format_table(s)
-    assert "rh20t_current_box : Mean IOU: 0.6250 Accuracy (IOU > 0.1): 1.0000" in table
+    assert "current_box : Mean IOU: 0.6250 Accuracy (IOU > 0.1): 1.0000" in table
     assert "traj : Mean DTW: 36.0000" in table and "traj_choice : Accuracy: 0.5000" in table
     assert "Average Score: 12.3750" in table
     # strict mode on the same records: the choice answer "D" is wrong, "The answer is B." right, no Average Score

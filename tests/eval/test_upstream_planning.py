@@ -103,9 +103,10 @@ def test_records_and_file_means_equal_the_script_on_fuzzed_records():
         else:
             assert row["correct"] is bool(want), rec
     files = summary["upstream"]["files"]
-    assert files["task_planning [plan_choice]"]["accuracy"] == float(np.mean(per_type["choice"]))
-    assert files["task_planning [plan_decide]"]["accuracy"] == float(np.mean(per_type["decide"]))
-    plan = files["task_planning [planning]"]
+    # one row per type, named as the release's val file of that type (the id says which: identity.py)
+    assert files["plan_choice"]["accuracy"] == float(np.mean(per_type["choice"]))
+    assert files["plan_decide"]["accuracy"] == float(np.mean(per_type["decide"]))
+    plan = files["planning"]
     assert plan["bleu_avg"] == plan["score"] == float(np.mean([x["score"] for x in per_type["planning"]]))
     for k in ("bleu1", "bleu2", "bleu3", "bleu4"):
         assert plan[k] == float(np.mean([x[k] for x in per_type["planning"]]))
@@ -207,15 +208,15 @@ def test_per_file_entries_printout_and_average_score():
         {"id": 1, "task": "traj_choice", "gt": "A", "pred": "A"},
     ]
     _, s = score_records(recs, upstream_compatible=True)
-    files = s["upstream"]["files"]
-    assert files["plan_choice_file"] == {"type": "plan_choice", "count": 2, "accuracy": 0.5, "score": 0.5}
-    assert files["plan_decide_file"]["type"] == "plan_decide" and files["plan_decide_file"]["accuracy"] == 1.0
-    plan = files["plan_file"]
+    files = s["upstream"]["files"]  # the id names the task-planning file before a task no file has
+    assert files["plan_choice"] == {"type": "plan_choice", "count": 2, "accuracy": 0.5, "score": 0.5}
+    assert files["plan_decide"]["type"] == "plan_decide" and files["plan_decide"]["accuracy"] == 1.0
+    plan = files["planning"]
     assert plan["type"] == "planning" and plan["count"] == 2 and plan["bleu_avg"] == plan["score"] == 0.5
     assert [plan[f"bleu{k}"] for k in range(1, 5)] == [0.5] * 4
     assert s["upstream"]["average_score"] == 1.0  # traj_choice alone: generation.py prints the only average
     assert s["all"]["planning"]["bleu"] == 0.5 and s["all"]["choice"]["accuracy"] == 2 / 3
     table = format_table(s)
-    assert "plan_choice_file : choice Accuracy: 0.5000  (n=2)" in table
-    assert "plan_file : planning BLEU score: 0.5000 (BLEU-1 0.5000" in table
+    assert "plan_choice : choice Accuracy: 0.5000  (n=2)" in table
+    assert "planning : planning BLEU score: 0.5000 (BLEU-1 0.5000" in table
     assert "task-planning lines not in it" in table
