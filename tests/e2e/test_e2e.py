@@ -179,6 +179,9 @@ def test_the_launcher_checks_and_prepares_once_for_the_processes_it_starts(tmp_p
         def wait(self):
             return 0
 
+        def poll(self):  # the launcher asks, on leaving, whether torchrun still runs
+            return 0
+
     monkeypatch.setattr(launch.subprocess, "Popen", FakeTorchrun)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "m", tmp_path / "d", tmp_path / "run")))
