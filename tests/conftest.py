@@ -199,11 +199,20 @@ def zero3_lora_run(tiny_model_dir, synth_dir, tmp_path_factory):
 SLOW_FOLDERS = ("proofs", "e2e")
 
 
-# `-n 2 --dist loadfile` (pyproject's addopts): a file's tests stay on one worker, so a module fixture (the demo run,
+# `-n 2 --dist loadfile --no-loadscope-reorder` (pyproject's addopts; xdist would otherwise hand out the files with
+# the most tests first): a file's tests stay on one worker, so a module fixture (the demo run,
 # a merge) is built once. Not loadgroup: with pytest 9.2 its groups are silently ignored (xdist 3.8 renames the
 # test ids through a field pytest no longer reads), so the demo could be built on both workers.
+# The learning proofs (the demo run and GRPO on it: ~7 of the suite's ~18 worker-minutes, in one file) come first, so
+# one worker starts them at once while the other works through the rest; collected last, they ran alone at the end.
+FIRST_FOLDERS = ("proofs",)
+
+
 def pytest_collection_modifyitems(config, items):
+    folder = {}
     for item in items:
         rel = Path(str(item.fspath)).resolve().relative_to(ROOT / "tests")
+        folder[item.nodeid] = rel.parts[0]
         if rel.parts[0] in SLOW_FOLDERS:
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: folder[item.nodeid] not in FIRST_FOLDERS)  # stable: the rest keep their order
