@@ -165,23 +165,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:  # a read-only folder
         raise write_error(e, path) or e from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        normal_mode(Path(tmp), folder=False)
+    with _complete_beside(path, data) as tmp:
         os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        err = write_error(e, path)
-        if err is not None:
-            raise err from None
-        raise
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
@@ -195,6 +182,21 @@ def create_exclusive(path: str | os.PathLike, data: bytes) -> None:
     never sees an empty file. Where the file system has no hard links, O_CREAT|O_EXCL|O_NOFOLLOW at the name.
     Nothing is left behind when the write fails."""
     path = Path(path)
+    with _complete_beside(path, data) as tmp:
+        try:
+            os.link(tmp, path)  # EEXIST for anything at the name, a dangling link included
+            return
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+        _create_in_place(path, data)  # no hard links here (some FUSE / SMB mounts)
+
+
+@contextlib.contextmanager
+def _complete_beside(path: Path, data: bytes) -> Iterator[str]:
+    """A temporary file beside `path` holding all of `data`, synced, with the umask's mode, for the block to put in
+    place; removed afterwards (a rename leaves nothing to remove). A full disk or a read-only folder, in the block
+    too, is one line naming `path`; FileExistsError passes as it is."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
@@ -205,13 +207,7 @@ def create_exclusive(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         normal_mode(Path(tmp), folder=False)
-        try:
-            os.link(tmp, path)  # EEXIST for anything at the name, a dangling link included
-            return
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                raise
-        _create_in_place(path, data)  # no hard links here (some FUSE / SMB mounts)
+        yield tmp
     except FileExistsError:
         raise
     except BaseException as e:
