@@ -11,13 +11,12 @@ environment variable. A registry dataset's images are relative to its ``data_pat
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..recipe.registry import ENV_VAR, Registry, load_registry
+from ..recipe.registry import ENV_VAR, Registry, known_names, load_registry
 
 __all__ = ["EvalData", "resolve_data", "missing_images", "file_names"]
 
@@ -89,9 +88,8 @@ def resolve_data(data: list[str] | None, split: str | None = None, registry: str
         if table is None:
             table, where = _registry(registry)
         if item not in table:
-            close = difflib.get_close_matches(item, table, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise UserError(f"--data {item}: not a file, nor a dataset of the registry {where}{hint}")
+            raise UserError(f"--data {item}: not a file, nor a dataset of the registry {where}; "
+                            f"{known_names(item, list(table))}")
         found.append((item, table[item]["annotation_path"], table[item]["data_path"], f"--data {item}"))
     if split:
         if table is None:

@@ -273,10 +273,9 @@ def _all_means(table: Registry, split: str) -> str:
     return f"`all` in data.train stands for its {n} dataset(s) not named *_val / *_test, of {len(table)}"
 
 
-def _known(name: str, table: Registry) -> str:
+def known_names(name: str, names: list[str]) -> str:
     """The names an unknown one may have meant: the close ones, else every one of a short registry, else the
-    nearest few (`all` counts as a name)."""
-    names = [*table, *([ALL] if ALL not in table else [])]
+    nearest few. For a recipe's and for eval's unknown names alike."""
     close = difflib.get_close_matches(name, names, n=5)
     if close:
         return f"did you mean {', '.join(close)}?"
@@ -352,7 +351,8 @@ def _fill(entry: dict, key: str, registry: _Registry, errors: list[str]) -> dict
             errors.append(f"{key}.name: {registry.why_not}")
     elif name not in table:
         split = key.split(".")[1]
-        errors.append(f"{key}.name: unknown dataset {name!r} in registry {registry.path}; {_known(name, table)} "
+        names = [*table, *([ALL] if ALL not in table else [])]  # `all` counts as a name
+        errors.append(f"{key}.name: unknown dataset {name!r} in registry {registry.path}; {known_names(name, names)} "
                       f"({_all_means(table, split)})")
     else:
         try:  # an annotation pattern is matched here, and only when the entry does not give its own file

@@ -44,6 +44,9 @@ def _eval(model, data, out, *extra):
 
 
 def test_eval_stops_on_the_signals_training_stops_on():
+    from lora_manip.train.callbacks import PreemptionCallback
+
+    assert set(PreemptionCallback.SIGNALS) <= set(run_mod.STOP_SIGNALS)  # a scheduler's stop reaches both alike
     assert {s.name for s in run_mod.STOP_SIGNALS} == {"SIGTERM", "SIGHUP", "SIGUSR1"}
 
 
