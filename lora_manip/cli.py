@@ -171,16 +171,14 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/).")
           max_restarts: Optional[int] = typer.Option(None, min=0, help="torchrun restarts of failed processes."),
           dry_run: bool = typer.Option(False, help="Validate, build the model on the meta device, print the plan.")):
     """Train as the recipe says (full, LoRA, QLoRA); torchrun for N > 1 processes or nodes; 75: preempted, saved."""
-    from .train.launch import launch_training
+    from .train.launch import finish, launch_training
     if str(recipe) == "auto" and auto:  # `--resume auto RECIPE`: the parser took `auto` for the recipe
         recipe, auto = Path(auto), "auto"
     if auto is not None and not resume:  # the hidden slot takes a value only after --resume
         raise UserError(f"unexpected argument {auto!r} after the recipe (did you mean `--resume auto`?)")
     code, message = launch_training(recipe, set_ or [], overwrite=overwrite, resume=auto or resume, dry_run=dry_run,
                                     max_restarts=max_restarts)
-    if message:
-        typer.echo(message)
-    raise typer.Exit(code)
+    raise typer.Exit(finish(code, message))
 
 
 @app.command()

@@ -92,6 +92,23 @@ def launch_training(recipe_path: str | os.PathLike, overrides: list[str], overwr
             close_process_group()
 
 
+def finish(code: int, message: str) -> int:
+    """Print what `train` says and return its exit code; a process of a distributed run (started by torchrun)
+    instead exits here, at once, once its output is flushed. Its work is saved and its process group closed, but
+    torch's teardown at interpreter exit can still abort it (SIGABRT, "terminate called without an active
+    exception": seen in CI on the second node of a c10d rendezvous after destroy_process_group), and torchrun then
+    fails a finished run. Nothing the kit needs runs after this point: the run is saved and marked, the loggers are
+    closed by the Trainer (on_train_end), and logging is flushed here."""
+    if message:
+        print(message)
+    if in_distributed_run():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def close_process_group() -> None:
     """Tear down the process group (the Trainer's, or DeepSpeed's) while Python is fully alive, finished or failed.
     torch does not do it at exit: gloo's worker threads can then outlive the interpreter and abort a process that

@@ -141,3 +141,18 @@ def test_a_process_of_a_distributed_run_closes_its_process_group(outcome, tmp_pa
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("distributed", [True, False])
+def test_a_process_of_a_distributed_run_exits_without_the_interpreters_teardown(distributed, tmp_path):
+    """torch's teardown at exit aborted (SIGABRT) node 1's process of a finished two-node run in CI even with its
+    process group closed: a torchrun-started `train` prints its result and leaves with its exit code at once;
+    anything else exits as usual (here: an atexit handler shows which way the process left)."""
+    script = ("import atexit, pathlib\n"
+              f"atexit.register(lambda: pathlib.Path({str(tmp_path / 'teardown')!r}).write_text('ran'))\n"
+              "from lora_manip.train.launch import finish\n"
+              "raise SystemExit(finish(75, 'preempted: saved'))\n")
+    env = {**CLEAN, **({"RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2"} if distributed else {})}
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 75 and p.stdout == "preempted: saved\n", p.stderr
+    assert (tmp_path / "teardown").exists() != distributed
